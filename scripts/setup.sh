@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine: Python deps (pinned in pyproject.toml), the generated
+# gRPC code, the Kafka broker jars from Maven Central, and the default small policy.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "[setup] python packages (pyproject.toml pins; torch is large the first time)"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+
+echo "[setup] generating gRPC code from protos/"
+python3 -m protos.build
+
+if ! ls deploy/kafka/lib/kafka_2.13-*.jar >/dev/null 2>&1; then
+  echo "[setup] Kafka broker jars from Maven Central -> deploy/kafka/lib"
+  mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies
+fi
+command -v java >/dev/null || { echo "[setup] java is required for the Kafka broker" >&2; exit 1; }
+
+if [ ! -f models/policy-v0/config.json ]; then
+  echo "[setup] building the default small policy -> models/policy-v0 (local, no download)"
+  python3 -m serve.make_policy --out models/policy-v0
+fi
+echo "[setup] done"

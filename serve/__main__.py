@@ -1,0 +1,40 @@
+"""python -m serve --model models/policy-v0 --port 50051: run the policy server (see --help)."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from common.config_cli import parse_config
+from protos.build import ensure_generated
+
+
+def main(argv: list[str] | None = None) -> None:
+    ensure_generated()
+    from .config import ServerConfig
+    cfg = parse_config(ServerConfig, argv, prog="python -m serve")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from .loader import load_policy
+    from .metrics import serve_metrics
+    from .server import serve
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    policy = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype))
+    serve_metrics(cfg.metrics_port, cfg.host)
+    server, port, engine = serve(cfg, policy)
+    # machine-readable line: tests and scripts wait for it
+    print(f"policy server listening on {cfg.host}:{port} model={policy.version} metrics={cfg.metrics_port}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    logging.info("shutting down: finishing in-flight requests (grace 10s)")
+    server.stop(grace=10).wait()
+    engine.stop()
+
+
+if __name__ == "__main__":
+    main()

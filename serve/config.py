@@ -1,0 +1,52 @@
+"""Configuration of the policy server (the CLI is generated from it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Serve a causal LM over gRPC with continuous batching (rlhf.v1.PolicyService)."""
+
+    model: Path = REPO / "models" / "policy-v0"
+    """Local Hugging Face checkpoint folder (GPT-2 or Llama family, safetensors, tokenizer included)."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 50051
+    """gRPC port (0 picks a free one; the chosen port is printed)."""
+    metrics_port: int = 9101
+    """Prometheus /metrics HTTP port (0 disables)."""
+    max_batch_size: int = 32
+    """Sequences decoded together at most (KV-cache slots)."""
+    max_queue: int = 64
+    """Requests waiting for a slot at most; more get RESOURCE_EXHAUSTED."""
+    max_context: int = 512
+    """Prompt plus generated tokens per sequence at most (capped by the model's positions)."""
+    max_new_tokens_limit: int = 256
+    """Largest max_new_tokens a request may ask for."""
+    default_max_new_tokens: int = 64
+    """max_new_tokens when a request leaves it unset."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled in one engine step at most."""
+    max_stop_sequences: int = 8
+    """Stop sequences per request at most."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    dtype: str = "float32"
+    """Weights and KV cache dtype: float32 or bfloat16."""
+    threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("ports must be in [0, 65535]")
+        for k in ("max_batch_size", "max_queue", "max_context", "max_new_tokens_limit", "default_max_new_tokens"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens must be <= max_new_tokens_limit")

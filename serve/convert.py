@@ -1,0 +1,72 @@
+"""Protobuf <-> engine conversions and request validation: the one place the policy server
+touches message types. Validation errors name the field (returned as INVALID_ARGUMENT)."""
+from __future__ import annotations
+
+import random
+
+from rlhf.v1 import policy_pb2 as pb
+
+from .engine import Finish, Sequence, SamplingSpec
+
+FINISH_TO_PB = {
+    Finish.LENGTH: pb.FINISH_REASON_LENGTH, Finish.EOS: pb.FINISH_REASON_EOS,
+    Finish.STOP: pb.FINISH_REASON_STOP, Finish.CONTEXT: pb.FINISH_REASON_CONTEXT,
+}
+
+
+class BadRequest(ValueError):
+    """Invalid client input; the message starts with the offending field."""
+
+
+def prompt_ids(req: pb.GenerateRequest, encode, vocab_size: int, max_context: int) -> list[int]:
+    kind = req.WhichOneof("prompt")
+    if kind is None:
+        raise BadRequest("prompt: missing (set text or token_ids)")
+    if kind == "text":
+        if not req.text:
+            raise BadRequest("prompt.text: empty")
+        ids = encode(req.text)
+    else:
+        ids = list(req.token_ids.ids)
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise BadRequest(f"prompt.token_ids: id {bad[0]} outside [0, {vocab_size})")
+    if not ids:
+        raise BadRequest("prompt: empty")
+    if len(ids) >= max_context:
+        raise BadRequest(f"prompt: {len(ids)} tokens, longer than the context allows (at most {max_context - 1})")
+    return ids
+
+
+def sampling_spec(p: pb.SamplingParams, *, default_max_new: int, max_new_limit: int, max_batch: int,
+                  max_stops: int) -> SamplingSpec:
+    temperature = p.temperature if p.HasField("temperature") else 1.0
+    if not temperature >= 0:  # also catches NaN
+        raise BadRequest(f"params.temperature: must be >= 0, got {temperature}")
+    if p.top_k < 0:
+        raise BadRequest(f"params.top_k: must be >= 0, got {p.top_k}")
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    if not 0 < top_p <= 1:
+        raise BadRequest(f"params.top_p: must be in (0, 1], got {top_p}")
+    min_p = p.min_p if p.HasField("min_p") else 0.0
+    if not 0 <= min_p < 1:
+        raise BadRequest(f"params.min_p: must be in [0, 1), got {min_p}")
+    max_new = p.max_new_tokens if p.HasField("max_new_tokens") else default_max_new
+    if not 1 <= max_new <= max_new_limit:
+        raise BadRequest(f"params.max_new_tokens: must be in [1, {max_new_limit}], got {max_new}")
+    n = p.n if p.HasField("n") else 1
+    if not 1 <= n <= max_batch:
+        raise BadRequest(f"params.n: must be in [1, {max_batch}], got {n}")
+    if len(p.stop) > max_stops or any(not s for s in p.stop):
+        raise BadRequest(f"params.stop: at most {max_stops} non-empty strings")
+    seed = p.seed if p.HasField("seed") else random.getrandbits(63)
+    return SamplingSpec(temperature=temperature, top_k=p.top_k, top_p=top_p, min_p=min_p, max_new_tokens=max_new,
+                        stop=tuple(p.stop), seed=seed, n=n, logprobs=p.return_logprobs,
+                        ignore_eos=p.ignore_eos)
+
+
+def completion(seq: Sequence, text: str) -> pb.Completion:
+    return pb.Completion(response_id=seq.response_id, text=text, token_ids=seq.out,
+                         logprobs=seq.logprobs if seq.request.spec.logprobs else [],
+                         finish_reason=FINISH_TO_PB.get(seq.finish or "", pb.FINISH_REASON_UNSPECIFIED),
+                         seed=seq.seed)

@@ -1,0 +1,280 @@
+"""The generation engine: continuous batching over a slot KV cache.
+
+One engine thread owns the model and the cache. Each iteration (vLLM's scheduler,
+simplified to one process):
+  1. drop cancelled and expired sequences (their slots are free at once),
+  2. admit waiting requests into free slots and prefill them in one packed forward,
+  3. one decode step for every live sequence (one token each),
+  4. hand each new token to its request's queue; finished sequences leave.
+Live sequences always occupy slots [0, B): a finished one is replaced by the last, so
+attention reads the cache through views and nothing is copied per step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import kernels
+from .model import CausalLM, KVCache, StepLayout
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit (the server answers RESOURCE_EXHAUSTED)."""
+
+
+class Finish:
+    LENGTH, EOS, STOP, CONTEXT = "length", "eos", "stop", "context"
+    CANCELLED, DEADLINE, ERROR = "cancelled", "deadline", "error"
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Validated sampling parameters of one request (the server checks ranges)."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_new_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    n: int = 1
+    logprobs: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    """Sequences decoded together at most (= KV-cache slots)."""
+    max_queue: int = 64
+    """Requests waiting for a slot at most; beyond it submissions are refused."""
+    max_context: int = 512
+    """Prompt plus generated tokens per sequence at most (= KV-cache length)."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled in one step at most (bounds the latency of a step)."""
+
+    def __post_init__(self) -> None:
+        for k in ("max_batch_size", "max_queue", "max_context", "max_prefill_tokens"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample being generated."""
+    request: "Request"
+    index: int                      # which of the request's n samples
+    seed: int
+    response_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    cached: int = 0                 # tokens already in the KV cache
+    slot: int = -1
+    finish: str | None = None
+    text_end: int | None = None     # char offset where a stop sequence begins
+
+
+@dataclass(eq=False)
+class Request:
+    """One client call: n sequences sharing a prompt. Events go to `events`:
+    ("token", seq_index, token_id, logprob, tokens_so_far), ("done", seq_index, finish_reason),
+    ("error", seq_index, message)."""
+    prompt: list[int]
+    spec: SamplingSpec
+    deadline: float | None = None   # time.monotonic() seconds
+    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    model_version: str = ""
+    seqs: list[Sequence] = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    def __init__(self, model: CausalLM, cfg: EngineConfig, eos_id: int | None,
+                 decode: Callable[[list[int]], str], model_version: str,
+                 on_step: Callable[[dict], None] | None = None):
+        self.model, self.cfg, self.eos_id, self.decode = model, cfg, eos_id, decode
+        self.model_version = model_version
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = KVCache(model.args, cfg.max_batch_size, cfg.max_context, self.dtype, self.device)
+        self.waiting: deque[Request] = deque()
+        self.active: list[Sequence] = []       # active[i].slot == i
+        self.cv = threading.Condition()
+        self.on_step = on_step or (lambda stats: None)
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.steps = 0
+
+    # ---- client side (any thread) ----
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, req: Request) -> Request:
+        if req.spec.n > self.cfg.max_batch_size:
+            raise ValueError(f"n={req.spec.n} is above max_batch_size={self.cfg.max_batch_size}")
+        req.seqs = [Sequence(req, i, (req.spec.seed + i) % (1 << 64)) for i in range(req.spec.n)]
+        with self.cv:
+            if len(self.waiting) >= self.cfg.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests already waiting (max_queue={self.cfg.max_queue})")
+            self.waiting.append(req)
+            self.cv.notify_all()
+        return req
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify_all()
+
+    def stats(self) -> dict:
+        with self.cv:
+            return {"waiting": len(self.waiting), "active": len(self.active)}
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cv:
+                while not self._stop and not self.waiting and not self.active:
+                    self.cv.wait()
+                if self._stop:
+                    break
+            try:
+                self._drop_dead()
+                with self.cv:
+                    admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                if self.active:
+                    self._decode()
+            except Exception as e:  # a bug must not hang clients: fail everything live, keep serving
+                log.exception("engine step failed; failing %d live sequences", len(self.active))
+                for s in list(self.active):
+                    self._finish(s, Finish.ERROR, error=repr(e))
+            self.steps += 1
+            self.on_step({"batch": len(self.active), "waiting": len(self.waiting)})
+        for s in list(self.active):
+            self._finish(s, Finish.CANCELLED)
+        for r in self.waiting:
+            for s in r.seqs:
+                r.events.put(("done", s.index, Finish.CANCELLED))
+
+    def _admit(self) -> list[Sequence]:
+        """Moves waiting requests into free slots (whole requests only), FIFO. Caller holds cv."""
+        now = time.monotonic()
+        admitted: list[Sequence] = []
+        budget = self.cfg.max_prefill_tokens
+        while self.waiting:
+            req = self.waiting[0]
+            if req.cancelled.is_set() or (req.deadline is not None and now > req.deadline):
+                self.waiting.popleft()
+                reason = Finish.CANCELLED if req.cancelled.is_set() else Finish.DEADLINE
+                for s in req.seqs:
+                    req.events.put(("done", s.index, reason))
+                continue
+            need = len(req.prompt) * req.spec.n
+            free = self.cfg.max_batch_size - len(self.active) - len(admitted)
+            if req.spec.n > free or (admitted and need > budget):
+                break
+            self.waiting.popleft()
+            budget -= need
+            req.model_version = self.model_version
+            admitted.extend(req.seqs)
+        return admitted
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        for s in list(self.active):
+            r = s.request
+            if r.cancelled.is_set():
+                self._finish(s, Finish.CANCELLED)
+            elif r.deadline is not None and now > r.deadline:
+                self._finish(s, Finish.DEADLINE)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        slot0 = len(self.active)   # new sequences take the slots right after the live ones
+        for k, s in enumerate(seqs):
+            s.slot = slot0 + k
+        lens = [len(s.request.prompt) for s in seqs]
+        tokens = torch.tensor(list(itertools.chain.from_iterable(s.request.prompt for s in seqs)), device=self.device)
+        lay = StepLayout.build(slot0, lens, [0] * len(seqs), self.device)
+        last = torch.cumsum(torch.tensor(lens, device=self.device), 0) - 1
+        logits = self.model(tokens, lay, self.cache, logits_for=last)   # (S, V)
+        for s, n in zip(seqs, lens):
+            s.cached = n
+        self.active.extend(seqs)
+        self._sample_and_emit(seqs, logits)
+
+    def _decode(self) -> None:
+        seqs = list(self.active)
+        tokens = torch.tensor([s.out[-1] for s in seqs], device=self.device)
+        lay = StepLayout.build(0, [1] * len(seqs), [s.cached for s in seqs], self.device)
+        lay.mask = None  # decode fast path: one query per sequence
+        logits = self.model(tokens, lay, self.cache)                     # (B, V)
+        for s in seqs:
+            s.cached += 1
+        self._sample_and_emit(seqs, logits)
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        specs = [s.request.spec for s in seqs]
+        f = lambda xs, dt: torch.tensor(xs, dtype=dt, device=self.device)  # noqa: E731
+        seeds = [s.seed - (1 << 64) if s.seed >= (1 << 63) else s.seed for s in seqs]
+        tok, logp = kernels.sample(
+            logits, f([p.temperature for p in specs], torch.float32), f([p.top_k for p in specs], torch.int64),
+            f([p.top_p for p in specs], torch.float32), f([p.min_p for p in specs], torch.float32),
+            f(seeds, torch.int64), f([len(s.out) for s in seqs], torch.int64))
+        for s, t, lp in zip(seqs, tok.tolist(), logp.tolist()):   # the one host sync of the step
+            s.out.append(t)
+            s.logprobs.append(lp)
+            s.request.events.put(("token", s.index, t, lp, len(s.out)))
+            reason = self._finish_reason(s)
+            if reason:
+                self._finish(s, reason)
+
+    def _finish_reason(self, s: Sequence) -> str | None:
+        spec = s.request.spec
+        if self.eos_id is not None and s.out[-1] == self.eos_id and not spec.ignore_eos:
+            return Finish.EOS
+        if spec.stop:
+            text = self.decode(s.out)
+            hits = [i for i in (text.find(st) for st in spec.stop) if i >= 0]
+            if hits:
+                s.text_end = min(hits)
+                return Finish.STOP
+        if len(s.out) >= spec.max_new_tokens:
+            return Finish.LENGTH
+        if s.cached + 1 >= self.cfg.max_context:
+            return Finish.CONTEXT
+        return None
+
+    def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
+        """Frees s's slot at once by moving the last live sequence into it."""
+        s.finish = reason
+        i = s.slot
+        last = self.active.pop()
+        if last is not s:
+            self.cache.move(last.slot, i, last.cached)
+            last.slot = i
+            self.active[i] = last
+        s.slot = -1
+        s.request.events.put(("done", s.index, reason) if error is None else ("error", s.index, error))

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the policy server (the only module here that imports prometheus_client)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("rlhf_policy_requests_total", "Generate calls by RPC and gRPC status", ["rpc", "status"])
+LATENCY = Histogram("rlhf_policy_request_latency_seconds", "End-to-end latency of a generate call", ["rpc"],
+                    buckets=_LAT)
+TTFT = Histogram("rlhf_policy_time_to_first_token_seconds", "Submission to first token", buckets=_LAT)
+ITL = Histogram("rlhf_policy_inter_token_latency_seconds", "Time between consecutive tokens of a sequence",
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+PROMPT_TOKENS = Counter("rlhf_policy_prompt_tokens_total", "Prompt tokens admitted")
+GENERATED_TOKENS = Counter("rlhf_policy_generated_tokens_total", "Tokens generated")
+BATCH_SIZE = Gauge("rlhf_policy_batch_size", "Sequences in the running batch after the last step")
+QUEUE_DEPTH = Gauge("rlhf_policy_queue_depth", "Requests waiting for a slot")
+KV_SLOTS = Gauge("rlhf_policy_kv_slots_in_use", "KV-cache slots held by live sequences")
+KV_SLOTS_TOTAL = Gauge("rlhf_policy_kv_slots", "KV-cache slots in all")
+MODEL_VERSION = Info("rlhf_policy_model", "The model version being served")
+ENGINE_STEPS = Counter("rlhf_policy_engine_steps_total", "Engine iterations (prefill and/or decode)")
+
+
+def on_step(stats: dict) -> None:
+    BATCH_SIZE.set(stats["batch"])
+    KV_SLOTS.set(stats["batch"])
+    QUEUE_DEPTH.set(stats["waiting"])
+    ENGINE_STEPS.inc()
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    if port:
+        start_http_server(port, addr=host)

@@ -1,0 +1,307 @@
+"""Causal LMs of the GPT-2 and Llama families with a slot KV cache, for serving.
+
+Written like gpt-fast / nanoGPT: a small readable model whose forward takes a packed
+step (the new tokens of S sequences laid end to end) and a preallocated KV cache, so
+prefill and decode share one code path and nothing is re-encoded. Weights come from a
+Hugging Face checkpoint (see `from_hf`); tests check its greedy output against
+`transformers`' `generate` token for token.
+
+Shapes: T = new tokens in the step (packed), S = sequences in the step,
+H = query heads, Hkv = key/value heads, D = head dim, L = cached length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str  # "gpt2" or "llama"
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    d_ff: int
+    head_dim: int
+    max_position: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    attn_bias: bool = True
+    mlp_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"unsupported architecture {self.arch!r}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError("n_head must be a multiple of n_kv_head")
+
+
+def args_from_hf_config(cfg) -> ModelArgs:
+    """Maps a transformers GPT2Config / LlamaConfig to ModelArgs; refuses what we do not implement."""
+    mt = cfg.model_type
+    if mt == "gpt2":
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
+            raise ValueError("gpt2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+        if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"gpt2 activation {cfg.activation_function!r} is not supported")
+        return ModelArgs(arch="gpt2", vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         n_kv_head=cfg.n_head, d_model=cfg.n_embd, d_ff=cfg.n_inner or 4 * cfg.n_embd,
+                         head_dim=cfg.n_embd // cfg.n_head, max_position=cfg.n_positions,
+                         norm_eps=cfg.layer_norm_epsilon, tie_embeddings=True)
+    if mt == "llama":
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"llama rope scaling {rope!r} is not supported")
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"llama activation {cfg.hidden_act!r} is not supported")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return ModelArgs(arch="llama", vocab_size=cfg.vocab_size, n_layer=cfg.num_hidden_layers,
+                         n_head=cfg.num_attention_heads, n_kv_head=cfg.num_key_value_heads or cfg.num_attention_heads,
+                         d_model=cfg.hidden_size, d_ff=cfg.intermediate_size, head_dim=head_dim,
+                         max_position=cfg.max_position_embeddings, norm_eps=cfg.rms_norm_eps, rope_theta=float(theta),
+                         tie_embeddings=bool(cfg.tie_word_embeddings), attn_bias=bool(cfg.attention_bias),
+                         mlp_bias=bool(getattr(cfg, "mlp_bias", False)))
+    raise ValueError(f"model_type {mt!r} is not supported (gpt2 and llama families are)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # same order of operations as HF LlamaRMSNorm: normalise in fp32, scale in input dtype
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (T, h, D); cos/sin: (T, 1, D); rotate-half convention of HF Llama
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class StepLayout:
+    """Where the T packed tokens of a step go. Sequences occupy the contiguous cache slots
+    [slot0, slot0 + S), so the cache is read through views, never gathered or copied."""
+
+    slot0: int
+    seq_lens: list[int]    # new tokens per sequence, S entries
+    start_pos: list[int]   # cached tokens per sequence before this step
+    positions: torch.Tensor  # (T,) absolute position of each new token
+    tok_seq: torch.Tensor    # (T,) sequence index 0..S-1 of each token
+    tok_col: torch.Tensor    # (T,) index of the token within its sequence's new tokens
+    mask: torch.Tensor | None  # (S, 1, Q, L) bool, True = attend; None when decode-only
+    kv_len: int            # L = max(start_pos + seq_len)
+
+    @staticmethod
+    def build(slot0: int, seq_lens: list[int], start_pos: list[int], device: torch.device) -> "StepLayout":
+        S = len(seq_lens)
+        lens = torch.tensor(seq_lens, device=device)
+        starts = torch.tensor(start_pos, device=device)
+        tok_seq = torch.repeat_interleave(torch.arange(S, device=device), lens)
+        offsets = torch.cumsum(lens, 0) - lens
+        tok_col = torch.arange(int(lens.sum()), device=device) - offsets[tok_seq]
+        positions = starts[tok_seq] + tok_col
+        kv_len = max(s + n for s, n in zip(start_pos, seq_lens))
+        q = max(seq_lens)
+        # query j of seq i sees keys 0..start_i + j; padded queries (j >= n_i) see key 0 only (no NaN rows)
+        qpos = starts[:, None] + torch.arange(q, device=device)[None, :]          # (S, Q)
+        qpos = torch.where(torch.arange(q, device=device)[None, :] < lens[:, None], qpos, torch.zeros_like(qpos))
+        mask = torch.arange(kv_len, device=device)[None, None, :] <= qpos[:, :, None]  # (S, Q, L)
+        return StepLayout(slot0, list(seq_lens), list(start_pos), positions, tok_seq, tok_col, mask[:, None], kv_len)
+
+
+class KVCache:
+    """Preallocated keys and values: (n_layer, slots, Hkv, max_ctx, D) each."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_ctx: int, dtype: torch.dtype, device: torch.device):
+        shape = (args.n_layer, slots, args.n_kv_head, max_ctx, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots, self.max_ctx = slots, max_ctx
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copies one slot's first `length` positions to another (keeps live slots contiguous)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.q_proj = nn.Linear(a.d_model, a.n_head * a.head_dim, bias=a.attn_bias)
+        self.k_proj = nn.Linear(a.d_model, a.n_kv_head * a.head_dim, bias=a.attn_bias)
+        self.v_proj = nn.Linear(a.d_model, a.n_kv_head * a.head_dim, bias=a.attn_bias)
+        self.o_proj = nn.Linear(a.n_head * a.head_dim, a.d_model, bias=a.attn_bias)
+
+    def forward(self, x, lay: StepLayout, cache: KVCache, layer: int, rope) -> torch.Tensor:
+        a, T = self.a, x.shape[0]
+        q = self.q_proj(x).view(T, a.n_head, a.head_dim)
+        k = self.k_proj(x).view(T, a.n_kv_head, a.head_dim)
+        v = self.v_proj(x).view(T, a.n_kv_head, a.head_dim)
+        if rope is not None:
+            q, k = _rope(q, *rope), _rope(k, *rope)
+        S = len(lay.seq_lens)
+        slots = lay.tok_seq + lay.slot0
+        cache.k[layer][slots, :, lay.positions] = k.to(cache.k.dtype)
+        cache.v[layer][slots, :, lay.positions] = v.to(cache.v.dtype)
+        keys = cache.k[layer, lay.slot0:lay.slot0 + S, :, :lay.kv_len]    # (S, Hkv, L, D) view
+        vals = cache.v[layer, lay.slot0:lay.slot0 + S, :, :lay.kv_len]
+        gqa = a.n_head != a.n_kv_head
+        if lay.mask is None:  # decode: one query per sequence, T == S
+            qs = q[:, :, None, :]                                          # (S, H, 1, D)
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=_decode_mask(lay, x.device), enable_gqa=gqa)
+            o = o[:, :, 0, :]                                              # (S, H, D)
+        else:
+            Q = lay.mask.shape[2]
+            qs = q.new_zeros(S, Q, a.n_head, a.head_dim)
+            qs[lay.tok_seq, lay.tok_col] = q
+            o = F.scaled_dot_product_attention(qs.transpose(1, 2), keys, vals, attn_mask=lay.mask, enable_gqa=gqa)
+            o = o.transpose(1, 2)[lay.tok_seq, lay.tok_col]               # (T, H, D)
+        return self.o_proj(o.reshape(T, a.n_head * a.head_dim))
+
+
+def _decode_mask(lay: StepLayout, device) -> torch.Tensor | None:
+    # (S, 1, 1, L): sequence i sees its own start_pos_i + 1 keys
+    if all(s == lay.kv_len - 1 for s in lay.start_pos):
+        return None
+    n = torch.tensor(lay.start_pos, device=device) + 1
+    return (torch.arange(lay.kv_len, device=device)[None, :] < n[:, None])[:, None, None, :]
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.arch = a.arch
+        if a.arch == "llama":
+            self.gate_proj = nn.Linear(a.d_model, a.d_ff, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.d_model, a.d_ff, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.d_ff, a.d_model, bias=a.mlp_bias)
+
+    def forward(self, x):
+        if self.arch == "llama":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        norm = (lambda: RMSNorm(a.d_model, a.norm_eps)) if a.arch == "llama" else (
+            lambda: nn.LayerNorm(a.d_model, eps=a.norm_eps))
+        self.ln1, self.attn, self.ln2, self.mlp = norm(), Attention(a), norm(), MLP(a)
+
+    def forward(self, x, lay, cache, layer, rope):
+        x = x + self.attn(self.ln1(x), lay, cache, layer, rope)
+        return x + self.mlp(self.ln2(x))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.embed = nn.Embedding(a.vocab_size, a.d_model)
+        self.pos_embed = nn.Embedding(a.max_position, a.d_model) if a.arch == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(a) for _ in range(a.n_layer))
+        self.norm = RMSNorm(a.d_model, a.norm_eps) if a.arch == "llama" else nn.LayerNorm(a.d_model, eps=a.norm_eps)
+        self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
+        if a.arch == "llama":
+            inv = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
+            self.register_buffer("inv_freq", inv, persistent=False)
+
+    def _rope(self, positions: torch.Tensor):
+        if self.args.arch != "llama":
+            return None
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]    # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.embed.weight.dtype
+        return emb.cos()[:, None, :].to(dtype), emb.sin()[:, None, :].to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, lay: StepLayout, cache: KVCache,
+                logits_for: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (T,) -> logits (len(logits_for), V) at the token indices `logits_for` (all if None).
+        Writes the step's keys and values into the cache."""
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(lay.positions)
+        rope = self._rope(lay.positions)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, lay, cache, i, rope)
+        if logits_for is not None:
+            x = x[logits_for]
+        return self.lm_head(self.norm(x)).float()
+
+
+_GPT2_MAP = {"wte": "embed", "wpe": "pos_embed", "ln_f": "norm", "ln_1": "ln1", "ln_2": "ln2",
+             "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+
+
+def _gpt2_state(sd: dict, a: ModelArgs) -> dict:
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") or k == "lm_head.weight":
+            continue
+        k = k.replace("h.", "blocks.", 1) if k.startswith("h.") else k
+        if ".attn.c_attn." in k:  # Conv1D (in, out) fused qkv -> three Linear (out, in)
+            base, kind = k.split(".attn.c_attn.")
+            t = v.t() if kind == "weight" else v
+            for name, part in zip(("q", "k", "v"), t.split(a.d_model, dim=0)):
+                out[f"{base}.attn.{name}_proj.{kind}"] = part.contiguous()
+            continue
+        conv = k.endswith(".weight") and any(s in k for s in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+        for old, new in _GPT2_MAP.items():
+            k = k.replace(old, new)
+        out[k] = v.t().contiguous() if conv else v
+    out["lm_head.weight"] = out["embed.weight"]
+    return out
+
+
+def _llama_state(sd: dict, a: ModelArgs) -> dict:
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("model.")
+        k = (k.replace("embed_tokens", "embed").replace("layers.", "blocks.")
+             .replace("self_attn.", "attn.").replace("input_layernorm", "ln1")
+             .replace("post_attention_layernorm", "ln2"))
+        out[k] = v
+    if a.tie_embeddings or "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["embed.weight"]
+    return out
+
+
+def from_hf(hf_model) -> CausalLM:
+    """Builds a CausalLM with the weights of a transformers GPT2LMHeadModel / LlamaForCausalLM."""
+    a = args_from_hf_config(hf_model.config)
+    sd = hf_model.state_dict()
+    sd = _gpt2_state(sd, a) if a.arch == "gpt2" else _llama_state(sd, a)
+    dtype = next(hf_model.parameters()).dtype
+    m = CausalLM(a).to(dtype)
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "inv_freq"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return m.eval()
+
+
+def num_parameters(m: CausalLM) -> int:
+    return sum(p.numel() for p in m.parameters()) - (m.lm_head.weight.numel() if m.args.tie_embeddings else 0)
+
+
+__all__ = ["ModelArgs", "CausalLM", "KVCache", "StepLayout", "from_hf", "args_from_hf_config", "num_parameters"]
+_ = math

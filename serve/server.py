@@ -1,0 +1,237 @@
+"""The policy gRPC server: rlhf.v1.PolicyService plus grpc.health.v1 and server reflection.
+
+Handlers run on gRPC's thread pool; each submits a Request to the engine thread and waits
+on the request's event queue. A cancelled call or an expired deadline sets the request's
+cancel flag, and the engine frees its slots before its next step.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rlhf.v1 import policy_pb2 as pb
+from rlhf.v1 import policy_pb2_grpc as pb_grpc
+
+from . import convert, metrics
+from .config import ServerConfig
+from .engine import Engine, EngineConfig, Finish, QueueFull, Request
+from .loader import LoadedPolicy
+from .model import num_parameters
+
+log = logging.getLogger(__name__)
+SERVICE = "rlhf.v1.PolicyService"
+
+
+class TextTracker:
+    """Incremental detokenisation of one sequence: emits only text that is final (no partial
+    UTF-8 at the end, nothing that could still turn into a stop sequence)."""
+
+    def __init__(self, decode, stops: tuple[str, ...]):
+        self.decode, self.hold = decode, max((len(s) for s in stops), default=1) - 1
+        self.sent = 0
+
+    def delta(self, ids: list[int], final: bool, text_end: int | None = None) -> str:
+        text = self.decode(ids)
+        if text_end is not None:
+            text = text[:text_end]
+        end = len(text) if final else max(self.sent, len(text) - self.hold)
+        if not final and text[:end].endswith("\ufffd"):
+            end = self.sent
+        out, self.sent = text[self.sent:end], max(self.sent, end)
+        return out
+
+
+class _Recorded:
+    """Counts one RPC's outcome exactly once: OK, the status it aborted with, or CANCELLED."""
+
+    def __init__(self, rpc: str, context):
+        self.rpc, self.context, self.t0, self.done = rpc, context, time.monotonic(), False
+        context.rlhf_recorded = self  # _abort marks it
+
+    def ok(self) -> None:
+        self.mark("OK")
+        metrics.LATENCY.labels(self.rpc).observe(time.monotonic() - self.t0)
+
+    def mark(self, status: str) -> None:
+        if not self.done:
+            self.done = True
+            metrics.REQUESTS.labels(self.rpc, status).inc()
+
+    def close(self) -> None:
+        self.mark("CANCELLED")  # ended with no status of ours: the client went away
+
+
+def _abort(context, code: grpc.StatusCode, msg: str):
+    rec = getattr(context, "rlhf_recorded", None)
+    if rec is not None:
+        rec.mark(code.name)
+    context.abort(code, msg)
+
+
+class PolicyServicer(pb_grpc.PolicyServiceServicer):
+    def __init__(self, cfg: ServerConfig, policy: LoadedPolicy, engine: Engine):
+        self.cfg, self.policy, self.engine = cfg, policy, engine
+        self.max_context = engine.cfg.max_context
+
+    # ---- helpers ----
+    def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext, rpc: str) -> Request:
+        try:
+            ids = convert.prompt_ids(request, self.policy.encode, self.policy.model.args.vocab_size, self.max_context)
+            spec = convert.sampling_spec(request.params, default_max_new=self.cfg.default_max_new_tokens,
+                                         max_new_limit=self.cfg.max_new_tokens_limit,
+                                         max_batch=self.cfg.max_batch_size, max_stops=self.cfg.max_stop_sequences)
+        except convert.BadRequest as e:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
+        req = Request(prompt=ids, spec=spec, deadline=deadline)
+        try:
+            self.engine.submit(req)
+        except QueueFull as e:
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        if not context.add_callback(self._on_done(req)):
+            req.cancel()
+        metrics.PROMPT_TOKENS.inc(len(ids) * spec.n)
+        return req
+
+    def _on_done(self, req: Request):
+        def cb() -> None:  # runs when the RPC ends for any reason: cancel whatever is still live
+            req.cancel()
+            self.engine.wake()
+        return cb
+
+    def _events(self, req: Request, context: grpc.ServicerContext, rpc: str):
+        """Yields engine events until every sequence is done; maps engine failures to statuses."""
+        pending = req.spec.n
+        first = True
+        last_t = {}
+        while pending:
+            try:
+                ev = req.events.get(timeout=0.25)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if ev[0] == "token":
+                now = time.monotonic()
+                if first:
+                    metrics.TTFT.observe(now - req.submitted)
+                    first = False
+                if ev[1] in last_t:
+                    metrics.ITL.observe(now - last_t[ev[1]])
+                last_t[ev[1]] = now
+                metrics.GENERATED_TOKENS.inc()
+            elif ev[0] == "error":
+                _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {ev[2]}")
+            elif ev[0] == "done":
+                pending -= 1
+                if ev[2] == Finish.DEADLINE:
+                    _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                if ev[2] == Finish.CANCELLED:
+                    _abort(context, grpc.StatusCode.CANCELLED, "cancelled")
+            yield ev
+
+    def _text(self, seq) -> str:
+        text = self.policy.decode(seq.out)
+        return text[:seq.text_end] if seq.text_end is not None else text
+
+    # ---- RPCs ----
+    def Generate(self, request, context):
+        return self._counted("Generate", context, lambda: self._generate(request, context))
+
+    def GenerateStream(self, request, context):
+        # a generator: the status is counted when it ends (normally, by abort, or closed on cancel)
+        recorded = _Recorded("GenerateStream", context)
+        try:
+            yield from self._generate_stream(request, context)
+            recorded.ok()
+        finally:
+            recorded.close()
+
+    def _counted(self, rpc, context, fn):
+        recorded = _Recorded(rpc, context)
+        try:
+            out = fn()
+            if context.is_active():
+                recorded.ok()
+            return out
+        finally:
+            recorded.close()
+
+    def _generate(self, request, context):
+        req = self._start(request, context, "Generate")
+        for _ in self._events(req, context, "Generate"):
+            pass
+        if not context.is_active():
+            return pb.GenerateResponse()
+        return pb.GenerateResponse(
+            completions=[convert.completion(s, self._text(s)) for s in req.seqs],
+            usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=sum(len(s.out) for s in req.seqs)),
+            model_version=req.model_version, prompt_text=self.policy.decode(req.prompt), prompt_token_ids=req.prompt)
+
+    def _generate_stream(self, request, context):
+        req = self._start(request, context, "GenerateStream")
+        trackers = [TextTracker(self.policy.decode, req.spec.stop) for _ in req.seqs]
+        for ev in self._events(req, context, "GenerateStream"):
+            seq = req.seqs[ev[1]]
+            if ev[0] == "token":
+                yield pb.GenerateStreamChunk(index=ev[1], response_id=seq.response_id, token_ids=[ev[2]],
+                                             logprobs=[ev[3]] if req.spec.logprobs else [],
+                                             text_delta=self._delta(trackers[ev[1]], seq, ev),
+                                             model_version=req.model_version)
+            elif ev[0] == "done":
+                yield pb.GenerateStreamChunk(
+                    index=ev[1], response_id=seq.response_id, model_version=req.model_version,
+                    text_delta=trackers[ev[1]].delta(seq.out, final=True, text_end=seq.text_end),
+                    finish_reason=convert.FINISH_TO_PB.get(ev[2], pb.FINISH_REASON_UNSPECIFIED),
+                    usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)))
+
+    @staticmethod
+    def _delta(tracker: TextTracker, seq, ev) -> str:
+        # the engine may already have appended later tokens; decode only up to this event's token
+        return tracker.delta(seq.out[:ev[4]], final=False)
+
+    def GetModelInfo(self, request, context):
+        a = self.policy.model.args
+        return pb.ModelInfo(model_version=self.engine.model_version, architecture=a.arch, vocab_size=a.vocab_size,
+                            max_context=self.max_context, max_new_tokens_limit=self.cfg.max_new_tokens_limit,
+                            max_batch_size=self.cfg.max_batch_size, num_parameters=num_parameters(self.policy.model),
+                            model_path=str(self.policy.path))
+
+
+def build_engine(cfg: ServerConfig, policy: LoadedPolicy) -> Engine:
+    max_ctx = min(cfg.max_context, policy.model.args.max_position)
+    ecfg = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, max_context=max_ctx,
+                        max_prefill_tokens=cfg.max_prefill_tokens)
+    return Engine(policy.model, ecfg, policy.eos_id, policy.decode, policy.version, on_step=metrics.on_step)
+
+
+def serve(cfg: ServerConfig, policy: LoadedPolicy) -> tuple[grpc.Server, int, Engine]:
+    """Starts engine and gRPC server; returns (server, bound port, engine)."""
+    engine = build_engine(cfg, policy).start()
+    workers = cfg.max_batch_size + cfg.max_queue + 8
+    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+                         options=opts, maximum_concurrent_rpcs=workers)
+    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(cfg, policy, engine), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (pb.DESCRIPTOR.services_by_name["PolicyService"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics.KV_SLOTS_TOTAL.set(cfg.max_batch_size)
+    metrics.MODEL_VERSION.info({"version": policy.version, "path": str(policy.path)})
+    return server, port, engine

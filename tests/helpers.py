@@ -1,0 +1,71 @@
+"""Test helpers: real server processes on free loopback ports, and /metrics scraping."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    def __init__(self, module: str, args: list[str], ready_pattern: str, timeout: float = 120.0,
+                 env: dict | None = None):
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{module.replace('.', '_')}-{os.getpid()}-{time.time_ns()}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{module} exited with {self.proc.returncode}:\n{self.output()}")
+            m = re.search(ready_pattern, self.output())
+            if m:
+                self.match = m
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"{module} not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_policy_server(model: Path, **flags) -> tuple[ServerProc, int, int]:
+    port, mport = free_port(), free_port()
+    args = ["--model", str(model), "--port", str(port), "--metrics-port", str(mport)]
+    for k, v in flags.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return ServerProc("serve", args, r"policy server listening on \S+:(\d+)"), port, mport
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(port: int, name: str, labels: str = "") -> float:
+    """Value of one sample in a /metrics scrape (0.0 if absent)."""
+    pat = re.compile(rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''}\s+(\S+)$", re.M)
+    m = pat.search(scrape(port))
+    return float(m.group(1)) if m else 0.0

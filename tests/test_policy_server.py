@@ -1,0 +1,209 @@
+"""The policy server over a real gRPC socket, checked against transformers."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoModelForCausalLM
+
+from rlhf.v1 import policy_pb2 as pb
+from serve.client import PolicyClient
+from tests.helpers import metric, start_policy_server
+
+PROMPTS = [[5, 17, 33], [100, 2, 7, 9, 250, 31, 77, 12, 401], [42], [3, 9, 27, 81, 243, 11], list(range(60, 95))]
+
+
+def _hf(model_path):
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
+def test_concurrent_greedy_equals_transformers_generate(policy_server):
+    target, _, model_path = policy_server
+    hf = _hf(model_path)
+    n_new = 24
+    with PolicyClient(target) as c, ThreadPoolExecutor(len(PROMPTS)) as ex:
+        futs = [ex.submit(c.generate, p, temperature=0.0, max_new_tokens=n_new) for p in PROMPTS]
+        got = [f.result().completions[0] for f in futs]
+    eos = hf.generation_config.eos_token_id
+    for p, comp in zip(PROMPTS, got):
+        ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n_new,
+                          pad_token_id=eos)[0, len(p):].tolist()
+        assert list(comp.token_ids) == ref, f"prompt {p}"
+
+
+def test_logprobs_equal_plain_forward(policy_server):
+    target, _, model_path = policy_server
+    hf = _hf(model_path)
+    for temperature in (1.0, 0.7, 0.0):
+        with PolicyClient(target) as c:
+            r = c.generate(PROMPTS[1], temperature=temperature, max_new_tokens=20, seed=3, return_logprobs=True)
+        comp = r.completions[0]
+        ids = torch.tensor([PROMPTS[1] + list(comp.token_ids)])
+        with torch.no_grad():
+            logits = hf(ids).logits[0, len(PROMPTS[1]) - 1:-1]
+        t = temperature if temperature > 0 else 1.0
+        ref = torch.log_softmax(logits / t, -1).gather(1, torch.tensor(comp.token_ids)[:, None])[:, 0]
+        assert len(comp.logprobs) == len(comp.token_ids) == 20
+        torch.testing.assert_close(torch.tensor(list(comp.logprobs)), ref, atol=1e-4, rtol=0)
+
+
+def test_stream_yields_the_unary_tokens(policy_server):
+    target = policy_server[0]
+    with PolicyClient(target) as c:
+        for params in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, top_k=50, seed=11)):
+            unary = c.generate("Human: What is two plus two?", max_new_tokens=30, return_logprobs=True, **params)
+            chunks = list(c.stream("Human: What is two plus two?", max_new_tokens=30, return_logprobs=True, **params))
+            toks = [t for ch in chunks for t in ch.token_ids]
+            assert toks == list(unary.completions[0].token_ids)
+            assert "".join(ch.text_delta for ch in chunks) == unary.completions[0].text
+            assert chunks[-1].finish_reason == unary.completions[0].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+            assert {ch.model_version for ch in chunks} == {unary.model_version}
+
+
+def test_same_seed_same_sample_whatever_the_batch(policy_server):
+    target = policy_server[0]
+    params = dict(temperature=1.0, top_p=0.95, max_new_tokens=40, seed=1234)
+    with PolicyClient(target) as c:
+        alone = c.generate(PROMPTS[3], **params).completions[0].token_ids
+        with ThreadPoolExecutor(6) as ex:
+            others = [ex.submit(c.generate, p, temperature=1.0, max_new_tokens=60, seed=i) for i, p in enumerate(PROMPTS)]
+            crowded = ex.submit(c.generate, PROMPTS[3], **params)
+            [f.result() for f in others]
+        assert list(crowded.result().completions[0].token_ids) == list(alone)
+        two = c.generate(PROMPTS[3], n=2, **params)
+        assert list(two.completions[0].token_ids) == list(alone)   # sample i uses seed + i
+        assert two.completions[0].seed + 1 == two.completions[1].seed
+        assert list(two.completions[1].token_ids) != list(alone)
+
+
+def test_response_fields_and_stop_sequences(policy_server):
+    target = policy_server[0]
+    with PolicyClient(target) as c:
+        info = c.info()
+        r = c.generate("Human: hi", temperature=0.0, max_new_tokens=12, n=3)
+        assert r.model_version == info.model_version == "v0"
+        assert len({x.response_id for x in r.completions}) == 3
+        assert r.usage.prompt_tokens == len(r.prompt_token_ids) > 0
+        assert r.usage.completion_tokens == sum(len(x.token_ids) for x in r.completions)
+        text = r.completions[0].text
+        assert len(text) >= 4, text
+        stop = text[2:4]
+        s = c.generate("Human: hi", temperature=0.0, max_new_tokens=12, stop=[stop])
+        assert s.completions[0].finish_reason == pb.FINISH_REASON_STOP
+        assert s.completions[0].text == text[:text.find(stop)]
+        assert stop not in s.completions[0].text
+
+
+BAD = [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt=list(range(1, 1030))), "prompt"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_new_tokens=5000), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(n=0), "params.n"),
+    (dict(prompt=[1, 2, 10**6]), "token_ids"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD, ids=[f for _, f in BAD])
+def test_bad_input_is_invalid_argument_naming_the_field(policy_server, kwargs, field):
+    target = policy_server[0]
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt", "Human: hi")
+    with PolicyClient(target) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(prompt, **kwargs)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.stream(prompt, **kwargs))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert c.generate("Human: still serving?", max_new_tokens=3).completions[0].token_ids  # keeps serving
+
+
+def test_health_and_reflection(policy_server):
+    target = policy_server[0]
+    ch = grpc.insecure_channel(target)
+    h = health_pb2_grpc.HealthStub(ch)
+    for svc in ("", "rlhf.v1.PolicyService"):
+        assert h.Check(health_pb2.HealthCheckRequest(service=svc)).status == health_pb2.HealthCheckResponse.SERVING
+    r = reflection_pb2_grpc.ServerReflectionStub(ch)
+    resp = next(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"rlhf.v1.PolicyService", "grpc.health.v1.Health"} <= names
+    ch.close()
+
+
+def _wait(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def test_cancel_and_deadline_free_slots_at_once(tiny_gpt2):
+    proc, port, mport = start_policy_server(tiny_gpt2, max_batch_size=4, max_context=1024,
+                                            max_new_tokens_limit=1000, threads=1)
+    try:
+        with PolicyClient(f"127.0.0.1:{port}", timeout=None) as c:
+            # cancellation: 4 long streams fill every slot; cancel them after their first tokens
+            streams = [c.stream([1, 2, 3], max_new_tokens=1000, temperature=1.0, seed=i, ignore_eos=True) for i in range(4)]
+            for s in streams:
+                next(s)
+            assert metric(mport, "rlhf_policy_kv_slots_in_use") >= 1
+            for s in streams:
+                s.cancel()
+            assert _wait(lambda: metric(mport, "rlhf_policy_kv_slots_in_use") == 0, 2.0)
+            assert _wait(lambda: metric(mport, "rlhf_policy_requests_total",
+                                        'rpc="GenerateStream",status="CANCELLED"') == 4, 2.0)
+            # deadline: the call fails with DEADLINE_EXCEEDED and the slot is freed
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                c.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]),
+                                                   params=pb.SamplingParams(max_new_tokens=1000, ignore_eos=True)),
+                                timeout=0.3)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - t0 < 2.0
+            assert _wait(lambda: metric(mport, "rlhf_policy_kv_slots_in_use") == 0, 2.0)
+            assert c.generate([1, 2], max_new_tokens=5).completions[0].token_ids
+    finally:
+        proc.stop()
+
+
+def test_queue_full_is_resource_exhausted(tiny_gpt2):
+    proc, port, mport = start_policy_server(tiny_gpt2, max_batch_size=1, max_queue=2, max_context=1024,
+                                            max_new_tokens_limit=1000, threads=1)
+    try:
+        codes: list = []
+        lock = threading.Lock()
+
+        def call(i):
+            with PolicyClient(f"127.0.0.1:{port}", timeout=60) as c:
+                try:
+                    c.generate([1, 2, 3], max_new_tokens=300, seed=i, ignore_eos=True)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    code = e.code()
+                with lock:
+                    codes.append(code)
+
+        with ThreadPoolExecutor(8) as ex:
+            list(ex.map(call, range(8)))
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert codes.count(grpc.StatusCode.OK) >= 3  # one running + two queued at least
+        assert metric(mport, "rlhf_policy_requests_total", 'rpc="Generate",status="RESOURCE_EXHAUSTED"') == \
+            codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    finally:
+        proc.stop()
