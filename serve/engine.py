@@ -3,8 +3,9 @@
 One engine thread owns the model and the cache. Each iteration (vLLM's scheduler,
 simplified to one process):
   1. drop cancelled and expired sequences (their slots are free at once),
-  2. admit waiting requests into free slots and prefill them in one packed forward,
-  3. one decode step for every live sequence (one token each),
+  2. admit waiting requests into free slots,
+  3. one forward: a decode token for every live sequence plus the packed prompts of the
+     admitted ones (prefill rides along with decode, so a new arrival costs no extra weight pass),
   4. hand each new token to its request's queue; finished sequences leave.
 Live sequences always occupy slots [0, B): a finished one is replaced by the last, so
 attention reads the cache through views and nothing is copied per step.
@@ -98,6 +99,8 @@ class Request:
     model_version: str = ""
     seqs: list[Sequence] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
+    stream: bool = True             # False: no per-token events (a unary call only needs "done")
+    first_token_at: float | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -163,10 +166,8 @@ class Engine:
                 self._drop_dead()
                 with self.cv:
                     admitted = self._admit()
-                if admitted:
-                    self._prefill(admitted)
-                if self.active:
-                    self._decode()
+                if admitted or self.active:
+                    self._step(admitted)
             except Exception as e:  # a bug must not hang clients: fail everything live, keep serving
                 log.exception("engine step failed; failing %d live sequences", len(self.active))
                 for s in list(self.active):
@@ -211,28 +212,27 @@ class Engine:
             elif r.deadline is not None and now > r.deadline:
                 self._finish(s, Finish.DEADLINE)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        slot0 = len(self.active)   # new sequences take the slots right after the live ones
-        for k, s in enumerate(seqs):
-            s.slot = slot0 + k
-        lens = [len(s.request.prompt) for s in seqs]
-        tokens = torch.tensor(list(itertools.chain.from_iterable(s.request.prompt for s in seqs)), device=self.device)
-        lay = StepLayout.build(slot0, lens, [0] * len(seqs), self.device)
-        last = torch.cumsum(torch.tensor(lens, device=self.device), 0) - 1
-        logits = self.model(tokens, lay, self.cache, logits_for=last)   # (S, V)
+    def _step(self, new: list[Sequence]) -> None:
+        """One forward for the whole batch: a decode token for each live sequence and, packed
+        after them, the prompts of the newly admitted ones (prefill shares the weight pass)."""
+        old = list(self.active)
+        for k, s in enumerate(new):  # new sequences take the slots right after the live ones
+            s.slot = len(old) + k
+        seqs = old + new
+        lens = [1] * len(old) + [len(s.request.prompt) for s in new]
+        starts = [s.cached for s in old] + [0] * len(new)
+        tokens = torch.tensor([s.out[-1] for s in old] + list(itertools.chain.from_iterable(
+            s.request.prompt for s in new)), device=self.device)
+        lay = StepLayout.build(0, lens, starts, self.device)
+        if not new:
+            lay.mask = None  # decode fast path: one query per sequence
+            logits = self.model(tokens, lay, self.cache)                   # (B, V)
+        else:
+            last = torch.cumsum(torch.tensor(lens, device=self.device), 0) - 1
+            logits = self.model(tokens, lay, self.cache, logits_for=last)  # (B, V)
         for s, n in zip(seqs, lens):
-            s.cached = n
-        self.active.extend(seqs)
-        self._sample_and_emit(seqs, logits)
-
-    def _decode(self) -> None:
-        seqs = list(self.active)
-        tokens = torch.tensor([s.out[-1] for s in seqs], device=self.device)
-        lay = StepLayout.build(0, [1] * len(seqs), [s.cached for s in seqs], self.device)
-        lay.mask = None  # decode fast path: one query per sequence
-        logits = self.model(tokens, lay, self.cache)                     # (B, V)
-        for s in seqs:
-            s.cached += 1
+            s.cached += n
+        self.active.extend(new)
         self._sample_and_emit(seqs, logits)
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
@@ -246,7 +246,11 @@ class Engine:
         for s, t, lp in zip(seqs, tok.tolist(), logp.tolist()):   # the one host sync of the step
             s.out.append(t)
             s.logprobs.append(lp)
-            s.request.events.put(("token", s.index, t, lp, len(s.out)))
+            r = s.request
+            if r.first_token_at is None:
+                r.first_token_at = time.monotonic()
+            if r.stream:
+                r.events.put(("token", s.index, t, lp, len(s.out)))
             reason = self._finish_reason(s)
             if reason:
                 self._finish(s, reason)

@@ -80,7 +80,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self.max_context = engine.cfg.max_context
 
     # ---- helpers ----
-    def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext, rpc: str) -> Request:
+    def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext, rpc: str,
+               stream: bool) -> Request:
         try:
             ids = convert.prompt_ids(request, self.policy.encode, self.policy.model.args.vocab_size, self.max_context)
             spec = convert.sampling_spec(request.params, default_max_new=self.cfg.default_max_new_tokens,
@@ -90,7 +91,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
-        req = Request(prompt=ids, spec=spec, deadline=deadline)
+        req = Request(prompt=ids, spec=spec, deadline=deadline, stream=stream)
         try:
             self.engine.submit(req)
         except QueueFull as e:
@@ -165,9 +166,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             recorded.close()
 
     def _generate(self, request, context):
-        req = self._start(request, context, "Generate")
+        req = self._start(request, context, "Generate", stream=False)
         for _ in self._events(req, context, "Generate"):
             pass
+        if req.first_token_at is not None:
+            metrics.TTFT.observe(req.first_token_at - req.submitted)
+        metrics.GENERATED_TOKENS.inc(sum(len(s.out) for s in req.seqs))
         if not context.is_active():
             return pb.GenerateResponse()
         return pb.GenerateResponse(
@@ -176,7 +180,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             model_version=req.model_version, prompt_text=self.policy.decode(req.prompt), prompt_token_ids=req.prompt)
 
     def _generate_stream(self, request, context):
-        req = self._start(request, context, "GenerateStream")
+        req = self._start(request, context, "GenerateStream", stream=True)
         trackers = [TextTracker(self.policy.decode, req.spec.stop) for _ in req.seqs]
         for ev in self._events(req, context, "GenerateStream"):
             seq = req.seqs[ev[1]]

@@ -43,17 +43,30 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     """logits (B, V); temperature/top_p/min_p float (B,); top_k/seed/offset int64 (B,)
     -> tokens int64 (B,), logprobs fp32 (B,)."""
     logits = logits.float()
-    probs = filtered_probs(logits, temperature, top_k, top_p, min_p)
-    u = uniform(seed, offset).to(logits.device)
-    cdf = torch.cumsum(probs, dim=-1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
-    # a zero-probability token can only be hit through rounding at the top of the CDF: step back to the last kept one
-    drawn = torch.where(probs.gather(1, drawn[:, None])[:, 0] > 0, drawn, _last_nonzero(probs))
     greedy = temperature <= 0
-    tokens = torch.where(greedy, logits.argmax(-1), drawn)
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    logp = torch.log_softmax(logits / t[:, None], dim=-1).gather(1, tokens[:, None])[:, 0]
+    logp_all = torch.log_softmax(logits / t[:, None], dim=-1)            # (B, V)
+    tokens = logits.argmax(-1)
+    rows = (~greedy).nonzero()[:, 0]
+    if rows.numel():
+        # only the sampled rows pay for filtering; rows with no filter skip the sort entirely
+        lp = logp_all[rows]
+        filtered = (top_k[rows] > 0) | (top_p[rows] < 1) | (min_p[rows] > 0)
+        if bool(filtered.any()):
+            probs = filtered_probs(logits[rows], temperature[rows], top_k[rows], top_p[rows], min_p[rows])
+        else:
+            probs = lp.exp()
+        tokens[rows] = _inverse_cdf(probs, uniform(seed[rows], offset[rows]).to(logits.device))
+    logp = logp_all.gather(1, tokens[:, None])[:, 0]
     return tokens, logp
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs (R, V) rows summing to ~1, u (R,) in [0, 1) -> the token whose CDF interval holds u."""
+    cdf = torch.cumsum(probs, dim=-1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
+    # a zero-probability token can only be hit through rounding at the top of the CDF: step back to the last kept one
+    return torch.where(probs.gather(1, drawn[:, None])[:, 0] > 0, drawn, _last_nonzero(probs))
 
 
 def _last_nonzero(probs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""Throughput of the policy server against transformers' generate, measured in one run.
+
+(a) transformers generate, one request at a time; (b) transformers generate on one static
+padded batch of all prompts; (c) this server (a separate process, over gRPC) with 1, 8 and
+32 concurrent clients. Same model (GPT-2-small-sized config, random init), same prompts
+(random token ids, 8-40 tokens), same number of new tokens (EOS ignored so every request
+produces exactly that many). Prints tokens/s and the ratios; the last line is one JSON object.
+
+    python bench/serve_throughput.py            # full: 64 prompts x 32 new tokens
+    python bench/serve_throughput.py --quick    # under a minute
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from protos.build import ensure_generated  # noqa: E402
+
+ensure_generated()
+from serve.client import PolicyClient  # noqa: E402
+from tests.helpers import start_policy_server  # noqa: E402
+
+
+def build_model(out: Path, size: str) -> Path:
+    from serve.make_policy import PolicySpec, build
+    return build(PolicySpec(out=out, size=size, vocab_size=512, model_vocab_size=50257, corpus=Path("/nonexistent")))
+
+
+def hf_one_at_a_time(hf, prompts, n_new) -> float:
+    t0 = time.perf_counter()
+    for p in prompts:
+        hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                    max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
+    return len(prompts) * n_new / (time.perf_counter() - t0)
+
+
+def hf_static_batch(hf, prompts, n_new) -> float:
+    L = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only batched generation needs
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    t0 = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+                      pad_token_id=0)
+    assert out.shape[1] == L + n_new
+    return len(prompts) * n_new / (time.perf_counter() - t0)
+
+
+def server_clients(target, prompts, n_new, clients) -> float:
+    with PolicyClient(target, timeout=600) as c:
+        c.generate(prompts[0], max_new_tokens=2, temperature=0.0)  # warm-up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as ex:
+            outs = list(ex.map(lambda p: c.generate(p, max_new_tokens=n_new, temperature=0.0, ignore_eos=True),
+                               prompts))
+        dt = time.perf_counter() - t0
+    total = sum(len(o.completions[0].token_ids) for o in outs)
+    assert total == len(prompts) * n_new
+    return total / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="16 prompts x 16 tokens (under a minute)")
+    ap.add_argument("--size", default="gpt2-small", help="model preset of serve.make_policy")
+    ap.add_argument("--prompts", type=int, default=0, help="number of prompts (default 64, quick 16)")
+    ap.add_argument("--new-tokens", type=int, default=0, help="new tokens per prompt (default 32, quick 16)")
+    a = ap.parse_args()
+    n_prompts = a.prompts or (16 if a.quick else 64)
+    n_new = a.new_tokens or (16 if a.quick else 32)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 500) for _ in range(rng.randint(8, 40))] for _ in range(n_prompts)]
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(Path(tmp) / "m", a.size)
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        print(f"model {a.size}: {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params; "
+              f"{n_prompts} prompts of 8-40 tokens, {n_new} new tokens each; torch threads {torch.get_num_threads()}",
+              flush=True)
+        hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, pad_token_id=0)  # warm-up
+        res = {"one_at_a_time_tok_s": hf_one_at_a_time(hf, prompts, n_new)}
+        print(f"(a) transformers, one at a time: {res['one_at_a_time_tok_s']:.1f} tok/s", flush=True)
+        res["static_batch_tok_s"] = hf_static_batch(hf, prompts, n_new)
+        print(f"(b) transformers, static batch of {n_prompts}: {res['static_batch_tok_s']:.1f} tok/s", flush=True)
+        del hf
+        proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024)
+        try:
+            for clients in (1, 8, 32):
+                tps = server_clients(f"127.0.0.1:{port}", prompts, n_new, clients)
+                res[f"server_{clients}_clients_tok_s"] = tps
+                print(f"(c) server, {clients} concurrent clients: {tps:.1f} tok/s", flush=True)
+        finally:
+            proc.stop()
+    res["ratio_vs_one_at_a_time"] = res["server_32_clients_tok_s"] / res["one_at_a_time_tok_s"]
+    res["ratio_vs_static_batch"] = res["server_32_clients_tok_s"] / res["static_batch_tok_s"]
+    res.update(quick=a.quick, model=a.size, prompts=n_prompts, new_tokens=n_new)
+    print(f"ratios at 32 clients: {res['ratio_vs_one_at_a_time']:.2f}x one-at-a-time, "
+          f"{res['ratio_vs_static_batch']:.2f}x static batch")
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+
+
+if __name__ == "__main__":
+    main()
