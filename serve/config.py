@@ -39,6 +39,8 @@ class ServerConfig:
     """Weights and KV cache dtype: float32 or bfloat16."""
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
+    kafka_bootstrap: str = ""
+    """Kafka bootstrap servers to log every served generation to the interactions topic ("" disables)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

@@ -75,8 +75,8 @@ def _abort(context, code: grpc.StatusCode, msg: str):
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    def __init__(self, cfg: ServerConfig, policy: LoadedPolicy, engine: Engine):
-        self.cfg, self.policy, self.engine = cfg, policy, engine
+    def __init__(self, cfg: ServerConfig, policy: LoadedPolicy, engine: Engine, interactions=None):
+        self.cfg, self.policy, self.engine, self.interactions = cfg, policy, engine, interactions
         self.max_context = engine.cfg.max_context
 
     # ---- helpers ----
@@ -138,6 +138,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     _abort(context, grpc.StatusCode.CANCELLED, "cancelled")
             yield ev
 
+    def _log_interactions(self, req: Request) -> None:
+        if self.interactions is None:
+            return
+        prompt = self.policy.decode(req.prompt)
+        for s in req.seqs:
+            self.interactions.record(prompt, req.prompt, s, self._text(s), req.model_version)
+
     def _text(self, seq) -> str:
         text = self.policy.decode(seq.out)
         return text[:seq.text_end] if seq.text_end is not None else text
@@ -174,6 +181,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         metrics.GENERATED_TOKENS.inc(sum(len(s.out) for s in req.seqs))
         if not context.is_active():
             return pb.GenerateResponse()
+        self._log_interactions(req)
         return pb.GenerateResponse(
             completions=[convert.completion(s, self._text(s)) for s in req.seqs],
             usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=sum(len(s.out) for s in req.seqs)),
@@ -195,6 +203,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     text_delta=trackers[ev[1]].delta(seq.out, final=True, text_end=seq.text_end),
                     finish_reason=convert.FINISH_TO_PB.get(ev[2], pb.FINISH_REASON_UNSPECIFIED),
                     usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)))
+        self._log_interactions(req)
 
     @staticmethod
     def _delta(tracker: TextTracker, seq, ev) -> str:
@@ -224,7 +233,11 @@ def serve(cfg: ServerConfig, policy: LoadedPolicy) -> tuple[grpc.Server, int, En
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=opts, maximum_concurrent_rpcs=workers)
-    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(cfg, policy, engine), server)
+    interactions = None
+    if cfg.kafka_bootstrap:
+        from .interactions import InteractionLog
+        interactions = InteractionLog(cfg.kafka_bootstrap)
+    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(cfg, policy, engine, interactions), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["PolicyService"].full_name, health.SERVICE_NAME,

@@ -35,3 +35,23 @@ def policy_server(request, tiny_gpt2, tiny_llama):
                                             max_new_tokens_limit=1000, default_max_new_tokens=16, threads=1)
     yield f"127.0.0.1:{port}", mport, model
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """The bundled Kafka broker (KRaft, single node) on free loopback ports: its bootstrap string."""
+    from feedback.broker import BrokerConfig, start, stop
+    from feedback.topics import ensure_topics
+    from tests.helpers import free_port
+
+    cfg = BrokerConfig(data_dir=tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port())
+    start(cfg)
+    ensure_topics(cfg.bootstrap)
+    yield cfg.bootstrap
+    stop(cfg)
+
+
+@pytest.fixture(scope="session")
+def acked_event_ids():
+    """Every feedback event id the service acknowledged in this session (the topics are shared)."""
+    return set()

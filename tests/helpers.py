@@ -69,3 +69,11 @@ def metric(port: int, name: str, labels: str = "") -> float:
     pat = re.compile(rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''}\s+(\S+)$", re.M)
     m = pat.search(scrape(port))
     return float(m.group(1)) if m else 0.0
+
+
+def start_feedback_service(bootstrap: str, **flags) -> tuple[ServerProc, int]:
+    port = free_port()
+    args = ["--bootstrap", bootstrap, "--port", str(port), "--metrics-port", "0"]
+    for k, v in flags.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return ServerProc("feedback.service", args, r"feedback service listening on \S+:(\d+)"), port

@@ -1,0 +1,168 @@
+"""The trainer-side consumer: Kafka -> validate -> durable store, then commit offsets.
+
+At-least-once from Kafka, exactly once in the store: a batch is stored (deduped by event
+id) before its offsets are committed, so a crash replays at most the last batch and the
+replay is absorbed by the dedupe. Records that fail validation go to the dead-letter topic
+with the reason (acknowledged before the offsets move), never dropped silently.
+
+    python -m feedback.consumer --db .run/feedback.db --bootstrap 127.0.0.1:19092   (see --help)
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config_cli import parse_config
+from protos.build import ensure_generated
+
+ensure_generated()
+from google.protobuf.message import DecodeError  # noqa: E402
+
+from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
+
+from . import metrics, topics, validate  # noqa: E402
+from .kafka_io import AckedProducer  # noqa: E402
+from .store import FeedbackStore  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """Consume feedback and interactions from Kafka into the trainer's store."""
+
+    db: Path = Path(".run/feedback.db")
+    """SQLite file of the store."""
+    bootstrap: str = "127.0.0.1:19092"
+    """Kafka bootstrap servers."""
+    group: str = "rlhf-trainer"
+    """Consumer group id (offsets are committed under it)."""
+    max_batch: int = 500
+    """Records stored per transaction at most."""
+    idle_exit_s: float = 0.0
+    """Exit once caught up (no lag) for this many seconds (0: run until stopped)."""
+    metrics_port: int = 0
+    """Prometheus /metrics port (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+
+
+def check_record(topic: str, value: bytes) -> tuple[str, tuple]:
+    """Parses and validates one record -> ("feedback"|"interaction", row fields); raises Invalid."""
+    try:
+        if topic == topics.FEEDBACK:
+            rec = fb.FeedbackRecord.FromString(value)
+        else:
+            rec = fb.Interaction.FromString(value)
+    except DecodeError as e:
+        raise validate.Invalid(f"not a protobuf record: {e}") from e
+    if topic == topics.FEEDBACK:
+        if not rec.HasField("feedback"):
+            raise validate.Invalid("feedback: missing")
+        validate.check(rec.feedback, validate.Limits(), resolved=True)
+        if rec.event_id != validate.event_id(rec.feedback):
+            raise validate.Invalid("event_id: record and feedback disagree")
+        return "feedback", (rec.event_id, rec.feedback.WhichOneof("kind"))
+    if not rec.response_id or not rec.model_version:
+        raise validate.Invalid("interaction: response_id and model_version are required")
+    return "interaction", (rec.response_id, rec.model_version)
+
+
+class FeedbackConsumer:
+    def __init__(self, cfg: ConsumerConfig):
+        from kafka import KafkaConsumer
+        self.cfg = cfg
+        self.store = FeedbackStore(cfg.db)
+        self.dlq = AckedProducer(cfg.bootstrap, client_id="feedback-consumer-dlq")
+        self.consumer = KafkaConsumer(topics.FEEDBACK, topics.INTERACTIONS, bootstrap_servers=cfg.bootstrap,
+                                      group_id=cfg.group, enable_auto_commit=False, auto_offset_reset="earliest",
+                                      max_poll_records=cfg.max_batch)
+        self.stored = 0
+
+    def poll_once(self, timeout_ms: int = 500) -> int:
+        """One batch: store it, dead-letter what is bad, then commit offsets. Returns records seen."""
+        batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.cfg.max_batch)
+        if not batch:
+            return 0
+        fb_rows, int_rows, dead = [], [], []
+        for tp, recs in batch.items():
+            for r in recs:
+                try:
+                    kind, fields = check_record(tp.topic, r.value or b"")
+                except validate.Invalid as e:
+                    dead.append((r, str(e)))
+                    continue
+                row = (*fields, r.value, tp.topic, tp.partition, r.offset)
+                (fb_rows if kind == "feedback" else int_rows).append(row)
+        futures = [self.dlq.send_async(topics.DEAD_LETTERS, r.key, fb.DeadLetter(
+            reason=reason, source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
+            value=r.value or b"", dead_unix_ms=int(time.time() * 1000)).SerializeToString(),
+            headers=[("reason", reason.encode()[:1000])]) for r, reason in dead]
+        for f, (_, reason) in zip(futures, dead):
+            self.dlq.wait(f)   # acknowledged before the offsets move past it
+            metrics.DEAD_LETTERS.labels(reason.split(":")[0][:40]).inc()
+            log.warning("dead-lettered a record: %s", reason)
+        new, dup = self.store.commit_batch(fb_rows, int_rows)
+        self.consumer.commit()   # only after the store's transaction is durable
+        self.stored += new
+        metrics.CONSUMED.labels(topics.FEEDBACK).inc(new)
+        metrics.CONSUMED.labels(topics.INTERACTIONS).inc(len(int_rows))
+        metrics.DUPLICATES.inc(dup)
+        return sum(len(v) for v in batch.values())
+
+    def lag(self) -> int | None:
+        """Records behind the end over the assigned partitions (None before an assignment)."""
+        parts = self.consumer.assignment()
+        if not parts:
+            return None
+        ends = self.consumer.end_offsets(list(parts))
+        total = 0
+        for tp in parts:
+            behind = max(0, ends[tp] - self.consumer.position(tp))
+            metrics.CONSUMER_LAG.labels(tp.topic).set(behind)
+            total += behind
+        return total
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+        self.dlq.close()
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ConsumerConfig, argv, prog="python -m feedback.consumer")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics.serve_metrics(cfg.metrics_port)
+    topics.ensure_topics(cfg.bootstrap)
+    c = FeedbackConsumer(cfg)
+    stop = {"flag": False}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(flag=True))
+    print(f"consumer group {cfg.group} -> {cfg.db} (already stored: {c.store.count()})", flush=True)
+    caught_up_since, last_report = None, time.monotonic()
+    while not stop["flag"]:
+        c.poll_once()
+        if time.monotonic() - last_report > 5:
+            print(f"stored {c.store.count()} feedback events, {c.store.count('interactions')} interactions, "
+                  f"lag {c.lag()}", flush=True)
+            last_report = time.monotonic()
+        if cfg.idle_exit_s:
+            if c.lag() == 0:
+                caught_up_since = caught_up_since or time.monotonic()
+                if time.monotonic() - caught_up_since > cfg.idle_exit_s:
+                    break
+            else:
+                caught_up_since = None
+    print(f"stopping: {c.store.count()} feedback events stored", flush=True)
+    c.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

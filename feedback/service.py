@@ -1,0 +1,175 @@
+"""The feedback gRPC service (rlhf.v1.FeedbackService): validate, resolve served responses,
+write to Kafka with acks=all, and answer OK only after the broker acknowledged.
+
+    python -m feedback.service --bootstrap 127.0.0.1:19092 --port 50061   (see --help)
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from common.config_cli import parse_config
+from protos.build import ensure_generated
+
+ensure_generated()
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
+
+from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
+from rlhf.v1 import feedback_pb2_grpc as fb_grpc  # noqa: E402
+
+from . import metrics, topics, validate  # noqa: E402
+from .kafka_io import AckedProducer, ResponseIndex, Unavailable  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Accept comparisons, rankings and ratings over gRPC and write them to Kafka."""
+
+    bootstrap: str = "127.0.0.1:19092"
+    """Kafka bootstrap servers."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 50061
+    """gRPC port (0 picks a free one; the chosen port is printed)."""
+    metrics_port: int = 9102
+    """Prometheus /metrics port (0 disables)."""
+    kafka_timeout_s: float = 5.0
+    """How long to wait for Kafka's acknowledgement before answering UNAVAILABLE."""
+    response_lookup_wait_s: float = 2.0
+    """How long to wait for a referenced response id to appear in the interactions log."""
+    max_text_chars: int = 32_000
+    """Longest prompt or response text accepted."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message accepted."""
+    workers: int = 32
+    """gRPC handler threads."""
+
+    def __post_init__(self) -> None:
+        if self.kafka_timeout_s <= 0 or self.response_lookup_wait_s < 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_text_chars < 1 or self.workers < 1:
+            raise ValueError("max_text_chars and workers must be >= 1")
+
+
+class BadFeedback(ValueError):
+    pass
+
+
+class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
+    def __init__(self, cfg: FeedbackConfig, producer: AckedProducer, index: ResponseIndex):
+        self.cfg, self.producer, self.index = cfg, producer, index
+        self.limits = validate.Limits(max_text_chars=cfg.max_text_chars)
+
+    def _resolve(self, f: fb.Feedback) -> None:
+        """Fills text and model version of responses given by id; unknown ids are bad input."""
+        for name, r in validate.responses(f):
+            if not r.response_id:
+                if not r.model_version:
+                    raise validate.Invalid(f"{name}.model_version: missing (needed when no response_id is given)")
+                continue
+            inter = self.index.get(r.response_id, wait_s=self.cfg.response_lookup_wait_s)
+            if inter is None:
+                raise validate.Invalid(f"{name}.response_id: unknown response id {r.response_id!r}")
+            if r.text and r.text != inter.response:
+                raise validate.Invalid(f"{name}.text: differs from the served response {r.response_id!r}")
+            r.text, r.model_version = inter.response, inter.model_version
+
+    def submit(self, f: fb.Feedback) -> fb.SubmitResult:
+        """Validates and writes one piece of feedback; raises Invalid or Unavailable."""
+        validate.check(f, self.limits, resolved=False)
+        self._resolve(f)
+        kind = f.WhichOneof("kind")
+        msg = getattr(f, kind)
+        if not msg.event_id:
+            msg.event_id = uuid.uuid4().hex
+        validate.check(f, self.limits, resolved=True)
+        rec = fb.FeedbackRecord(event_id=msg.event_id, received_unix_ms=int(time.time() * 1000), feedback=f)
+        t0 = time.perf_counter()
+        md = self.producer.send(topics.FEEDBACK, msg.event_id.encode(), rec.SerializeToString())
+        metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t0)
+        metrics.EVENTS.labels(kind, fb.SourceKind.Name(msg.source.kind).removeprefix("SOURCE_KIND_").lower()).inc()
+        return fb.SubmitResult(event_id=msg.event_id, code=0, partition=md.partition, offset=md.offset)
+
+    def _unary(self, f: fb.Feedback, context):
+        try:
+            return self.submit(f)
+        except validate.Invalid as e:
+            metrics.REJECTED.labels("invalid").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Unavailable as e:
+            metrics.REJECTED.labels("unavailable").inc()
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    def SubmitComparison(self, request, context):
+        return self._unary(fb.Feedback(comparison=request), context)
+
+    def SubmitRanking(self, request, context):
+        return self._unary(fb.Feedback(ranking=request), context)
+
+    def SubmitRating(self, request, context):
+        return self._unary(fb.Feedback(rating=request), context)
+
+    def SubmitMany(self, request_iterator, context):
+        for f in request_iterator:
+            try:
+                yield self.submit(f)
+            except validate.Invalid as e:
+                metrics.REJECTED.labels("invalid").inc()
+                yield fb.SubmitResult(event_id=validate.event_id(f), code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                      message=str(e))
+            except Unavailable as e:
+                metrics.REJECTED.labels("unavailable").inc()
+                yield fb.SubmitResult(event_id=validate.event_id(f), code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                      message=str(e))
+
+
+def parse_interaction(value: bytes) -> fb.Interaction:
+    return fb.Interaction.FromString(value)
+
+
+def serve(cfg: FeedbackConfig):
+    """Starts the service; returns (server, port, producer, index)."""
+    try:
+        topics.ensure_topics(cfg.bootstrap)
+    except Exception as e:  # the service still starts: submissions answer UNAVAILABLE until Kafka is back
+        log.warning("could not create topics at %s: %s", cfg.bootstrap, e)
+    producer = AckedProducer(cfg.bootstrap, cfg.kafka_timeout_s, client_id="feedback-service")
+    index = ResponseIndex(cfg.bootstrap, topics.INTERACTIONS, parse_interaction).start()
+    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts)
+    fb_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(cfg, producer, index), server)
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    server.start()
+    hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    hs.set("rlhf.v1.FeedbackService", health_pb2.HealthCheckResponse.SERVING)
+    return server, port, producer, index
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(FeedbackConfig, argv, prog="python -m feedback.service")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics.serve_metrics(cfg.metrics_port, cfg.host)
+    server, port, producer, index = serve(cfg)
+    print(f"feedback service listening on {cfg.host}:{port} kafka={cfg.bootstrap}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop(grace=5).wait()
+    producer.close()
+    index.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Feedback through the real Kafka broker: gRPC service -> topic -> consumer -> store."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+
+from rlhf.v1 import feedback_pb2 as fb
+from rlhf.v1 import feedback_pb2_grpc as fb_grpc
+from feedback import topics
+from feedback.consumer import ConsumerConfig, FeedbackConsumer
+from feedback.store import FeedbackStore
+from tests.helpers import REPO, start_feedback_service, start_policy_server
+
+pytestmark = pytest.mark.kafka
+
+USER = fb.Source(kind=fb.SOURCE_KIND_USER, id="user-1")
+LABELER = fb.Source(kind=fb.SOURCE_KIND_LABELER, id="labeler-7")
+
+
+def _resp(text, version="v0"):
+    return fb.Response(text=text, model_version=version)
+
+
+def comparison(i, **kw):
+    return fb.Comparison(**{"event_id": f"cmp-{uuid.uuid4().hex}", "source": USER, "prompt": f"prompt {i}",
+                            "a": _resp(f"answer a {i}"), "b": _resp(f"answer b {i}"),
+                            "preferred": fb.Comparison.CHOICE_A, **kw})
+
+
+def ranking(i, k=4, **kw):
+    return fb.Ranking(**{"event_id": f"rank-{uuid.uuid4().hex}", "source": LABELER, "prompt": f"prompt {i}",
+                         "responses": [_resp(f"r{j} {i}") for j in range(k)], **kw})
+
+
+def rating(i, **kw):
+    return fb.Rating(**{"event_id": f"rate-{uuid.uuid4().hex}", "source": USER, "prompt": f"prompt {i}",
+                        "response": _resp(f"resp {i}"), "likert": 1 + i % 7, **kw})
+
+
+@pytest.fixture(scope="module")
+def feedback_service(kafka_broker):
+    proc, port = start_feedback_service(kafka_broker, response_lookup_wait_s=0.5)
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield fb_grpc.FeedbackServiceStub(ch)
+    ch.close()
+    proc.stop()
+
+
+def _submit_mix(stub, n, acked):
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            r = stub.SubmitComparison(comparison(i), timeout=30)
+        elif kind == 1:
+            r = stub.SubmitRanking(ranking(i, k=2 + i % 8), timeout=30)
+        else:
+            r = stub.SubmitRating(rating(i), timeout=30)
+        assert r.code == 0 and r.event_id
+        acked.add(r.event_id)
+
+
+def _consume_all(bootstrap, db, group, expect, timeout=60.0):
+    c = FeedbackConsumer(ConsumerConfig(db=db, bootstrap=bootstrap, group=group, max_batch=50))
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not expect <= set(c.store.event_ids()):
+            c.poll_once()
+        return set(c.store.event_ids()), c.store.count()
+    finally:
+        c.close()
+
+
+def test_events_arrive_exactly_once(feedback_service, kafka_broker, acked_event_ids, tmp_path):
+    mine: set[str] = set()
+    _submit_mix(feedback_service, 60, mine)
+    # a client retrying with the same idempotency key must not be counted twice
+    dup = comparison(999)
+    r1 = feedback_service.SubmitComparison(dup, timeout=30)
+    r2 = feedback_service.SubmitComparison(dup, timeout=30)
+    assert r1.event_id == r2.event_id == dup.event_id
+    mine.add(dup.event_id)
+    # streaming submissions for labeler tools
+    items = [fb.Feedback(ranking=ranking(i)) for i in range(20)]
+    results = list(feedback_service.SubmitMany(iter(items), timeout=60))
+    assert [r.event_id for r in results] == [f.ranking.event_id for f in items]
+    assert all(r.code == 0 for r in results)
+    mine |= {r.event_id for r in results}
+    acked_event_ids |= mine
+    ids, count = _consume_all(kafka_broker, tmp_path / "store.db", f"g-{uuid.uuid4().hex}", acked_event_ids)
+    assert acked_event_ids <= ids
+    assert count == len(ids)   # one row per event id
+    assert len(mine) == 81
+    # the stored records are complete FeedbackRecords
+    store = FeedbackStore(tmp_path / "store.db")
+    recs = [fb.FeedbackRecord.FromString(b) for _, b in store.records()]
+    assert {r.event_id for r in recs} == ids and all(r.received_unix_ms > 0 for r in recs)
+
+
+def test_kill_9_consumer_then_restart_loses_nothing(feedback_service, kafka_broker, acked_event_ids, tmp_path):
+    mine: set[str] = set()
+    _submit_mix(feedback_service, 150, mine)
+    acked_event_ids |= mine
+    db, group = tmp_path / "store.db", f"g-{uuid.uuid4().hex}"
+    args = [sys.executable, "-m", "feedback.consumer", "--db", str(db), "--bootstrap", kafka_broker,
+            "--group", group, "--max-batch", "7"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    stored = 0
+    while time.monotonic() < deadline and stored < 30:
+        time.sleep(0.05)
+        if db.exists():
+            try:
+                stored = FeedbackStore(db).count()
+            except Exception:
+                pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 30 <= stored < len(acked_event_ids), "the kill must land part-way"
+    out = subprocess.run(args + ["--idle-exit-s", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ids = set(FeedbackStore(db).event_ids())
+    assert acked_event_ids <= ids
+    assert FeedbackStore(db).count() == len(ids)
+
+
+BAD = [
+    ("SubmitComparison", lambda: comparison(1, preferred=fb.Comparison.CHOICE_UNSPECIFIED), "preferred"),
+    ("SubmitComparison", lambda: comparison(1, prompt=""), "prompt"),
+    ("SubmitComparison", lambda: comparison(1, b=_resp("answer a 1")), "same response"),
+    ("SubmitComparison", lambda: comparison(1, a=fb.Response(response_id="no-such-id")), "unknown response id"),
+    ("SubmitComparison", lambda: comparison(1, source=fb.Source(kind=fb.SOURCE_KIND_USER)), "source.id"),
+    ("SubmitComparison", lambda: comparison(1, a=_resp("x" * 40_000)), "limit"),
+    ("SubmitComparison", lambda: comparison(1, a=fb.Response(text="no version")), "model_version"),
+    ("SubmitRanking", lambda: ranking(1, k=1), "K=1"),
+    ("SubmitRanking", lambda: ranking(1, k=10), "K=10"),
+    ("SubmitRanking", lambda: ranking(1, responses=[_resp("same"), _resp("same"), _resp("other")]), "duplicates"),
+    ("SubmitRating", lambda: rating(1, likert=9), "likert"),
+    ("SubmitRating", lambda: fb.Rating(event_id="e", source=USER, prompt="p", response=_resp("r")), "score"),
+]
+
+
+@pytest.mark.parametrize("rpc,make,needle", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_is_invalid_argument(feedback_service, rpc, make, needle):
+    with pytest.raises(grpc.RpcError) as e:
+        getattr(feedback_service, rpc)(make(), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in e.value.details()
+
+
+def test_stream_reports_each_bad_item_and_goes_on(feedback_service, acked_event_ids):
+    items = [fb.Feedback(rating=rating(1)), fb.Feedback(rating=rating(2, likert=0)), fb.Feedback(),
+             fb.Feedback(comparison=comparison(3))]
+    res = list(feedback_service.SubmitMany(iter(items), timeout=60))
+    assert [r.code for r in res] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                     grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
+    assert "likert" in res[1].message and "empty" in res[2].message
+    acked_event_ids |= {res[0].event_id, res[3].event_id}
+
+
+def test_served_responses_are_logged_and_referenced_by_id(feedback_service, kafka_broker, tiny_gpt2,
+                                                          acked_event_ids, tmp_path):
+    from serve.client import PolicyClient
+    proc, port, _ = start_policy_server(tiny_gpt2, kafka_bootstrap=kafka_broker, threads=1)
+    try:
+        with PolicyClient(f"127.0.0.1:{port}") as c:
+            r = c.generate("Human: hello", n=2, max_new_tokens=8, temperature=1.0, seed=5)
+    finally:
+        proc.stop()
+    a, b = r.completions
+    res = feedback_service.SubmitComparison(fb.Comparison(
+        source=USER, prompt=r.prompt_text, a=fb.Response(response_id=a.response_id),
+        b=fb.Response(response_id=b.response_id), preferred=fb.Comparison.CHOICE_B), timeout=30)
+    acked_event_ids.add(res.event_id)
+    c = FeedbackConsumer(ConsumerConfig(db=tmp_path / "s.db", bootstrap=kafka_broker, group=f"g-{uuid.uuid4().hex}"))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and res.event_id not in c.store.event_ids():
+            c.poll_once()
+        recs = {fb.FeedbackRecord.FromString(v).event_id: fb.FeedbackRecord.FromString(v)
+                for _, v in c.store.records()}
+        got = recs[res.event_id].feedback.comparison
+        assert (got.a.text, got.b.text) == (a.text, b.text)
+        assert got.a.model_version == got.b.model_version == r.model_version
+        served = {fb.Interaction.FromString(v).response_id for _, v in c.store.records("interactions")}
+        assert {a.response_id, b.response_id} <= served
+    finally:
+        c.close()
+
+
+def test_bad_records_go_to_the_dead_letter_topic_with_reason(kafka_broker, tmp_path):
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    marker = uuid.uuid4().hex
+    bad_rec = fb.FeedbackRecord(event_id=f"bad-{marker}", received_unix_ms=1,
+                                feedback=fb.Feedback(rating=rating(0, event_id=f"bad-{marker}", likert=42)))
+    p = KafkaProducer(bootstrap_servers=kafka_broker, acks="all")
+    p.send(topics.FEEDBACK, key=f"garbage-{marker}".encode(), value=b"\xff\x00 not protobuf").get(timeout=30)
+    p.send(topics.FEEDBACK, key=f"bad-{marker}".encode(), value=bad_rec.SerializeToString()).get(timeout=30)
+    p.close()
+    c = FeedbackConsumer(ConsumerConfig(db=tmp_path / "s.db", bootstrap=kafka_broker, group=f"g-{uuid.uuid4().hex}"))
+    try:
+        for _ in range(40):
+            c.poll_once(timeout_ms=250)
+        assert f"bad-{marker}" not in c.store.event_ids()
+    finally:
+        c.close()
+    dlq = KafkaConsumer(bootstrap_servers=kafka_broker, auto_offset_reset="earliest", enable_auto_commit=False,
+                        consumer_timeout_ms=3000)
+    dlq.assign([TopicPartition(topics.DEAD_LETTERS, 0)])
+    dead = {r.key.decode(): (fb.DeadLetter.FromString(r.value), dict(r.headers)) for r in dlq if r.key}
+    dlq.close()
+    g, bad = dead[f"garbage-{marker}"], dead[f"bad-{marker}"]
+    assert "not a protobuf record" in g[0].reason and g[0].value == b"\xff\x00 not protobuf"
+    assert "likert" in bad[0].reason and bad[1]["reason"].decode() == bad[0].reason
+    assert bad[0].source_topic == topics.FEEDBACK and bad[0].source_offset >= 0
+
+
+def test_broker_down_gives_unavailable_and_nothing_acked_is_lost(tmp_path):
+    from feedback.broker import BrokerConfig, start, stop
+    from feedback.topics import ensure_topics
+    from tests.helpers import free_port
+    cfg = BrokerConfig(data_dir=tmp_path / "kafka", port=free_port(), controller_port=free_port())
+    start(cfg)
+    ensure_topics(cfg.bootstrap)
+    proc, port = start_feedback_service(cfg.bootstrap, kafka_timeout_s=2.0)
+    stub = fb_grpc.FeedbackServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    acked: set[str] = set()
+    try:
+        _submit_mix(stub, 10, acked)
+        stop(cfg)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SubmitRating(rating(1), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        start(cfg)
+        deadline = time.monotonic() + 60
+        while True:  # the producer reconnects on its own
+            try:
+                _submit_mix(stub, 10, acked)
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+                time.sleep(1)
+        ids, _ = _consume_all(cfg.bootstrap, tmp_path / "s.db", "g", acked)
+        assert acked <= ids and len(acked) >= 20
+    finally:
+        proc.stop()
+        stop(cfg)
