@@ -6,7 +6,8 @@ padded batch of all prompts; (c) this server (a separate process, over gRPC) wit
 (random token ids, 8-40 tokens), same number of new tokens (EOS ignored so every request
 produces exactly that many). Prints tokens/s and the ratios; the last line is one JSON object.
 
-    python bench/serve_throughput.py            # full: 64 prompts x 32 new tokens
+    python bench/serve_throughput.py            # full: 32 prompts x 32 new tokens
+    python bench/serve_throughput.py --prompts 64   # two waves per client
     python bench/serve_throughput.py --quick    # under a minute
 """
 from __future__ import annotations
@@ -75,10 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="16 prompts x 16 tokens (under a minute)")
     ap.add_argument("--size", default="gpt2-small", help="model preset of serve.make_policy")
-    ap.add_argument("--prompts", type=int, default=0, help="number of prompts (default 64, quick 16)")
+    ap.add_argument("--prompts", type=int, default=0, help="number of prompts (default 32, one per client; quick 16)")
     ap.add_argument("--new-tokens", type=int, default=0, help="new tokens per prompt (default 32, quick 16)")
     a = ap.parse_args()
-    n_prompts = a.prompts or (16 if a.quick else 64)
+    n_prompts = a.prompts or (16 if a.quick else 32)
     n_new = a.new_tokens or (16 if a.quick else 32)
     rng = random.Random(0)
     prompts = [[rng.randrange(1, 500) for _ in range(rng.randint(8, 40))] for _ in range(n_prompts)]

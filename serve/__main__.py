@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype))
+    policy = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), cpu_pack=cfg.cpu_pack)
     serve_metrics(cfg.metrics_port, cfg.host)
     server, port, engine = serve(cfg, policy)
     # machine-readable line: tests and scripts wait for it

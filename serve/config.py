@@ -37,6 +37,8 @@ class ServerConfig:
     """Largest gRPC message accepted or sent."""
     dtype: str = "float32"
     """Weights and KV cache dtype: float32 or bfloat16."""
+    cpu_pack: str = "lm_head"
+    """On CPU fp32, prepack these Linear weights for oneDNN: lm_head, all or none."""
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
     kafka_bootstrap: str = ""
@@ -45,6 +47,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.cpu_pack not in ("lm_head", "all", "none"):
+            raise ValueError(f"cpu_pack must be lm_head, all or none, got {self.cpu_pack!r}")
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("ports must be in [0, 65535]")
         for k in ("max_batch_size", "max_queue", "max_context", "max_new_tokens_limit", "default_max_new_tokens"):

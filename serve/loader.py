@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .model import CausalLM, from_hf
+from .model import CausalLM, from_hf, pack_for_cpu
 
 
 @dataclass
@@ -38,7 +38,8 @@ def read_version(path: Path) -> str:
     return path.name
 
 
-def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedPolicy:
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                cpu_pack: str = "lm_head") -> LoadedPolicy:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub download at run time is a bug
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import, at the edge
 
@@ -47,7 +48,7 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = from_hf(hf).to(device)
+    model = pack_for_cpu(from_hf(hf).to(device), cpu_pack)
     del hf
     eos = tok.eos_token_id if tok.eos_token_id is not None else model_eos(path)
     return LoadedPolicy(model=model, tokenizer=tok, version=read_version(path), path=path, eos_id=eos)
