@@ -6,6 +6,7 @@ write to Kafka with acks=all, and answer OK only after the broker acknowledged.
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
@@ -83,8 +84,8 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
                 raise validate.Invalid(f"{name}.text: differs from the served response {r.response_id!r}")
             r.text, r.model_version = inter.response, inter.model_version
 
-    def submit(self, f: fb.Feedback) -> fb.SubmitResult:
-        """Validates and writes one piece of feedback; raises Invalid or Unavailable."""
+    def _prepare(self, f: fb.Feedback) -> tuple[str, str, bytes]:
+        """Validates and resolves one piece of feedback -> (kind, event_id, record bytes); raises Invalid."""
         validate.check(f, self.limits, resolved=False)
         self._resolve(f)
         kind = f.WhichOneof("kind")
@@ -93,11 +94,20 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             msg.event_id = uuid.uuid4().hex
         validate.check(f, self.limits, resolved=True)
         rec = fb.FeedbackRecord(event_id=msg.event_id, received_unix_ms=int(time.time() * 1000), feedback=f)
-        t0 = time.perf_counter()
-        md = self.producer.send(topics.FEEDBACK, msg.event_id.encode(), rec.SerializeToString())
+        return kind, msg.event_id, rec.SerializeToString()
+
+    def _acked(self, f: fb.Feedback, kind: str, event_id: str, md, t0: float) -> fb.SubmitResult:
         metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t0)
-        metrics.EVENTS.labels(kind, fb.SourceKind.Name(msg.source.kind).removeprefix("SOURCE_KIND_").lower()).inc()
-        return fb.SubmitResult(event_id=msg.event_id, code=0, partition=md.partition, offset=md.offset)
+        src = getattr(f, kind).source.kind
+        metrics.EVENTS.labels(kind, fb.SourceKind.Name(src).removeprefix("SOURCE_KIND_").lower()).inc()
+        return fb.SubmitResult(event_id=event_id, code=0, partition=md.partition, offset=md.offset)
+
+    def submit(self, f: fb.Feedback) -> fb.SubmitResult:
+        """Validates and writes one piece of feedback, waiting for Kafka's ack; raises Invalid or Unavailable."""
+        kind, event_id, value = self._prepare(f)
+        t0 = time.perf_counter()
+        md = self.producer.send(topics.FEEDBACK, event_id.encode(), value)
+        return self._acked(f, kind, event_id, md, t0)
 
     def _unary(self, f: fb.Feedback, context):
         try:
@@ -119,17 +129,42 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         return self._unary(fb.Feedback(rating=request), context)
 
     def SubmitMany(self, request_iterator, context):
-        for f in request_iterator:
+        """Pipelined: a reader thread validates and sends each item as it arrives, while this
+        generator yields results in order as Kafka acknowledges them (up to `window` in flight)."""
+        window: "queue.Queue" = queue.Queue(maxsize=2048)
+
+        def read() -> None:
             try:
-                yield self.submit(f)
-            except validate.Invalid as e:
-                metrics.REJECTED.labels("invalid").inc()
-                yield fb.SubmitResult(event_id=validate.event_id(f), code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                      message=str(e))
+                for f in request_iterator:
+                    eid = validate.event_id(f)
+                    try:
+                        kind, eid, value = self._prepare(f)
+                        t0 = time.perf_counter()
+                        window.put((f, kind, eid, self.producer.send_async(topics.FEEDBACK, eid.encode(), value), t0))
+                    except validate.Invalid as e:
+                        metrics.REJECTED.labels("invalid").inc()
+                        window.put(fb.SubmitResult(event_id=eid, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                   message=str(e)))
+                    except Unavailable as e:
+                        metrics.REJECTED.labels("unavailable").inc()
+                        window.put(fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                                   message=str(e)))
+            except Exception as e:  # the client went away mid-stream
+                log.info("SubmitMany reader ended: %s", e)
+            finally:
+                window.put(None)
+
+        threading.Thread(target=read, name="submit-many-reader", daemon=True).start()
+        while (item := window.get()) is not None:
+            if isinstance(item, fb.SubmitResult):
+                yield item
+                continue
+            f, kind, eid, fut, t0 = item
+            try:
+                yield self._acked(f, kind, eid, self.producer.wait(fut), t0)
             except Unavailable as e:
                 metrics.REJECTED.labels("unavailable").inc()
-                yield fb.SubmitResult(event_id=validate.event_id(f), code=grpc.StatusCode.UNAVAILABLE.value[0],
-                                      message=str(e))
+                yield fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
 
 
 def parse_interaction(value: bytes) -> fb.Interaction:

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from .entropy_kl import entropy_kl_ref
 from .logprobs import token_logprobs_ref
 from .sampling import sample_ref
 
@@ -40,4 +41,12 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return token_logprobs_ref(logits, targets)
 
 
-__all__ = ["sample", "token_logprobs"]
+def entropy_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, targets: torch.Tensor):
+    """Policy vs reference logits (N, V), sampled tokens (N,) -> (entropy, kl, logp, logq), fp32 (N,)."""
+    if _use_triton(logits_p):
+        from .entropy_kl_triton import entropy_kl_triton
+        return entropy_kl_triton(logits_p, logits_q, targets)
+    return entropy_kl_ref(logits_p, logits_q, targets)
+
+
+__all__ = ["sample", "token_logprobs", "entropy_kl"]

@@ -1,0 +1,139 @@
+"""Sustained feedback ingestion end to end: gRPC SubmitMany -> feedback service -> Kafka ->
+consumer -> SQLite store, with p50/p99 latency (submit to stored) and losses, next to the raw
+kafka-python producer (acks=all, idempotent) writing the same records to the same broker in
+the same run. Starts its own broker on free ports. Last line: one JSON object.
+
+    python bench/feedback_ingest.py [--quick] [--events N] [--streams S]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from protos.build import ensure_generated  # noqa: E402
+
+ensure_generated()
+import grpc  # noqa: E402
+
+from feedback import topics  # noqa: E402
+from feedback.broker import BrokerConfig, start, stop  # noqa: E402
+from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
+from rlhf.v1 import feedback_pb2_grpc as fb_grpc  # noqa: E402
+from tests.helpers import REPO, free_port, start_feedback_service  # noqa: E402
+
+
+def make_events(n: int, run: str) -> list[fb.Feedback]:
+    src = fb.Source(kind=fb.SOURCE_KIND_LABELER, id="bench")
+    return [fb.Feedback(comparison=fb.Comparison(
+        event_id=f"{run}-{i}", source=src, prompt=f"Human: question {i}\n\nAssistant:",
+        a=fb.Response(text=f"first answer to {i}", model_version="v0"),
+        b=fb.Response(text=f"second answer to {i}", model_version="v0"),
+        preferred=fb.Comparison.CHOICE_A)) for i in range(n)]
+
+
+def raw_producer(bootstrap: str, values: list[bytes]) -> float:
+    from kafka import KafkaProducer
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
+    t0 = time.perf_counter()
+    futs = [p.send(topics.FEEDBACK, key=str(i).encode(), value=v) for i, v in enumerate(values)]
+    p.flush()
+    for f in futs:
+        f.get(timeout=60)
+    dt = time.perf_counter() - t0
+    p.close()
+    return len(values) / dt
+
+
+def stored_times(db: Path, run: str) -> dict[str, int]:
+    con = sqlite3.connect(db)
+    try:
+        return dict(con.execute("SELECT event_id, stored_unix_ms FROM feedback WHERE event_id LIKE ?", (f"{run}-%",)))
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5,000 events (under a minute)")
+    ap.add_argument("--events", type=int, default=0, help="events end to end (default 40,000; quick 5,000)")
+    ap.add_argument("--streams", type=int, default=4, help="concurrent SubmitMany streams")
+    a = ap.parse_args()
+    n = a.events or (5000 if a.quick else 40000)
+    run = uuid.uuid4().hex[:8]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = BrokerConfig(data_dir=Path(tmp) / "kafka", port=free_port(), controller_port=free_port())
+        start(cfg)
+        svc = consumer = None
+        try:
+            topics.ensure_topics(cfg.bootstrap)
+            events = make_events(n, run)
+            raw_values = [fb.FeedbackRecord(event_id=f"raw-{i}", feedback=e).SerializeToString()
+                          for i, e in enumerate(events)]
+            raw_eps = raw_producer(cfg.bootstrap, raw_values)
+            print(f"raw kafka-python producer (acks=all, idempotent): {raw_eps:,.0f} events/s", flush=True)
+            svc, port = start_feedback_service(cfg.bootstrap)
+            db = Path(tmp) / "store.db"
+            consumer = subprocess.Popen([sys.executable, "-m", "feedback.consumer", "--db", str(db), "--bootstrap",
+                                         cfg.bootstrap, "--group", f"bench-{run}", "--max-batch", "2000"],
+                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            sent_at: dict[str, float] = {}
+            errors: list[str] = []
+
+            def stream(part: list[fb.Feedback]) -> None:
+                stub = fb_grpc.FeedbackServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+                def gen():
+                    for e in part:
+                        sent_at[e.comparison.event_id] = time.time()
+                        yield e
+                for r in stub.SubmitMany(gen(), timeout=600):
+                    if r.code != 0:
+                        errors.append(r.message)
+
+            t0 = time.time()
+            threads = [threading.Thread(target=stream, args=(events[i::a.streams],)) for i in range(a.streams)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            acked_s = time.time() - t0
+            print(f"gRPC acknowledged {n - len(errors):,} events in {acked_s:.1f}s ({(n - len(errors)) / acked_s:,.0f}/s)",
+                  flush=True)
+            deadline = time.time() + 120
+            while time.time() < deadline and len(stored := stored_times(db, run)) < n:
+                time.sleep(0.2)
+            stored = stored_times(db, run)
+            done_s = max(stored.values()) / 1000 - t0 if stored else float("nan")
+        finally:
+            if consumer is not None:
+                consumer.terminate()
+                consumer.wait(timeout=30)
+            if svc is not None:
+                svc.stop()
+            stop(cfg)
+    lat = sorted(stored[k] / 1000 - sent_at[k] for k in stored if k in sent_at)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
+    eps = len(stored) / done_s
+    res = {"events": n, "stored": len(stored), "lost": n - len(stored), "rejected": len(errors),
+           "events_per_s": round(eps, 1), "p50_ms": round(pct(0.5), 1), "p99_ms": round(pct(0.99), 1),
+           "raw_producer_events_per_s": round(raw_eps, 1), "ratio_vs_raw_producer": round(eps / raw_eps, 3),
+           "streams": a.streams, "quick": a.quick}
+    print(f"end to end: {eps:,.0f} events/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, lost {res['lost']}, "
+          f"{res['ratio_vs_raw_producer']:.2f}x the raw producer")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

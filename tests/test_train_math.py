@@ -1,0 +1,134 @@
+"""RM and PPO math against hand-computed values and invariances."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from train import ppo_math as P
+from train import rm_losses as R
+
+
+def test_pairwise_loss_hand_computed_and_ties():
+    ra, rb = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    got = R.pairwise_loss(ra, rb, torch.tensor([1.0, 1.0]))
+    want = (-math.log(1 / (1 + math.exp(-1))) + math.log(2)) / 2
+    assert abs(got.item() - want) < 1e-6
+    # swapping a and b with the label flipped is the same loss
+    assert torch.allclose(R.pairwise_loss(rb, ra, torch.tensor([0.0, 0.0])), got)
+    # a tie is minimised when the rewards are equal
+    t = torch.tensor([0.5])
+    assert R.pairwise_loss(torch.tensor([1.0]), torch.tensor([1.0]), t) < R.pairwise_loss(
+        torch.tensor([1.5]), torch.tensor([1.0]), t)
+    assert abs(R.pairwise_loss(torch.tensor([3.0]), torch.tensor([3.0]), t).item() - math.log(2)) < 1e-6
+
+
+def test_kwise_loss_equals_mean_over_pairs_and_ignores_padding():
+    r = torch.tensor([[3.0, 1.0, 0.5, 99.0]])   # K=3 real, one padded slot
+    got = R.kwise_ranking_loss(r, torch.tensor([3]))
+    pairs = [(3.0, 1.0), (3.0, 0.5), (1.0, 0.5)]
+    want = sum(-F.logsigmoid(torch.tensor(a - b)).item() for a, b in pairs) / 3
+    assert abs(got.item() - want) < 1e-6
+    # K=2 ranking is a comparison
+    r2 = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+    assert torch.allclose(R.kwise_ranking_loss(r2, torch.tensor([2])),
+                          R.pairwise_loss(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([1.0])))
+    # each ranking weighs the same in the batch mean, whatever its K
+    both = R.kwise_ranking_loss(torch.cat([r, r2]), torch.tensor([3, 2]))
+    assert abs(both.item() - (want + R.kwise_ranking_loss(r2, torch.tensor([2])).item()) / 2) < 1e-6
+
+
+def test_accuracy_and_calibration():
+    assert R.pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0])).item() == 0.5
+    big = torch.full((100,), 10.0)
+    assert R.expected_calibration_error(big, torch.zeros(100)).item() < 1e-3  # confident and right
+    assert R.expected_calibration_error(torch.zeros(100), big).item() > 0.99  # confident and wrong
+
+
+def test_gae_with_gamma_lambda_1_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    values = torch.tensor([[0.3, 0.2, 0.1, 9.0], [1.0, 2.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adv, ret = P.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    rtg = torch.tensor([[3.0, 2.0, 2.0, 0.0], [1.0, 0.5, 0.0, 0.0]])
+    assert torch.allclose(ret, rtg)
+    assert torch.allclose(adv, (rtg - values) * mask)
+
+
+def test_gae_hand_computed_gamma_lambda():
+    r, v, m = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.25]]), torch.ones(1, 2)
+    adv, _ = P.gae(r, v, m, gamma=0.9, lam=0.5)
+    d1 = 1.0 - 0.25
+    d0 = 0.0 + 0.9 * 0.25 - 0.5
+    assert torch.allclose(adv, torch.tensor([[d0 + 0.9 * 0.5 * d1, d1]]))
+
+
+def test_padding_does_not_change_losses():
+    torch.manual_seed(0)
+    lp, olp, adv = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    m = torch.ones(2, 3)
+    pad = lambda x, v=0.0: torch.cat([x, torch.full((2, 2), v)], 1)  # noqa: E731
+    mp = pad(m)
+    a, _ = P.policy_loss(lp, olp, adv, m)
+    b, _ = P.policy_loss(pad(lp, 5.0), pad(olp, -3.0), pad(adv, 7.0), mp)
+    assert torch.allclose(a, b)
+    va, _ = P.value_loss(lp, olp, adv, m)
+    vb, _ = P.value_loss(pad(lp, 1.0), pad(olp, 2.0), pad(adv, 3.0), mp)
+    assert torch.allclose(va, vb)
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    ra, _ = P.kl_penalized_rewards(torch.tensor([1.0]), lp[:1], olp[:1], m[:1], 0.1)
+    rb, _ = P.kl_penalized_rewards(torch.tensor([1.0]), pad(lp, 4.0)[:1], pad(olp)[:1], mp[:1], 0.1)
+    assert torch.allclose(ra, rb[:, :3]) and (rb[:, 3:] == 0).all()
+    assert rewards.shape == ra.shape
+
+
+def test_kl_penalty_puts_the_score_on_the_last_real_token():
+    lp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -2.0, -1.0]])
+    m = torch.tensor([[1, 1, 0]])
+    r, kl = P.kl_penalized_rewards(torch.tensor([4.0]), lp, ref, m, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 0.0]]))
+    assert torch.allclose(r, torch.tensor([[-0.05, 4.0, 0.0]]))
+
+
+def test_clipped_policy_loss_hand_computed():
+    adv = torch.tensor([[1.0, -1.0]])
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[math.log(1.5), math.log(0.5)]])
+    loss, st = P.policy_loss(new, old, adv, torch.ones(1, 2), clip=0.2)
+    # token 0: min(1.5, 1.2) * 1 -> 1.2; token 1: max(0.5, 0.8) * -1 -> loss 0.8 ... -min(-0.5, -0.8) = 0.8
+    assert abs(loss.item() - (-1.2 + 0.8) / 2) < 1e-6
+    assert st["clipfrac"].item() == 1.0
+
+
+def test_micro_batches_with_accumulation_equal_one_batch():
+    torch.manual_seed(1)
+    w = torch.randn(4, requires_grad=True)
+    x, adv, olp = torch.randn(8, 6, 4), torch.randn(8, 6), torch.randn(8, 6) * 0.1
+    mask = torch.ones(8, 6)
+    def loss_of(sl):
+        lp = (x[sl] @ w) * 0.1
+        return P.policy_loss(lp, olp[sl], adv[sl], mask[sl])[0]
+    g_full, = torch.autograd.grad(loss_of(slice(0, 8)), w)
+    g_acc = sum(torch.autograd.grad(loss_of(slice(i, i + 2)), w)[0] / 4 for i in range(0, 8, 2))
+    assert torch.allclose(g_full, g_acc, atol=1e-6)
+
+
+def test_whiten_and_explained_variance():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1, 1, 1, 0]])
+    w = P.whiten(x, m)
+    assert abs(P.masked_mean(w, m).item()) < 1e-6 and w[0, 3] == 0
+    assert abs(P.masked_var(w, m).item() - 1) < 1e-4
+    r = torch.tensor([[1.0, 2.0, 3.0]])
+    assert abs(P.explained_variance(r, r, torch.ones(1, 3)).item() - 1) < 1e-6
+
+
+def test_adaptive_kl_controller():
+    c = P.AdaptiveKLController(value=0.1, target=6.0, horizon=10000)
+    c.update(12.0, 1000)          # error clipped to +0.2
+    assert abs(c.value - 0.1 * 1.02) < 1e-12
+    c.update(0.0, 1000)           # error clipped to -0.2
+    assert abs(c.value - 0.1 * 1.02 * 0.98) < 1e-12
+    assert P.FixedKLController(0.05).update(100.0, 10) == 0.05
