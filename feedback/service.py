@@ -53,6 +53,8 @@ class FeedbackConfig:
     """Largest gRPC message accepted."""
     workers: int = 32
     """gRPC handler threads."""
+    max_batch_items: int = 10_000
+    """Items in one SubmitBatch call at most."""
 
     def __post_init__(self) -> None:
         if self.kafka_timeout_s <= 0 or self.response_lookup_wait_s < 0:
@@ -128,27 +130,47 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
     def SubmitRating(self, request, context):
         return self._unary(fb.Feedback(rating=request), context)
 
+    def _send_one(self, f: fb.Feedback):
+        """Validates and queues one item -> a finished SubmitResult (bad input, Kafka down) or a
+        pending (f, kind, event_id, future, t0) to be resolved by _resolve_pending."""
+        eid = validate.event_id(f)
+        try:
+            kind, eid, value = self._prepare(f)
+            t0 = time.perf_counter()
+            return (f, kind, eid, self.producer.send_async(topics.FEEDBACK, eid.encode(), value), t0)
+        except validate.Invalid as e:
+            metrics.REJECTED.labels("invalid").inc()
+            return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(e))
+        except Unavailable as e:
+            metrics.REJECTED.labels("unavailable").inc()
+            return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
+
+    def _resolve_pending(self, item) -> fb.SubmitResult:
+        if isinstance(item, fb.SubmitResult):
+            return item
+        f, kind, eid, fut, t0 = item
+        try:
+            return self._acked(f, kind, eid, self.producer.wait(fut), t0)
+        except Unavailable as e:
+            metrics.REJECTED.labels("unavailable").inc()
+            return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
+
+    def SubmitBatch(self, request, context):
+        if len(request.items) > self.cfg.max_batch_items:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"items: {len(request.items)} in one batch, at most {self.cfg.max_batch_items}")
+        pending = [self._send_one(f) for f in request.items]   # all queued before any wait: Kafka batches them
+        return fb.SubmitResults(results=[self._resolve_pending(p) for p in pending])
+
     def SubmitMany(self, request_iterator, context):
         """Pipelined: a reader thread validates and sends each item as it arrives, while this
-        generator yields results in order as Kafka acknowledges them (up to `window` in flight)."""
+        generator yields results in order as Kafka acknowledges them (bounded window in flight)."""
         window: "queue.Queue" = queue.Queue(maxsize=2048)
 
         def read() -> None:
             try:
                 for f in request_iterator:
-                    eid = validate.event_id(f)
-                    try:
-                        kind, eid, value = self._prepare(f)
-                        t0 = time.perf_counter()
-                        window.put((f, kind, eid, self.producer.send_async(topics.FEEDBACK, eid.encode(), value), t0))
-                    except validate.Invalid as e:
-                        metrics.REJECTED.labels("invalid").inc()
-                        window.put(fb.SubmitResult(event_id=eid, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                                   message=str(e)))
-                    except Unavailable as e:
-                        metrics.REJECTED.labels("unavailable").inc()
-                        window.put(fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0],
-                                                   message=str(e)))
+                    window.put(self._send_one(f))
             except Exception as e:  # the client went away mid-stream
                 log.info("SubmitMany reader ended: %s", e)
             finally:
@@ -156,15 +178,7 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
 
         threading.Thread(target=read, name="submit-many-reader", daemon=True).start()
         while (item := window.get()) is not None:
-            if isinstance(item, fb.SubmitResult):
-                yield item
-                continue
-            f, kind, eid, fut, t0 = item
-            try:
-                yield self._acked(f, kind, eid, self.producer.wait(fut), t0)
-            except Unavailable as e:
-                metrics.REJECTED.labels("unavailable").inc()
-                yield fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
+            yield self._resolve_pending(item)
 
 
 def parse_interaction(value: bytes) -> fb.Interaction:

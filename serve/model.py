@@ -334,7 +334,12 @@ def pack_for_cpu(m: CausalLM, which: str = "lm_head") -> CausalLM:
 
 
 def num_parameters(m: CausalLM) -> int:
-    return sum(p.numel() for p in m.parameters()) - (m.lm_head.weight.numel() if m.args.tie_embeddings else 0)
+    """Parameters of the checkpoint (a tied lm_head counted once, a packed one counted as weights)."""
+    n = sum(p.numel() for p in m.parameters())
+    lm = m.lm_head
+    if isinstance(lm, PackedLinear):
+        return n + (0 if m.args.tie_embeddings else lm.in_features * lm.out_features)
+    return n - (lm.weight.numel() if m.args.tie_embeddings else 0)
 
 
 __all__ = ["ModelArgs", "CausalLM", "KVCache", "StepLayout", "from_hf", "args_from_hf_config", "num_parameters"]

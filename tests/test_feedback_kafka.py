@@ -164,6 +164,18 @@ def test_stream_reports_each_bad_item_and_goes_on(feedback_service, acked_event_
     acked_event_ids |= {res[0].event_id, res[3].event_id}
 
 
+def test_batch_reports_each_item_in_order(feedback_service, acked_event_ids):
+    items = [fb.Feedback(comparison=comparison(i)) for i in range(30)]
+    items[7] = fb.Feedback(ranking=ranking(7, k=12))
+    res = feedback_service.SubmitBatch(fb.FeedbackBatch(items=items), timeout=60).results
+    assert len(res) == 30
+    assert res[7].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "K=12" in res[7].message
+    ok = [r for i, r in enumerate(res) if i != 7]
+    assert all(r.code == 0 for r in ok)
+    assert [r.event_id for r in ok] == [f.comparison.event_id for i, f in enumerate(items) if i != 7]
+    acked_event_ids |= {r.event_id for r in ok}
+
+
 def test_served_responses_are_logged_and_referenced_by_id(feedback_service, kafka_broker, tiny_gpt2,
                                                           acked_event_ids, tmp_path):
     from serve.client import PolicyClient
