@@ -88,7 +88,11 @@ def main() -> None:
             db = Path(tmp) / "store.db"
             consumer = subprocess.Popen([sys.executable, "-m", "feedback.consumer", "--db", str(db), "--bootstrap",
                                          cfg.bootstrap, "--group", f"bench-{run}", "--max-batch", "2000"],
-                                        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for line in consumer.stdout:  # start the clock once the consumer has its partitions
+                if line.startswith("assigned"):
+                    break
+            threading.Thread(target=consumer.stdout.read, daemon=True).start()
             sent_at: dict[str, float] = {}
             errors: list[str] = []
 

@@ -145,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(flag=True))
     print(f"consumer group {cfg.group} -> {cfg.db} (already stored: {c.store.count()})", flush=True)
-    caught_up_since, last_report = None, time.monotonic()
+    caught_up_since, last_report, announced = None, time.monotonic(), False
     while not stop["flag"]:
         c.poll_once()
+        if not announced and c.consumer.assignment():
+            announced = True
+            print(f"assigned {len(c.consumer.assignment())} partitions", flush=True)
         if time.monotonic() - last_report > 5:
             print(f"stored {c.store.count()} feedback events, {c.store.count('interactions')} interactions, "
                   f"lag {c.lag()}", flush=True)
