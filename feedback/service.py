@@ -94,8 +94,11 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         msg = getattr(f, kind)
         if not msg.event_id:
             msg.event_id = uuid.uuid4().hex
+        now_ms = int(time.time() * 1000)
+        if not msg.created_unix_ms:
+            msg.created_unix_ms = now_ms
         validate.check(f, self.limits, resolved=True)
-        rec = fb.FeedbackRecord(event_id=msg.event_id, received_unix_ms=int(time.time() * 1000), feedback=f)
+        rec = fb.FeedbackRecord(event_id=msg.event_id, received_unix_ms=now_ms, feedback=f)
         return kind, msg.event_id, rec.SerializeToString()
 
     def _acked(self, f: fb.Feedback, kind: str, event_id: str, md, t0: float) -> fb.SubmitResult:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), cpu_pack=cfg.cpu_pack)
     serve_metrics(cfg.metrics_port, cfg.host)
-    server, port, engine = serve(cfg, policy)
+    server, port, engine, interactions = serve(cfg, policy)
     # machine-readable line: tests and scripts wait for it
     print(f"policy server listening on {cfg.host}:{port} model={policy.version} metrics={cfg.metrics_port}", flush=True)
     done = threading.Event()
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.info("shutting down: finishing in-flight requests (grace 10s)")
     server.stop(grace=10).wait()
     engine.stop()
+    if interactions is not None:  # deliver what is still buffered for the interactions topic
+        interactions.close()
 
 
 if __name__ == "__main__":

@@ -225,8 +225,8 @@ def build_engine(cfg: ServerConfig, policy: LoadedPolicy) -> Engine:
     return Engine(policy.model, ecfg, policy.eos_id, policy.decode, policy.version, on_step=metrics.on_step)
 
 
-def serve(cfg: ServerConfig, policy: LoadedPolicy) -> tuple[grpc.Server, int, Engine]:
-    """Starts engine and gRPC server; returns (server, bound port, engine)."""
+def serve(cfg: ServerConfig, policy: LoadedPolicy):
+    """Starts engine and gRPC server; returns (server, bound port, engine, interaction log or None)."""
     engine = build_engine(cfg, policy).start()
     workers = cfg.max_batch_size + cfg.max_queue + 8
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -251,4 +251,4 @@ def serve(cfg: ServerConfig, policy: LoadedPolicy) -> tuple[grpc.Server, int, En
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics.KV_SLOTS_TOTAL.set(cfg.max_batch_size)
     metrics.MODEL_VERSION.info({"version": policy.version, "path": str(policy.path)})
-    return server, port, engine
+    return server, port, engine, interactions

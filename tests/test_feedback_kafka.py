@@ -101,6 +101,7 @@ def test_events_arrive_exactly_once(feedback_service, kafka_broker, acked_event_
     store = FeedbackStore(tmp_path / "store.db")
     recs = [fb.FeedbackRecord.FromString(b) for _, b in store.records()]
     assert {r.event_id for r in recs} == ids and all(r.received_unix_ms > 0 for r in recs)
+    assert all(getattr(r.feedback, r.feedback.WhichOneof("kind")).created_unix_ms > 0 for r in recs)
 
 
 def test_kill_9_consumer_then_restart_loses_nothing(feedback_service, kafka_broker, acked_event_ids, tmp_path):
