@@ -110,7 +110,7 @@ def test_kill_9_consumer_then_restart_loses_nothing(feedback_service, kafka_brok
     acked_event_ids |= mine
     db, group = tmp_path / "store.db", f"g-{uuid.uuid4().hex}"
     args = [sys.executable, "-m", "feedback.consumer", "--db", str(db), "--bootstrap", kafka_broker,
-            "--group", group, "--max-batch", "7"]
+            "--group", group, "--max-batch", "3"]  # small batches: the kill lands part-way
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     stored = 0
