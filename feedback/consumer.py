@@ -82,7 +82,7 @@ class FeedbackConsumer:
         self.dlq = AckedProducer(cfg.bootstrap, client_id="feedback-consumer-dlq")
         self.consumer = KafkaConsumer(topics.FEEDBACK, topics.INTERACTIONS, bootstrap_servers=cfg.bootstrap,
                                       group_id=cfg.group, enable_auto_commit=False, auto_offset_reset="earliest",
-                                      max_poll_records=cfg.max_batch)
+                                      max_poll_records=cfg.max_batch, fetch_min_bytes=64 * 1024, fetch_max_wait_ms=50)
         self.stored = 0
 
     def poll_once(self, timeout_ms: int = 500) -> int:

@@ -35,7 +35,7 @@ class AckedProducer:
                 try:
                     self._producer = KafkaProducer(
                         bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all",
-                        enable_idempotence=True, linger_ms=2, max_block_ms=ms, request_timeout_ms=ms,
+                        enable_idempotence=True, linger_ms=5, batch_size=256 * 1024, max_block_ms=ms, request_timeout_ms=ms,
                         delivery_timeout_ms=ms + 2000, retry_backoff_ms=100, reconnect_backoff_max_ms=1000)
                 except (KafkaError, OSError) as e:
                     raise Unavailable(f"kafka at {self.bootstrap} unreachable: {e}") from e

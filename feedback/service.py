@@ -97,14 +97,15 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         now_ms = int(time.time() * 1000)
         if not msg.created_unix_ms:
             msg.created_unix_ms = now_ms
-        validate.check(f, self.limits, resolved=True)
+        # no second full check: _resolve leaves every response with its text and model version (the
+        # consumer checks resolved records again and dead-letters anything that slipped through)
         rec = fb.FeedbackRecord(event_id=msg.event_id, received_unix_ms=now_ms, feedback=f)
         return kind, msg.event_id, rec.SerializeToString()
 
-    def _acked(self, f: fb.Feedback, kind: str, event_id: str, md, t0: float) -> fb.SubmitResult:
-        metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t0)
-        src = getattr(f, kind).source.kind
-        metrics.EVENTS.labels(kind, fb.SourceKind.Name(src).removeprefix("SOURCE_KIND_").lower()).inc()
+    def _acked(self, f: fb.Feedback, kind: str, event_id: str, md, t0: float, count: bool = True) -> fb.SubmitResult:
+        if count:
+            metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t0)
+            metrics.EVENTS.labels(kind, _source_label(getattr(f, kind).source.kind)).inc()
         return fb.SubmitResult(event_id=event_id, code=0, partition=md.partition, offset=md.offset)
 
     def submit(self, f: fb.Feedback) -> fb.SubmitResult:
@@ -148,12 +149,12 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             metrics.REJECTED.labels("unavailable").inc()
             return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
 
-    def _resolve_pending(self, item) -> fb.SubmitResult:
+    def _resolve_pending(self, item, count: bool = True) -> fb.SubmitResult:
         if isinstance(item, fb.SubmitResult):
             return item
         f, kind, eid, fut, t0 = item
         try:
-            return self._acked(f, kind, eid, self.producer.wait(fut), t0)
+            return self._acked(f, kind, eid, self.producer.wait(fut), t0, count)
         except Unavailable as e:
             metrics.REJECTED.labels("unavailable").inc()
             return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
@@ -162,8 +163,20 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         if len(request.items) > self.cfg.max_batch_items:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"items: {len(request.items)} in one batch, at most {self.cfg.max_batch_items}")
+        t0 = time.perf_counter()
         pending = [self._send_one(f) for f in request.items]   # all queued before any wait: Kafka batches them
-        return fb.SubmitResults(results=[self._resolve_pending(p) for p in pending])
+        results = [self._resolve_pending(p, count=False) for p in pending]
+        # metrics once per batch: per-item label lookups cost as much as the validation
+        counts: dict[tuple[str, str], int] = {}
+        for p, r in zip(pending, results):
+            if r.code == 0:
+                key = (p[1], _source_label(getattr(p[0], p[1]).source.kind))
+                counts[key] = counts.get(key, 0) + 1
+        for (kind, src), n in counts.items():
+            metrics.EVENTS.labels(kind, src).inc(n)
+        if counts:
+            metrics.PRODUCE_LATENCY.observe(time.perf_counter() - t0)
+        return fb.SubmitResults(results=results)
 
     def SubmitMany(self, request_iterator, context):
         """Pipelined: a reader thread validates and sends each item as it arrives, while this
@@ -182,6 +195,13 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         threading.Thread(target=read, name="submit-many-reader", daemon=True).start()
         while (item := window.get()) is not None:
             yield self._resolve_pending(item)
+
+
+_SOURCE_LABELS = {v: fb.SourceKind.Name(v).removeprefix("SOURCE_KIND_").lower() for v in fb.SourceKind.values()}
+
+
+def _source_label(kind: int) -> str:
+    return _SOURCE_LABELS.get(kind, "unknown")
 
 
 def parse_interaction(value: bytes) -> fb.Interaction:

@@ -22,7 +22,7 @@ class Limits:
 
 
 def _text(name: str, value: str, lim: Limits, required: bool = True) -> None:
-    if required and not value.strip():
+    if required and (not value or value.isspace()):
         raise Invalid(f"{name}: missing")
     if len(value) > lim.max_text_chars:
         raise Invalid(f"{name}: {len(value)} characters, more than the limit of {lim.max_text_chars}")
