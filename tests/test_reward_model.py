@@ -1,0 +1,84 @@
+"""The reward model learns a synthetic preference on tiny backbones; save/load/eval round trip."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+from train import reward_model
+from train.pairs_data import read_pairs, split
+from train.rm_eval import evaluate
+from train.rm_train import RMTrainConfig, train
+
+WORDS = "apple river stone cloud music paper garden window silver coffee mountain letter".split()
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Chosen answers end politely, rejected ones rudely: a preference a small model must learn."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        base = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+        prompt = f"Human: tell me about {base}\n\nAssistant: {base}"
+        out.append((f"{prompt}, thank you kindly", f"{prompt}, go away now"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(reward_model.default_backbone()).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("which", ["bert", "gpt2"])
+def test_rm_learns_a_synthetic_preference(which, tiny_bert, tiny_gpt2, tmp_path):
+    backbone = tiny_bert if which == "bert" else tiny_gpt2
+    tr, te = split(synthetic_pairs(300), 0.2, seed=0)
+    cfg = RMTrainConfig(out=tmp_path / "rm", backbone=str(backbone), max_length=48, epochs=3, batch_pairs=16,
+                        lr=1e-3, head_lr=3e-3)
+    rm, tok, m = train(cfg, tr, te, progress=False)
+    assert rm.rcfg.pooling == ("mean" if which == "bert" else "last")
+    assert m["accuracy"] > 0.9, m
+    assert abs(m["mean_reward"]) < 1e-4   # normalised: mean 0 over the reference (held-out) texts
+    reward_model.save(rm, tok, tmp_path / "rm", extra={"metrics": m})
+    rm2, tok2 = reward_model.load(tmp_path / "rm")
+    assert evaluate(rm2, tok2, te)["accuracy"] == m["accuracy"]
+
+
+def test_left_truncation_keeps_the_last_turn(tiny_bert):
+    tok = reward_model.load_tokenizer(tiny_bert, 16)
+    ids = tok("a " * 100 + "the final answer", truncation=True, max_length=16)["input_ids"]
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text.endswith("the final answer")
+
+
+def test_eval_command_prints_json_last(tiny_bert, tmp_path):
+    tr, te = split(synthetic_pairs(60, seed=1), 0.5, seed=0)
+    rm, tok, _ = train(RMTrainConfig(out=tmp_path / "rm", backbone=str(tiny_bert), max_length=32, epochs=1,
+                                     batch_pairs=8), tr, te, progress=False)
+    reward_model.save(rm, tok, tmp_path / "rm")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in te))
+    out = subprocess.run([sys.executable, "-m", "train.rm_eval", "--rm", str(tmp_path / "rm"), "--data", str(data)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["pairs"] == len(te) and 0 <= res["accuracy"] <= 1
+    assert len(read_pairs(data)) == len(te)
+
+
+def test_bad_pairs_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"chosen": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_pairs(p)

@@ -1,0 +1,68 @@
+"""Score a JSONL file of {"chosen", "rejected"} pairs with a trained reward model.
+
+    python -m train.rm_eval --rm models/rm-hh --data ../shared/data/hh-harmless-1800.jsonl
+Last line: one JSON object with accuracy, pairs, ece and mean_margin.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config_cli import parse_config
+
+from . import rm_losses
+
+
+@torch.no_grad()
+def score_texts(rm, tok, texts: list[str], batch: int = 32, progress: bool = False) -> torch.Tensor:
+    """Raw scores (no offset) of texts, (len(texts),)."""
+    from tqdm import tqdm
+
+    from .reward_model import encode
+    rm.eval()
+    out = []
+    rng = range(0, len(texts), batch)
+    for i in tqdm(rng, desc="scoring", disable=not progress, file=sys.stderr):
+        out.append(rm(**encode(tok, texts[i:i + batch], rm.rcfg.max_length, rm.rcfg.pooling)).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate(rm, tok, pairs: list[tuple[str, str]], batch: int = 32, progress: bool = False) -> dict:
+    s = score_texts(rm, tok, [t for p in pairs for t in p], batch, progress)
+    r_w, r_l = s[0::2], s[1::2]
+    return {"accuracy": float(rm_losses.pairwise_accuracy(r_w, r_l)), "pairs": len(pairs),
+            "ece": float(rm_losses.expected_calibration_error(r_w, r_l)),
+            "mean_margin": float((r_w - r_l).mean()), "mean_reward": float(s.mean() - rm.rcfg.offset)}
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    """Score chosen/rejected pairs with a reward model and report pairwise accuracy."""
+
+    rm: Path
+    """Reward-model folder written by train.rm_train."""
+    data: Path
+    """JSONL file with one {"chosen": ..., "rejected": ...} object per line."""
+    batch: int = 32
+    """Texts scored per forward pass."""
+    threads: int = 0
+    """torch threads (0: torch's default)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_config(EvalArgs, argv, prog="python -m train.rm_eval")
+    from . import reward_model
+    from .pairs_data import read_pairs
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rm, tok = reward_model.load(a.rm)
+    res = evaluate(rm, tok, read_pairs(a.data), a.batch, progress=True)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

