@@ -63,7 +63,7 @@ def add_dataclass_args(ap: argparse.ArgumentParser, cls: type) -> None:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         p = _parser_for(hints[f.name])
-        help_ = docs.get(f.name, "") + ("" if required else f" (default: {default})")
+        help_ = (docs.get(f.name, "") + ("" if required else f" (default: {default})")).replace("%", "%%")
         if p == "bool":
             ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif isinstance(p, tuple):
