@@ -11,7 +11,6 @@ H = query heads, Hkv = key/value heads, D = head dim, L = cached length.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -343,4 +342,3 @@ def num_parameters(m: CausalLM) -> int:
 
 
 __all__ = ["ModelArgs", "CausalLM", "KVCache", "StepLayout", "from_hf", "args_from_hf_config", "num_parameters"]
-_ = math

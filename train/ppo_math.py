@@ -7,7 +7,6 @@ preferences), Stiennon et al. 2020, Ouyang et al. 2022 (InstructGPT), Schulman e
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -125,4 +124,3 @@ class FixedKLController:
         return self.value
 
 
-_ = math
