@@ -75,8 +75,7 @@ def add_dataclass_args(ap: argparse.ArgumentParser, cls: type) -> None:
 def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None,
                  description: str | None = None) -> T:
     ap = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter
-                                 if False else argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(ap, cls)
     ns = vars(ap.parse_args(argv))
     for k, v in ns.items():
