@@ -108,22 +108,12 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             metrics.EVENTS.labels(kind, _source_label(getattr(f, kind).source.kind)).inc()
         return fb.SubmitResult(event_id=event_id, code=0, partition=md.partition, offset=md.offset)
 
-    def submit(self, f: fb.Feedback) -> fb.SubmitResult:
-        """Validates and writes one piece of feedback, waiting for Kafka's ack; raises Invalid or Unavailable."""
-        kind, event_id, value = self._prepare(f)
-        t0 = time.perf_counter()
-        md = self.producer.send(topics.FEEDBACK, event_id.encode(), value)
-        return self._acked(f, kind, event_id, md, t0)
-
     def _unary(self, f: fb.Feedback, context):
-        try:
-            return self.submit(f)
-        except validate.Invalid as e:
-            metrics.REJECTED.labels("invalid").inc()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Unavailable as e:
-            metrics.REJECTED.labels("unavailable").inc()
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        """The same path as the batch RPCs; a failed item becomes the call's status."""
+        r = self._resolve_pending(self._send_one(f))
+        if r.code:
+            context.abort(_STATUS_BY_CODE[r.code], r.message)
+        return r
 
     def SubmitComparison(self, request, context):
         return self._unary(fb.Feedback(comparison=request), context)
@@ -134,6 +124,11 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
     def SubmitRating(self, request, context):
         return self._unary(fb.Feedback(rating=request), context)
 
+    @staticmethod
+    def _failed(event_id: str, code: grpc.StatusCode, e: Exception) -> fb.SubmitResult:
+        metrics.REJECTED.labels("invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "unavailable").inc()
+        return fb.SubmitResult(event_id=event_id, code=code.value[0], message=str(e))
+
     def _send_one(self, f: fb.Feedback):
         """Validates and queues one item -> a finished SubmitResult (bad input, Kafka down) or a
         pending (f, kind, event_id, future, t0) to be resolved by _resolve_pending."""
@@ -143,21 +138,19 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             t0 = time.perf_counter()
             return (f, kind, eid, self.producer.send_async(topics.FEEDBACK, eid.encode(), value), t0)
         except validate.Invalid as e:
-            metrics.REJECTED.labels("invalid").inc()
-            return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(e))
+            return self._failed(eid, grpc.StatusCode.INVALID_ARGUMENT, e)
         except Unavailable as e:
-            metrics.REJECTED.labels("unavailable").inc()
-            return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
+            return self._failed(eid, grpc.StatusCode.UNAVAILABLE, e)
 
     def _resolve_pending(self, item, count: bool = True) -> fb.SubmitResult:
+        """Waits for Kafka's acknowledgement of a pending item (finished results pass through)."""
         if isinstance(item, fb.SubmitResult):
             return item
         f, kind, eid, fut, t0 = item
         try:
             return self._acked(f, kind, eid, self.producer.wait(fut), t0, count)
         except Unavailable as e:
-            metrics.REJECTED.labels("unavailable").inc()
-            return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(e))
+            return self._failed(eid, grpc.StatusCode.UNAVAILABLE, e)
 
     def SubmitBatch(self, request, context):
         if len(request.items) > self.cfg.max_batch_items:
@@ -197,6 +190,7 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             yield self._resolve_pending(item)
 
 
+_STATUS_BY_CODE = {c.value[0]: c for c in grpc.StatusCode}
 _SOURCE_LABELS = {v: fb.SourceKind.Name(v).removeprefix("SOURCE_KIND_").lower() for v in fb.SourceKind.values()}
 
 

@@ -121,7 +121,6 @@ class Engine:
         self.on_step = on_step or (lambda stats: None)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self.steps = 0
 
     # ---- client side (any thread) ----
     def start(self) -> "Engine":
@@ -149,10 +148,6 @@ class Engine:
         with self.cv:
             self.cv.notify_all()
 
-    def stats(self) -> dict:
-        with self.cv:
-            return {"waiting": len(self.waiting), "active": len(self.active)}
-
     # ---- engine thread ----
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -172,7 +167,6 @@ class Engine:
                 log.exception("engine step failed; failing %d live sequences", len(self.active))
                 for s in list(self.active):
                     self._finish(s, Finish.ERROR, error=repr(e))
-            self.steps += 1
             self.on_step({"batch": len(self.active), "waiting": len(self.waiting)})
         for s in list(self.active):
             self._finish(s, Finish.CANCELLED)

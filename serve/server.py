@@ -138,12 +138,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     _abort(context, grpc.StatusCode.CANCELLED, "cancelled")
             yield ev
 
-    def _log_interactions(self, req: Request) -> None:
+    def _log_interactions(self, req: Request, prompt: str | None = None, texts: list[str] | None = None) -> None:
         if self.interactions is None:
             return
-        prompt = self.policy.decode(req.prompt)
-        for s in req.seqs:
-            self.interactions.record(prompt, req.prompt, s, self._text(s), req.model_version)
+        prompt = self.policy.decode(req.prompt) if prompt is None else prompt
+        texts = [self._text(s) for s in req.seqs] if texts is None else texts
+        for s, text in zip(req.seqs, texts):
+            self.interactions.record(prompt, req.prompt, s, text, req.model_version)
 
     def _text(self, seq) -> str:
         text = self.policy.decode(seq.out)
@@ -181,11 +182,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         metrics.GENERATED_TOKENS.inc(sum(len(s.out) for s in req.seqs))
         if not context.is_active():
             return pb.GenerateResponse()
-        self._log_interactions(req)
+        prompt, texts = self.policy.decode(req.prompt), [self._text(s) for s in req.seqs]  # decoded once
+        self._log_interactions(req, prompt, texts)
         return pb.GenerateResponse(
-            completions=[convert.completion(s, self._text(s)) for s in req.seqs],
+            completions=[convert.completion(s, t) for s, t in zip(req.seqs, texts)],
             usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=sum(len(s.out) for s in req.seqs)),
-            model_version=req.model_version, prompt_text=self.policy.decode(req.prompt), prompt_token_ids=req.prompt)
+            model_version=req.model_version, prompt_text=prompt, prompt_token_ids=req.prompt)
 
     def _generate_stream(self, request, context):
         req = self._start(request, context, "GenerateStream", stream=True)
