@@ -52,24 +52,42 @@ def _parser_for(tp: Any):
     return str
 
 
-def add_dataclass_args(ap: argparse.ArgumentParser, cls: type) -> None:
+def add_dataclass_args(ap: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """A nested dataclass field `ppo: PPOConfig` becomes the flags --ppo.lr, --ppo.epochs, ..."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(hints[f.name]):
+            add_dataclass_args(ap, hints[f.name], prefix + f.name + ".")
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         p = _parser_for(hints[f.name])
         help_ = (docs.get(f.name, "") + ("" if required else f" (default: {default})")).replace("%", "%%")
         if p == "bool":
-            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            ap.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif isinstance(p, tuple):
-            ap.add_argument(flag, dest=f.name, type=p[1], nargs="*", default=default, required=required, help=help_)
+            ap.add_argument(flag, dest=prefix + f.name, type=p[1], nargs="*", default=default, required=required, help=help_)
         else:
-            ap.add_argument(flag, dest=f.name, type=p, default=default, required=required, help=help_)
+            ap.add_argument(flag, dest=prefix + f.name, type=p, default=default, required=required, help=help_)
+
+
+def build_config(cls: type[T], ns: dict, prefix: str = "") -> T:
+    """The config from parsed flags (dotted names for nested dataclasses)."""
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            kw[f.name] = build_config(hints[f.name], ns, prefix + f.name + ".")
+        else:
+            kw[f.name] = ns[prefix + f.name]
+    return cls(**kw)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None,
@@ -82,7 +100,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None =
         if isinstance(v, list):
             ns[k] = tuple(v)
     try:
-        return cls(**ns)
+        return build_config(cls, ns)
     except (ValueError, TypeError) as e:
         ap.error(str(e))
         raise  # unreachable; ap.error exits

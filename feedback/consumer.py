@@ -75,15 +75,59 @@ def check_record(topic: str, value: bytes) -> tuple[str, tuple]:
 
 
 class FeedbackConsumer:
-    def __init__(self, cfg: ConsumerConfig):
+    """commit_each_batch=False is the trainer's mode: offsets move only when it calls
+    commit_offsets (after publishing a version trained on them). manual_assign takes every
+    partition directly (one trainer, no group rebalance: a restart after kill -9 resumes at once
+    from the committed offsets instead of waiting out the old member's session)."""
+
+    def __init__(self, cfg: ConsumerConfig, commit_each_batch: bool = True, manual_assign: bool = False):
         from kafka import KafkaConsumer
-        self.cfg = cfg
+        self.cfg, self.commit_each_batch = cfg, commit_each_batch
         self.store = FeedbackStore(cfg.db)
         self.dlq = AckedProducer(cfg.bootstrap, client_id="feedback-consumer-dlq")
-        self.consumer = KafkaConsumer(topics.FEEDBACK, topics.INTERACTIONS, bootstrap_servers=cfg.bootstrap,
-                                      group_id=cfg.group, enable_auto_commit=False, auto_offset_reset="earliest",
-                                      max_poll_records=cfg.max_batch, fetch_min_bytes=64 * 1024, fetch_max_wait_ms=50)
+        kw = dict(bootstrap_servers=cfg.bootstrap, group_id=cfg.group, enable_auto_commit=False,
+                  auto_offset_reset="earliest", max_poll_records=cfg.max_batch, fetch_min_bytes=64 * 1024,
+                  fetch_max_wait_ms=50)
+        if manual_assign:
+            self.consumer = KafkaConsumer(**kw)
+            self.consumer.assign(self._all_partitions())
+        else:
+            self.consumer = KafkaConsumer(topics.FEEDBACK, topics.INTERACTIONS, **kw)
         self.stored = 0
+
+    def _all_partitions(self, timeout_s: float = 30.0) -> list:
+        from kafka import TopicPartition
+        deadline = time.monotonic() + timeout_s
+        parts = []
+        for t in (topics.FEEDBACK, topics.INTERACTIONS):
+            while not (ps := self.consumer.partitions_for_topic(t)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no partitions known for topic {t}")
+                time.sleep(0.2)
+            parts += [TopicPartition(t, p) for p in sorted(ps)]
+        return parts
+
+    def positions(self) -> dict[str, int]:
+        """{"topic:partition": next offset to read} over the assigned partitions."""
+        return {f"{tp.topic}:{tp.partition}": self.consumer.position(tp) for tp in self.consumer.assignment()}
+
+    def committed(self) -> dict[str, int]:
+        out = {}
+        for tp in self.consumer.assignment():
+            c = self.consumer.committed(tp)
+            out[f"{tp.topic}:{tp.partition}"] = -1 if c is None else c
+        return out
+
+    def commit_offsets(self, offsets: dict[str, int]) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+        self.consumer.commit({TopicPartition(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])):
+                              OffsetAndMetadata(v, "", -1) for k, v in offsets.items()})
+
+    def seek_to(self, offsets: dict[str, int]) -> None:
+        from kafka import TopicPartition
+        for k, v in offsets.items():
+            self.consumer.seek(TopicPartition(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])), v)
 
     def poll_once(self, timeout_ms: int = 500) -> int:
         """One batch: store it, dead-letter what is bad, then commit offsets. Returns records seen."""
@@ -109,7 +153,8 @@ class FeedbackConsumer:
             metrics.DEAD_LETTERS.labels(reason.split(":")[0][:40]).inc()
             log.warning("dead-lettered a record: %s", reason)
         new, dup = self.store.commit_batch(fb_rows, int_rows)
-        self.consumer.commit()   # only after the store's transaction is durable
+        if self.commit_each_batch:
+            self.consumer.commit()   # only after the store's transaction is durable
         self.stored += new
         metrics.CONSUMED.labels(topics.FEEDBACK).inc(new)
         metrics.CONSUMED.labels(topics.INTERACTIONS).inc(len(int_rows))

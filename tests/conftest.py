@@ -42,6 +42,28 @@ def policy_server(request, tiny_gpt2, tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT (random init) with MiniLM's WordPiece tokenizer: a fast RM backbone."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from train import reward_model
+    out = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(reward_model.default_backbone()).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hh_policy(tmp_path_factory) -> Path:
+    """A tiny GPT-2 whose 1024-token BPE is trained on the hh dialogues (real words to learn from)."""
+    from serve.make_policy import PolicySpec, build
+    return build(PolicySpec(out=tmp_path_factory.mktemp("models") / "tiny-hh", size="tiny", vocab_size=1024))
+
+
+@pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory):
     """The bundled Kafka broker (KRaft, single node) on free loopback ports: its bootstrap string."""
     from feedback.broker import BrokerConfig, start, stop

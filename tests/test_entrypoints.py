@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import REPO, free_port
 
-MODULES = ["serve", "serve.client", "serve.make_policy", "serve.demo", "feedback.service", "feedback.consumer",
+MODULES = ["serve", "train.loop", "serve.client", "serve.make_policy", "serve.demo", "feedback.service", "feedback.consumer",
            "feedback.broker", "train.rm_train", "train.rm_eval"]
 
 

@@ -29,15 +29,6 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-    out = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(reward_model.default_backbone()).save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("which", ["bert", "gpt2"])

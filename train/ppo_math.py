@@ -67,28 +67,35 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * m
 
 
+def masked_total(x: torch.Tensor, mask: torch.Tensor, denom: float | None) -> torch.Tensor:
+    """Token mean, or the masked sum over a given denom (a global token count: a shard's losses
+    then add up across ranks / micro-batches to the loss of the whole batch)."""
+    return masked_mean(x, mask) if denom is None else (x * mask.to(x.dtype)).sum() / denom
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate (Schulman 2017): -min(rho A, clip(rho, 1-eps, 1+eps) A), token mean.
-    Stats: clipfrac and approx_kl = mean((rho - 1) - log rho) (the k3 estimator)."""
+                clip: float = 0.2, denom: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (Schulman 2017): -min(rho A, clip(rho, 1-eps, 1+eps) A), token mean
+    (or sum / denom, see masked_total). Stats: clipfrac and approx_kl = mean((rho - 1) - log rho)
+    (the k3 estimator)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
     with torch.no_grad():
         clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
-    return masked_mean(loss, mask), {"clipfrac": clipfrac, "approx_kl": approx_kl}
+    return masked_total(loss, mask, denom), {"clipfrac": clipfrac, "approx_kl": approx_kl}
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+               clip: float = 0.2, denom: float | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped value loss 0.5 max((V - R)^2, (clip(V, V_old +- eps) - R)^2) (lm-human-preferences,
     TRL default cliprange_value=0.2)."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
     with torch.no_grad():
         vclipfrac = masked_mean(((values - returns) ** 2 < (v_clipped - returns) ** 2).float(), mask)
-    return masked_mean(loss, mask), {"vf_clipfrac": vclipfrac}
+    return masked_total(loss, mask, denom), {"vf_clipfrac": vclipfrac}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

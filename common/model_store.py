@@ -1,0 +1,145 @@
+"""The versioned model store: the one place checkpoints are published and verified.
+
+Layout: <root>/<version>/{manifest.json, policy/..., rm/...}. A version is written into
+<root>/.tmp-<version>-<pid>, every file and directory fsynced, the manifest (sha256 of every
+file, parent version, metrics, the Kafka offsets it was trained on) written last, then the
+folder is renamed into place and the root fsynced. A crash at any point leaves either no
+<version> folder or a complete one; leftover .tmp-* folders are never read and are swept.
+Readers (servers, the trainer on restart) call `verify` before loading: a file whose sha256
+does not match, a missing file or an unreadable manifest refuses the version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class CorruptCheckpoint(Exception):
+    """A version folder whose manifest is missing, unreadable or does not match its files."""
+
+
+def version_name(n: int) -> str:
+    return f"v{n:04d}"
+
+
+def version_number(name: str) -> int:
+    m = VERSION_RE.match(name)
+    if not m:
+        raise ValueError(f"not a version name: {name!r} (expected v0001, v0002, ...)")
+    return int(m.group(1))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(Path(dirpath) / f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+class ModelStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[str]:
+        """Published version names, oldest first (only complete folders: temp folders are skipped)."""
+        out = [p.name for p in self.root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(out, key=version_number)
+
+    def latest(self) -> str | None:
+        v = self.versions()
+        return v[-1] if v else None
+
+    def path(self, version: str) -> Path:
+        version_number(version)  # refuses names like ../x
+        return self.root / version
+
+    def manifest(self, version: str) -> dict:
+        return read_manifest(self.path(version))
+
+    def next_version(self) -> str:
+        v = self.latest()
+        return version_name(0 if v is None else version_number(v) + 1)
+
+    def publish(self, version: str, write_files, parent: str | None, metrics: dict, offsets: dict,
+                extra: dict | None = None) -> Path:
+        """write_files(tmp_dir) writes the checkpoint's files; then hashes, manifest, fsync, rename.
+        Returns the published folder. Refuses to overwrite an existing version."""
+        final = self.path(version)
+        if final.exists():
+            raise FileExistsError(f"{final} already exists: versions are immutable")
+        self.sweep()
+        tmp = self.root / f".tmp-{version}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_files(tmp)
+        files = {f: sha256_file(tmp / f) for f in _files(tmp)}
+        manifest = {"version": version, "parent": parent, "created_unix_ms": int(time.time() * 1000),
+                    "files": files, "metrics": metrics, "offsets": offsets, **(extra or {})}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_tree(tmp)
+        os.rename(tmp, final)   # atomic on one filesystem: readers see all of it or nothing
+        _fsync_dir(self.root)
+        return final
+
+    def sweep(self) -> None:
+        """Removes temp folders a crashed publisher left behind (this process's own included)."""
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_manifest(folder: Path) -> dict:
+    try:
+        m = json.loads((Path(folder) / MANIFEST).read_text())
+    except FileNotFoundError as e:
+        raise CorruptCheckpoint(f"{folder}: no {MANIFEST} (incomplete checkpoint)") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"{folder}: unreadable {MANIFEST}: {e}") from e
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or "version" not in m:
+        raise CorruptCheckpoint(f"{folder}: {MANIFEST} lacks version/files")
+    return m
+
+
+def verify(folder: str | os.PathLike) -> dict:
+    """Checks every file against the manifest's sha256 (and that no listed file is missing).
+    Returns the manifest; raises CorruptCheckpoint naming the first problem."""
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if m["version"] != folder.name:
+        raise CorruptCheckpoint(f"{folder}: manifest says version {m['version']!r}")
+    for rel, digest in m["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            raise CorruptCheckpoint(f"{folder}: {rel} is missing")
+        if sha256_file(p) != digest:
+            raise CorruptCheckpoint(f"{folder}: {rel} does not match its sha256")
+    return m

@@ -1,0 +1,238 @@
+"""The trainer: model store, RM/PPO updates, DDP equivalence, and the Kafka-driven loop with a
+kill -9 in the middle of a cycle (real broker, real processes)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import model_store as ms
+from tests.helpers import REPO, ServerProc
+from train.rm_update import Group, group_loss_sum, is_heldout
+from train import rm_losses
+
+
+# ---- model store ----
+
+def _write(files: dict[str, bytes]):
+    def w(tmp: Path) -> None:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+    return w
+
+
+def test_store_publishes_atomically_and_verifies(tmp_path):
+    st = ms.ModelStore(tmp_path)
+    assert st.next_version() == "v0000"
+    st.publish("v0000", _write({"policy/a.bin": b"x" * 10, "rm/b.json": b"{}"}), None, {"m": 1.0}, {"t:0": 5})
+    m = ms.verify(tmp_path / "v0000")
+    assert m["offsets"] == {"t:0": 5} and set(m["files"]) == {"policy/a.bin", "rm/b.json"}
+    assert st.next_version() == "v0001"
+    with pytest.raises(FileExistsError):
+        st.publish("v0000", _write({}), None, {}, {})
+    # a crashed publisher's temp folder is neither a version nor left behind by the next publish
+    (tmp_path / ".tmp-v0001-999").mkdir()
+    (tmp_path / ".tmp-v0001-999" / "junk").write_text("half")
+    assert st.versions() == ["v0000"]
+    st.publish("v0001", _write({"policy/a.bin": b"y"}), "v0000", {}, {})
+    assert not list(tmp_path.glob(".tmp-*")) and st.latest() == "v0001"
+
+
+def test_store_refuses_corrupt_and_incomplete_versions(tmp_path):
+    st = ms.ModelStore(tmp_path)
+    st.publish("v0000", _write({"policy/a.bin": b"abc"}), None, {}, {})
+    (tmp_path / "v0000" / "policy" / "a.bin").write_bytes(b"abd")
+    with pytest.raises(ms.CorruptCheckpoint, match="sha256"):
+        ms.verify(tmp_path / "v0000")
+    (tmp_path / "v0001").mkdir()   # no manifest: a copy that never finished
+    with pytest.raises(ms.CorruptCheckpoint, match="no manifest"):
+        ms.verify(tmp_path / "v0001")
+    st.publish("v0002", _write({"x": b"1"}), None, {}, {})
+    (tmp_path / "v0002" / "x").unlink()
+    with pytest.raises(ms.CorruptCheckpoint, match="missing"):
+        ms.verify(tmp_path / "v0002")
+    with pytest.raises(ValueError):
+        st.path("../etc")
+
+
+# ---- RM update ----
+
+def test_group_losses_kwise_k2_is_bradley_terry_and_ties():
+    class Fixed(torch.nn.Module):  # "RM" whose score is read from the text
+        rcfg = type("C", (), {"pooling": "mean"})()
+
+        def forward(self, input_ids, **_):
+            return input_ids.float()
+
+    texts = {"3": 3.0, "1": 1.0, "0": 0.0}
+    enc = lambda tok, ts, n, pooling: {"input_ids": torch.tensor([texts[t] for t in ts])}  # noqa: E731
+    import train.rm_update as ru
+    orig, ru.encode = ru.encode, enc
+    try:
+        bt = group_loss_sum(Fixed(), None, [Group(("3", "1"))], 8)
+        tie = group_loss_sum(Fixed(), None, [Group(("3", "1"), tie=True)], 8)
+        three = group_loss_sum(Fixed(), None, [Group(("3", "1", "0"))], 8)
+    finally:
+        ru.encode = orig
+    assert torch.allclose(bt, rm_losses.pairwise_loss(torch.tensor([3.0]), torch.tensor([1.0]), torch.ones(1)))
+    assert torch.allclose(tie, rm_losses.pairwise_loss(torch.tensor([3.0]), torch.tensor([1.0]), torch.full((1,), .5)))
+    import math
+    want = -(math.log(1 / (1 + math.exp(-2))) + math.log(1 / (1 + math.exp(-3))) + math.log(1 / (1 + math.exp(-1)))) / 3
+    assert abs(three.item() - want) < 1e-5
+
+
+def test_heldout_split_is_stable_and_near_the_fraction():
+    ids = [f"e{i}" for i in range(4000)]
+    held = [i for i in ids if is_heldout(i, 0.2)]
+    assert held == [i for i in ids if is_heldout(i, 0.2)]
+    assert 0.17 < len(held) / len(ids) < 0.23
+
+
+# ---- PPO ----
+
+def test_ppo_raises_reward_with_kl_under_budget(tiny_hh_policy):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sim.preference import true_score
+    from train.ppo import PPOConfig, PPOTrainer, build_critic, run
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_hh_policy)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_hh_policy).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_hh_policy).eval()
+    prompts = [tok.encode(f"\n\nHuman: tell me about topic {i}\n\nAssistant:") for i in range(16)]
+    cfg = PPOConfig(iterations=20, rollouts=64, minibatch=16, lr=1e-3, max_new_tokens=16, kl_coef=0.05, kl_target=0)
+    tr = PPOTrainer(policy, ref, build_critic(policy), cfg, tok.eos_token_id, tok.eos_token_id)
+
+    def score(ps, rs):
+        return torch.tensor([5 * true_score("", tok.decode(r, skip_special_tokens=True)) for r in rs])
+    stats = run(tr, prompts, score, progress=False)
+    first = sum(s["reward"] for s in stats[:4]) / 4
+    last = sum(s["reward"] for s in stats[-4:]) / 4
+    assert last > first + 0.1, [round(s["reward"], 3) for s in stats]
+    assert 0 < stats[-1]["kl"] < 10
+    for k in ("entropy", "clipfrac", "approx_kl", "vf_loss", "explained_variance", "kl_coef"):
+        assert all(torch.isfinite(torch.tensor(s[k])) for s in stats), k
+
+
+# ---- DDP ----
+
+def test_ddp_two_processes_equal_one_for_the_same_global_batch(tmp_path):
+    from train.reward_model import default_backbone
+    worker = REPO / "tests" / "workers" / "ddp_equivalence.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(worker), str(tmp_path / "one.pt"), str(default_backbone())], check=True,
+                   env=env, timeout=300, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                        str(tmp_path / "two.pt"), str(default_backbone())], env=env, timeout=300, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for part in ("rm", "policy", "critic"):
+        for name, v in one[part].items():
+            assert torch.allclose(v, two[part][name], atol=1e-5), (part, name)
+    for part in ("rm", "policy"):  # and training did move the weights
+        moved = max((one[part][n] - one["init"][part][n]).abs().max().item() for n in one[part])
+        assert moved > 1e-4, part
+
+
+# ---- the Kafka-driven loop ----
+
+def _produce(bootstrap: str, n_comparisons: int, seed: int) -> set[str]:
+    from feedback import topics
+    from feedback.kafka_io import AckedProducer
+    from sim.records import comparison_record, interaction_record
+    rng = random.Random(seed)
+    p = AckedProducer(bootstrap, client_id="test-producer")
+    ids, futs = set(), []
+    for _ in range(n_comparisons):
+        r = comparison_record(rng)
+        ids.add(r.event_id)
+        futs.append(p.send_async(topics.FEEDBACK, r.event_id.encode(), r.SerializeToString()))
+    for _ in range(20):
+        r = interaction_record(rng)
+        futs.append(p.send_async(topics.INTERACTIONS, r.response_id.encode(), r.SerializeToString()))
+    for f in futs:
+        p.wait(f)
+    p.close()
+    return ids
+
+
+def _committed(bootstrap: str, group: str, keys) -> dict[str, int]:
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        out = {}
+        for k in keys:
+            t, p = k.rsplit(":", 1)
+            out[k] = c.committed(TopicPartition(t, int(p)))
+        return out
+    finally:
+        c.close(autocommit=False)
+
+
+def _announced(bootstrap: str, store: Path) -> list[str]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    from feedback import topics
+    from rlhf.v1 import models_pb2
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
+    tp = TopicPartition(topics.MODEL_UPDATES, 0)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    out = [models_pb2.ModelUpdate.FromString(r.value) for r in c]
+    c.close()
+    return [u.version for u in out if u.path.startswith(str(store.resolve()))]
+
+
+def _trainer_args(tmp_path, bootstrap, policy, bert, group, cycles=1):
+    return ["--bootstrap", bootstrap, "--group", group, "--store", str(tmp_path / "store"), "--db",
+            str(tmp_path / "trainer.db"), "--init-policy", str(policy), "--rm-backbone", str(bert),
+            "--max-cycles", str(cycles), "--cycle-comparisons", "40", "--rm.lr", "1e-3", "--ppo.lr", "1e-3",
+            "--ppo.iterations", "3", "--ppo.rollouts", "16", "--threads", "2"]
+
+
+def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafka_broker, tiny_hh_policy,
+                                                                            tiny_bert, tmp_path):
+    group = f"trainer-test-{time.time_ns()}"
+    sent = _produce(kafka_broker, 60, seed=11)
+    args = _trainer_args(tmp_path, kafka_broker, tiny_hh_policy, tiny_bert, group)
+    r = subprocess.run([sys.executable, "-m", "train.loop", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cycle 1: published v0001" in r.stdout, r.stdout + r.stderr[-2000:]
+    store = tmp_path / "store"
+    m1 = ms.verify(store / "v0001")
+    assert m1["parent"] == "v0000" and m1["metrics"]["rm_accuracy"] >= 0 and m1["offsets"]
+    # announced after the rename, and the committed offsets are exactly the ones it trained on
+    assert _announced(kafka_broker, store)[-1] == "v0001"
+    assert _committed(kafka_broker, group, m1["offsets"]) == m1["offsets"]
+
+    # kill -9 in the middle of the next cycle (during PPO), then restart
+    sent |= _produce(kafka_broker, 60, seed=12)
+    p = ServerProc("train.loop", args, r"ppo:", timeout=300)
+    os.kill(p.proc.pid, signal.SIGKILL)
+    p.proc.wait()
+    assert ms.ModelStore(store).versions() == ["v0000", "v0001"]
+    assert _committed(kafka_broker, group, m1["offsets"]) == m1["offsets"]   # nothing moved
+    r = subprocess.run([sys.executable, "-m", "train.loop", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "trainer resumed at v0001" in r.stdout and "cycle 1: published v0002" in r.stdout, r.stdout
+    m2 = ms.verify(store / "v0002")
+    assert m2["parent"] == "v0001" and not list(store.glob(".tmp-*"))
+    assert all(m2["offsets"][k] >= v for k, v in m1["offsets"].items())
+    assert _committed(kafka_broker, group, m2["offsets"]) == m2["offsets"]
+    stored = {row[0] for row in sqlite3.connect(tmp_path / "trainer.db").execute("SELECT event_id FROM feedback")}
+    assert sent <= stored   # no feedback lost across the crash
+    cycle = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("CYCLE "))[6:])
+    assert cycle["feedback_events"] >= len(sent)

@@ -1,0 +1,321 @@
+"""PPO for the online loop: rollouts with the serving engine, scores from the RM, a KL penalty
+to the frozen initial policy, GAE and clipped updates (the math is in ppo_math.py).
+
+One iteration, numbered as in lm-human-preference-details:
+  1. rollout: the policy's current weights go into serve.engine (the server's own continuous-
+     batching generation code and sampling kernels) and sample one response per prompt;
+  2. score: the RM scores the decoded (prompt, response) texts (normalised to mean 0);
+  3. forward the policy, reference and critic over prompt+response; per-token logprobs and the
+     reference's entropy/KL come from the serve/kernels API (Triton on GPU, torch on CPU);
+  4. rewards = score on the last token - beta * (logp - logp_ref) per token (Ziegler 2019 eq. 2);
+  5. GAE (gamma 1, lambda 0.95), advantages whitened (lm-human-preferences);
+  6. ppo_epochs passes of shuffled minibatches: clipped policy loss + vf_coef * clipped value
+     loss - ent_coef * entropy (+ PPO-ptx on pretraining text, InstructGPT eq. 2);
+  7. the adaptive KL controller moves beta toward the target KL (Ziegler 2019 sec. 2.2).
+
+Critic: InstructGPT initialises the value function from the RM. That is only possible when the RM
+is a causal LM of the policy's own family and tokenizer; with the default encoder RM (MiniLM) the
+critic starts from the policy's transformer body plus a zero-initialised scalar head (as TRL does
+when no value model is given). `build_critic` makes the choice.
+
+Data parallel: under torchrun each rank rolls out its shard of the prompts; the rollouts are
+gathered so every rank computes the same advantages, and each minibatch is split across ranks
+with token-sum losses over the global token count (dist.py), so DDP equals one process.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from serve import kernels
+
+from . import dist
+from . import ppo_math as P
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO inside a cycle (defaults: InstructGPT / lm-human-preferences / TRL, scaled to small models)."""
+
+    iterations: int = 4
+    """Rollout + update iterations per cycle."""
+    rollouts: int = 32
+    """Prompts rolled out per iteration (global batch, one response each)."""
+    minibatch: int = 8
+    """Sequences per optimiser step (global)."""
+    ppo_epochs: int = 4
+    """Passes over each iteration's rollouts (TRL num_ppo_epochs=4)."""
+    max_new_tokens: int = 24
+    """Response length cap in tokens."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (the logprobs are of the same tempered distribution)."""
+    lr: float = 1e-5
+    """Adam learning rate of policy and critic (InstructGPT 9.65e-6 for 1.3B; small models take more)."""
+    kl_coef: float = 0.1
+    """Initial beta of the per-token KL penalty to the reference policy."""
+    kl_target: float = 6.0
+    """Adaptive controller's target KL per sequence, nats (0: fixed beta; Ziegler 2019 used 6)."""
+    kl_horizon: float = 10000.0
+    """Adaptive controller horizon in sequences (Ziegler 2019)."""
+    gamma: float = 1.0
+    """Discount (1: the reward is one episode-level score)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip: float = 0.2
+    """Policy ratio clip range."""
+    clip_value: float = 0.2
+    """Value clip range."""
+    vf_coef: float = 0.1
+    """Value loss weight (TRL vf_coef=0.1)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight (0 in InstructGPT; the KL penalty already keeps entropy)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of the pretraining log-likelihood term (InstructGPT used 27.8 at 175B)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    seed: int = 0
+    """Rollout sampling seed (iteration and cycle are mixed in)."""
+
+    def __post_init__(self) -> None:
+        if min(self.iterations, self.rollouts, self.minibatch, self.ppo_epochs, self.max_new_tokens) < 1:
+            raise ValueError("iterations, rollouts, minibatch, ppo_epochs and max_new_tokens must be >= 1")
+        if self.temperature <= 0 or self.lr <= 0 or self.kl_coef < 0:
+            raise ValueError("temperature and lr must be > 0, kl_coef >= 0")
+
+
+class ValueModel(nn.Module):
+    """A transformer body plus a scalar head: (B, L) ids -> (B, L) values."""
+
+    def __init__(self, body: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, input_ids, attention_mask):
+        h = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(h).squeeze(-1)
+
+
+def build_critic(policy, rm=None) -> ValueModel:
+    """From the RM when it is a causal LM of the policy's family (InstructGPT), else from the policy."""
+    if rm is not None and rm.rcfg.pooling == "last" and rm.backbone.config.model_type == policy.config.model_type \
+            and rm.backbone.config.vocab_size == policy.config.vocab_size:
+        return ValueModel(copy.deepcopy(rm.backbone), copy.deepcopy(rm.head))
+    body = copy.deepcopy(policy.base_model)
+    head = nn.Linear(policy.config.hidden_size, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return ValueModel(body, head)
+
+
+@dataclass
+class Rollouts:
+    """One iteration's samples, on every rank. Shapes: B sequences, L = longest prompt+response,
+    T = longest response; `pos` (B, T) indexes the logits row that predicts each response token."""
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    input_ids: torch.Tensor      # (B, L) right-padded
+    attention: torch.Tensor      # (B, L)
+    pos: torch.Tensor            # (B, T)
+    targets: torch.Tensor        # (B, T) response token ids (0 on padding)
+    mask: torch.Tensor           # (B, T)
+    scores: torch.Tensor = field(default=None)   # (B,)
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Rollouts:
+    B = len(prompts)
+    L = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    T = max(1, max(len(r) for r in responses))
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    att = torch.zeros(B, L, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    tgt = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        att[i, :n] = 1
+        k = len(r)
+        pos[i, :k] = torch.arange(len(p) - 1, len(p) - 1 + k)
+        tgt[i, :k] = torch.tensor(r, dtype=torch.long)
+        mask[i, :k] = 1
+    return Rollouts(prompts, responses, ids, att, pos, tgt, mask)
+
+
+def _rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) -> (B, T, ...) at the positions pos (B, T)."""
+    idx = pos.view(*pos.shape, *([1] * (x.dim() - 2))).expand(*pos.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def response_logits(model, ro: Rollouts, temperature: float) -> torch.Tensor:
+    """(B, T, V) tempered logits that predict each response token."""
+    out = model(input_ids=ro.input_ids, attention_mask=ro.attention).logits
+    return _rows(out, ro.pos) / temperature
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, V), (B, T) -> (B, T) through the kernels API (differentiable)."""
+    B, T, V = logits.shape
+    return kernels.token_logprobs(logits.reshape(B * T, V), targets.reshape(-1)).view(B, T)
+
+
+@torch.no_grad()
+def generate(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int | None, seed: int,
+             max_context: int) -> list[list[int]]:
+    """Samples one response per prompt with serve.engine (the serving code path)."""
+    from serve.engine import Engine, EngineConfig, Request, SamplingSpec
+    from serve.model import from_hf
+    if not prompts:
+        return []
+    model = from_hf(dist.unwrap(policy))
+    ecfg = EngineConfig(max_batch_size=min(64, len(prompts)), max_queue=len(prompts) + 1,
+                        max_context=max_context)
+    engine = Engine(model, ecfg, eos_id, decode=lambda ids: "", model_version="rollout").start()
+    try:
+        reqs = [engine.submit(Request(prompt=p, stream=False, spec=SamplingSpec(
+            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed * 100_003 + i)))
+            for i, p in enumerate(prompts)]
+        for r in reqs:
+            ev = r.events.get(timeout=600)
+            if ev[0] != "done":
+                raise RuntimeError(f"rollout generation failed: {ev}")
+    finally:
+        engine.stop()
+    # the EOS token stays in the response: the policy is credited for choosing to stop
+    return [r.seqs[0].out for r in reqs]
+
+
+class PPOTrainer:
+    """Holds policy, reference, critic, their optimisers and the KL controller across iterations."""
+
+    def __init__(self, policy, ref, critic: ValueModel, cfg: PPOConfig, pad_id: int, eos_id: int | None):
+        self.cfg, self.pad_id, self.eos_id = cfg, pad_id, eos_id
+        self.policy, self.ref, self.critic = policy, ref.eval(), critic
+        for p in self.ref.parameters():
+            p.requires_grad_(False)
+        self.policy_d, self.critic_d = dist.wrap(policy), dist.wrap(critic)
+        self.opt = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=cfg.lr, eps=1e-5)
+        self.kl_ctl = (P.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
+                       else P.FixedKLController(cfg.kl_coef))
+
+    def rollout(self, prompts: list[list[int]], score_fn: Callable, seed: int) -> Rollouts:
+        """Steps 1-2: this rank's share generated and scored, then gathered (rank order)."""
+        mine = dist.shard(prompts)
+        max_ctx = max(len(p) for p in prompts) + self.cfg.max_new_tokens + 1
+        resp = generate(self.policy, mine, self.cfg, self.eos_id, seed * 1000 + dist.rank(), max_ctx)
+        scores = score_fn(mine, resp).float().tolist() if mine else []
+        rows = dist.all_gather_list(list(zip(mine, resp, scores)))
+        ro = pack([r[0] for r in rows], [r[1] for r in rows], self.pad_id)
+        ro.scores = torch.tensor([r[2] for r in rows])
+        return ro
+
+    @torch.no_grad()
+    def advantages(self, ro: Rollouts) -> dict:
+        """Steps 3-5 on the whole batch (identical on every rank)."""
+        t = self.cfg.temperature
+        self.policy.eval()
+        logits = response_logits(self.policy, ro, t)
+        ref_logits = response_logits(self.ref, ro, t)
+        B, T, V = logits.shape
+        ent, kl_exact, logp, ref_logp = (x.view(B, T) for x in kernels.entropy_kl(
+            logits.reshape(B * T, V), ref_logits.reshape(B * T, V), ro.targets.reshape(-1)))
+        values = _rows(self.critic(ro.input_ids, ro.attention).unsqueeze(-1), ro.pos)[..., 0] * ro.mask
+        rewards, kl = P.kl_penalized_rewards(ro.scores, logp * ro.mask, ref_logp * ro.mask, ro.mask,
+                                             self.kl_ctl.value)
+        adv, returns = P.gae(rewards, values, ro.mask, self.cfg.gamma, self.cfg.lam)
+        adv = P.whiten(adv, ro.mask)
+        return {"logp": logp * ro.mask, "values": values, "adv": adv, "returns": returns,
+                "kl_seq": kl.sum(1), "kl_exact_seq": (kl_exact * ro.mask).sum(1),
+                "entropy": P.masked_mean(ent, ro.mask)}
+
+    def update(self, ro: Rollouts, a: dict, seed: int, ptx: list[list[int]] | None = None) -> dict:
+        """Step 6: ppo_epochs x shuffled global minibatches, split across ranks."""
+        cfg = self.cfg
+        # eval mode throughout: dropout off, as in TRL / lm-human-preferences (it would make
+        # the ratio pi/pi_old noisy at the first step); gradients still flow
+        B = ro.input_ids.shape[0]
+        g = torch.Generator().manual_seed(seed)
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl")}
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=g)
+            for s in range(0, B, cfg.minibatch):
+                mb = perm[s:s + cfg.minibatch]
+                n_tok = float(ro.mask[mb].sum())
+                idx = torch.tensor(dist.shard(mb.tolist()), dtype=torch.long)
+                st = self._step(ro, a, idx, n_tok, ptx)
+                for k, v in st.items():
+                    stats.setdefault(k, []).append(v)
+        return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+    def _step(self, ro: Rollouts, a: dict, idx: torch.Tensor, n_tok: float, ptx) -> dict:
+        cfg = self.cfg
+        sub = Rollouts(None, None, ro.input_ids[idx], ro.attention[idx], ro.pos[idx], ro.targets[idx], ro.mask[idx])
+        T = int(sub.mask.sum(1).max().item()) if len(idx) else 1
+        sub.pos, sub.targets, sub.mask = sub.pos[:, :T], sub.targets[:, :T], sub.mask[:, :T]
+        m = sub.mask
+        w = dist.world_size()
+        logits = response_logits(self.policy_d, sub, cfg.temperature)
+        logp = token_logprobs(logits, sub.targets)
+        pg, pst = P.policy_loss(logp, a["logp"][idx, :T], a["adv"][idx, :T], m, cfg.clip, denom=n_tok / w)
+        values = _rows(self.critic_d(sub.input_ids, sub.attention).unsqueeze(-1), sub.pos)[..., 0]
+        vf, _ = P.value_loss(values, a["values"][idx, :T], a["returns"][idx, :T], m, cfg.clip_value, denom=n_tok / w)
+        loss = pg + cfg.vf_coef * vf
+        if cfg.ent_coef > 0:
+            ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+            loss = loss - cfg.ent_coef * (ent * m).sum() / (n_tok / w)
+        if cfg.ptx_coef > 0 and ptx:
+            loss = loss + self._ptx_loss(ptx)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()) + list(self.critic.parameters()),
+                                       cfg.max_grad_norm)
+        self.opt.step()
+        return {"pg_loss": dist.global_sum(pg.item()) / w, "vf_loss": dist.global_sum(vf.item()) / w,
+                "clipfrac": float(pst["clipfrac"]), "approx_kl": float(pst["approx_kl"])}
+
+    def _ptx_loss(self, ptx: list[list[int]]) -> torch.Tensor:
+        """PPO-ptx on this rank's share of a pretraining batch (next-token log-likelihood)."""
+        seqs = dist.shard(ptx) or ptx[:1]
+        ro = pack([s[:1] for s in seqs], [s[1:] for s in seqs], self.pad_id)
+        logp = token_logprobs(response_logits(self.policy_d, ro, 1.0), ro.targets)
+        return P.ptx_loss(logp, ro.mask, self.cfg.ptx_coef)
+
+    def iteration(self, prompts: list[list[int]], score_fn: Callable, seed: int,
+                  ptx: list[list[int]] | None = None) -> dict:
+        """Steps 1-7. Returns the logged stats of this iteration."""
+        ro = self.rollout(prompts, score_fn, seed)
+        a = self.advantages(ro)
+        up = self.update(ro, a, seed, ptx)
+        kl = float(a["kl_seq"].mean())
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(kl, len(prompts))
+        ev = float(P.explained_variance(a["values"], a["returns"], ro.mask))
+        out = {"reward": float(ro.scores.mean()), "kl": kl, "kl_exact": float(a["kl_exact_seq"].mean()),
+               "entropy": float(a["entropy"]), "kl_coef": beta, "explained_variance": ev,
+               "response_tokens": float(ro.mask.sum(1).mean()), **up}
+        if not all(math.isfinite(v) for v in out.values()):
+            out["nan"] = 1.0
+        return out
+
+
+def run(trainer: PPOTrainer, prompts: list[list[int]], score_fn: Callable, cycle: int = 0,
+        ptx: list[list[int]] | None = None, progress: bool = True) -> list[dict]:
+    """cfg.iterations iterations over random draws of the prompt pool; one stats dict each."""
+    from tqdm import tqdm
+    cfg = trainer.cfg
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + cycle)
+    out = []
+    bar = tqdm(range(cfg.iterations), desc="ppo", disable=not (progress and dist.is_main()), file=sys.stderr,
+               leave=False)
+    for it in bar:
+        pick = torch.randint(len(prompts), (cfg.rollouts,), generator=g).tolist()
+        st = trainer.iteration([prompts[i] for i in pick], score_fn, seed=cfg.seed + cycle * 1000 + it, ptx=ptx)
+        out.append(st)
+        bar.set_postfix(reward=f"{st['reward']:.3f}", kl=f"{st['kl']:.2f}")
+    return out

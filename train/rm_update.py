@@ -1,0 +1,137 @@
+"""One reward-model update of the online loop: continue training the current RM on all
+preference groups seen so far (Bai et al. 2022 retrain the RM on the growing dataset each
+iteration), data-parallel when launched under torchrun.
+
+A group is one comparison or ranking: its texts best first. Comparisons and rankings share the
+InstructGPT K-wise loss (a comparison is K = 2, where it is Bradley-Terry); a tie is a
+comparison trained with target 1/2 (rm_losses.pairwise_loss). Each global batch of groups is
+split across ranks; every rank's loss is its sum divided by the global group count, so the
+DDP-averaged gradient times the world size is the single-process gradient of the whole batch.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from . import dist, rm_losses
+from .reward_model import ASSISTANT, encode
+
+
+@dataclass(frozen=True)
+class Group:
+    texts: tuple[str, ...]    # best first (a tie: the two tied texts)
+    tie: bool = False
+    event_id: str = ""
+
+
+@dataclass(frozen=True)
+class RMUpdateConfig:
+    """Reward-model training inside a cycle."""
+
+    epochs: float = 2.0
+    """Passes over all groups seen so far."""
+    batch_groups: int = 16
+    """Comparisons/rankings per optimiser step (global, over all ranks)."""
+    lr: float = 3e-5
+    """Backbone learning rate (constant; the RM continues from the previous version)."""
+    head_lr: float = 1e-3
+    """Scalar head learning rate."""
+    max_length: int = 128
+    """Tokens per (prompt, response) text, truncated from the left."""
+    max_steps: int = 200
+    """Optimiser steps per cycle at most (bounds a cycle's time as the dataset grows)."""
+    seed: int = 0
+    """Seed of the batch order (the cycle number is added)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_groups < 1 or self.max_steps < 1 or self.max_length < 8:
+            raise ValueError("epochs > 0, batch_groups >= 1, max_steps >= 1, max_length >= 8 required")
+
+
+def rm_text(prompt: str, response: str) -> str:
+    """The RM's view of a served pair: hh-rlhf dialogue format, the response as the last turn."""
+    p = prompt.rstrip()
+    if not p.endswith(ASSISTANT.strip()):
+        p = p + ASSISTANT
+    return p + " " + response.strip()
+
+
+def is_heldout(event_id: str, frac: float) -> bool:
+    """Deterministic split by event id (stable across restarts and as the dataset grows)."""
+    return (zlib.crc32(event_id.encode()) % 10_000) < frac * 10_000
+
+
+def group_loss_sum(rm, tok, groups: list[Group], max_length: int) -> torch.Tensor:
+    """Sum over groups of each group's loss (K-wise, or BT with target 1/2 for ties)."""
+    texts = [t for g in groups for t in g.texts]
+    s = rm(**encode(tok, texts, max_length, rm.module.rcfg.pooling if hasattr(rm, "module") else rm.rcfg.pooling))
+    total = s.new_zeros(())
+    i = 0
+    ranked, ks = [], []
+    for g in groups:
+        k = len(g.texts)
+        r = s[i:i + k]
+        i += k
+        if g.tie:
+            total = total + rm_losses.pairwise_loss(r[:1], r[1:2], torch.full((1,), 0.5))
+        else:
+            ranked.append(r)
+            ks.append(k)
+    if ranked:
+        K = max(ks)
+        padded = torch.stack([torch.cat([r, r.new_zeros(K - len(r))]) for r in ranked])   # (B, K)
+        total = total + rm_losses.kwise_ranking_loss(padded, torch.tensor(ks)) * len(ranked)
+    return total
+
+
+def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, cycle: int = 0, progress: bool = True) -> dict:
+    """Trains rm in place on groups (the same list on every rank). Returns {"rm_loss", "rm_steps"}."""
+    from tqdm import tqdm
+    if not groups:
+        return {"rm_loss": float("nan"), "rm_steps": 0}
+    model = dist.wrap(rm)
+    opt = torch.optim.AdamW([{"params": rm.backbone.parameters(), "lr": cfg.lr, "weight_decay": 0.01},
+                             {"params": rm.head.parameters(), "lr": cfg.head_lr, "weight_decay": 0.0}])
+    steps = min(cfg.max_steps, max(1, math.ceil(len(groups) * cfg.epochs / cfg.batch_groups)))
+    g = torch.Generator().manual_seed(cfg.seed + cycle)
+    order = torch.cat([torch.randperm(len(groups), generator=g)
+                       for _ in range(math.ceil(steps * cfg.batch_groups / len(groups)) + 1)])
+    rm.train()
+    losses = []
+    bar = tqdm(range(steps), desc="rm", disable=not (progress and dist.is_main()), file=sys.stderr, leave=False)
+    for step in bar:
+        batch = [groups[j] for j in order[step * cfg.batch_groups:(step + 1) * cfg.batch_groups].tolist()]
+        mine = dist.shard(batch)
+        loss = group_loss_sum(model, tok, mine, cfg.max_length) / len(batch) * dist.world_size()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(dist.global_sum(loss.item()) / dist.world_size())
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    rm.eval()
+    tail = losses[-max(1, len(losses) // 4):]
+    return {"rm_loss": sum(tail) / len(tail), "rm_steps": steps}
+
+
+@torch.no_grad()
+def heldout_accuracy(rm, tok, groups: list[Group], batch: int = 32) -> float:
+    """Pairwise accuracy over every ordered pair of the held-out (non-tie) groups; NaN if none."""
+    from .rm_eval import score_texts
+    groups = [g for g in groups if not g.tie]
+    if not groups:
+        return float("nan")
+    s = score_texts(rm, tok, [t for g in groups for t in g.texts], batch)
+    right, n, i = 0.0, 0, 0
+    for g in groups:
+        r = s[i:i + len(g.texts)]
+        i += len(g.texts)
+        for a in range(len(r)):
+            for b in range(a + 1, len(r)):
+                right += float(r[a] > r[b]) + 0.5 * float(r[a] == r[b])
+                n += 1
+    return right / n
