@@ -22,7 +22,20 @@ def main(argv: list[str] | None = None) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype), cpu_pack=cfg.cpu_pack)
+    path = cfg.model
+    if cfg.store:  # the newest version of the store that verifies
+        from common import model_store
+        store = model_store.ModelStore(cfg.store)
+        for v in reversed(store.versions()):
+            try:
+                model_store.verify(store.path(v))
+                path = store.path(v) / "policy"
+                break
+            except model_store.CorruptCheckpoint as e:
+                logging.error("not serving %s: %s", v, e)
+        else:
+            raise SystemExit(f"no verified version in the model store {cfg.store}")
+    policy = load_policy(path, dtype=getattr(torch, cfg.dtype), cpu_pack=cfg.cpu_pack)
     serve_metrics(cfg.metrics_port, cfg.host)
     server, port, engine, interactions = serve(cfg, policy)
     # machine-readable line: tests and scripts wait for it
@@ -33,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     done.wait()
     logging.info("shutting down: finishing in-flight requests (grace 10s)")
     server.stop(grace=10).wait()
+    if getattr(server, "versions", None) and server.versions[1] is not None:
+        server.versions[1].stop()
     engine.stop()
     if interactions is not None:  # deliver what is still buffered for the interactions topic
         interactions.close()

@@ -43,6 +43,8 @@ class ServerConfig:
     """torch intra-op threads (0: torch's default)."""
     kafka_bootstrap: str = ""
     """Kafka bootstrap servers to log every served generation to the interactions topic ("" disables)."""
+    store: str = ""
+    """Model store to serve from (overrides --model): its newest verified version is served, and with --kafka-bootstrap the server follows the model-updates topic and hot-swaps new versions."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

@@ -101,17 +101,33 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
     stream: bool = True             # False: no per-token events (a unary call only needs "done")
     first_token_at: float | None = None
+    served_by: object = None        # the engine's `payload` of the version that ran it (e.g. its tokenizer)
 
     def cancel(self) -> None:
         self.cancelled.set()
 
 
+@dataclass
+class _Swap:
+    model: CausalLM
+    version: str
+    eos_id: int | None
+    decode: Callable[[list[int]], str]
+    payload: object
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class Engine:
+    """Weight swaps (`swap`) happen between steps: admission pauses, the running batch finishes on
+    the version it started with, then the new weights take over, so no batch mixes versions and every
+    request is served start to end by one version (Request.model_version / served_by)."""
+
     def __init__(self, model: CausalLM, cfg: EngineConfig, eos_id: int | None,
                  decode: Callable[[list[int]], str], model_version: str,
-                 on_step: Callable[[dict], None] | None = None):
+                 on_step: Callable[[dict], None] | None = None, payload: object = None):
         self.model, self.cfg, self.eos_id, self.decode = model, cfg, eos_id, decode
-        self.model_version = model_version
+        self.model_version, self.payload = model_version, payload
+        self._swap: _Swap | None = None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache = KVCache(model.args, cfg.max_batch_size, cfg.max_context, self.dtype, self.device)
@@ -144,6 +160,28 @@ class Engine:
             self.cv.notify_all()
         return req
 
+    def swap(self, model: CausalLM, version: str, eos_id: int | None, decode: Callable[[list[int]], str],
+             payload: object = None, timeout: float | None = None) -> bool:
+        """Serve `model` as `version` once the running batch has drained. Blocks until swapped
+        (True) or timeout (False; the swap still happens later)."""
+        sw = _Swap(model, version, eos_id, decode, payload)
+        with self.cv:
+            self._swap = sw
+            self.cv.notify_all()
+        return sw.done.wait(timeout)
+
+    def _apply_swap(self) -> None:
+        """Engine thread, batch empty: new weights, and a new cache if the shapes changed."""
+        sw, self._swap = self._swap, None
+        if sw.model.args != self.model.args or next(sw.model.parameters()).dtype != self.dtype:
+            p = next(sw.model.parameters())
+            self.device, self.dtype = p.device, p.dtype
+            self.cache = KVCache(sw.model.args, self.cfg.max_batch_size, self.cfg.max_context, self.dtype, self.device)
+        self.model, self.model_version, self.eos_id, self.decode, self.payload = (
+            sw.model, sw.version, sw.eos_id, sw.decode, sw.payload)
+        log.info("now serving %s", sw.version)
+        sw.done.set()
+
     def wake(self) -> None:
         with self.cv:
             self.cv.notify_all()
@@ -153,14 +191,16 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
-                while not self._stop and not self.waiting and not self.active:
+                while not self._stop and not self.waiting and not self.active and self._swap is None:
                     self.cv.wait()
                 if self._stop:
                     break
             try:
                 self._drop_dead()
                 with self.cv:
-                    admitted = self._admit()
+                    if self._swap is not None and not self.active:
+                        self._apply_swap()
+                    admitted = self._admit() if self._swap is None else []   # drain before a swap
                 if admitted or self.active:
                     self._step(admitted)
             except Exception as e:  # a bug must not hang clients: fail everything live, keep serving
@@ -193,7 +233,7 @@ class Engine:
                 break
             self.waiting.popleft()
             budget -= need
-            req.model_version = self.model_version
+            req.model_version, req.served_by = self.model_version, self.payload
             admitted.extend(req.seqs)
         return admitted
 

@@ -32,9 +32,10 @@ class LoadedPolicy:
 
 
 def read_version(path: Path) -> str:
-    manifest = path / "manifest.json"
-    if manifest.exists():
-        return str(json.loads(manifest.read_text())["version"])
+    """From the folder's manifest.json, or its parent's (a model-store version holds policy/ and rm/)."""
+    for manifest in (path / "manifest.json", path.parent / "manifest.json"):
+        if manifest.exists():
+            return str(json.loads(manifest.read_text())["version"])
     return path.name
 
 

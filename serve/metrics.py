@@ -18,6 +18,7 @@ QUEUE_DEPTH = Gauge("rlhf_policy_queue_depth", "Requests waiting for a slot")
 KV_SLOTS = Gauge("rlhf_policy_kv_slots_in_use", "KV-cache slots held by live sequences")
 KV_SLOTS_TOTAL = Gauge("rlhf_policy_kv_slots", "KV-cache slots in all")
 MODEL_VERSION = Info("rlhf_policy_model", "The model version being served")
+VERSION_EVENTS = Counter("rlhf_policy_version_events_total", "Hot-swap outcomes: swapped or refused", ["result"])
 ENGINE_STEPS = Counter("rlhf_policy_engine_steps_total", "Engine iterations (prefill and/or decode)")
 
 

@@ -12,6 +12,7 @@ import time
 from concurrent import futures
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -76,10 +77,16 @@ def _abort(context, code: grpc.StatusCode, msg: str):
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def __init__(self, cfg: ServerConfig, policy: LoadedPolicy, engine: Engine, interactions=None):
-        self.cfg, self.policy, self.engine, self.interactions = cfg, policy, engine, interactions
+        self.cfg, self.engine, self.interactions = cfg, engine, interactions
         self.max_context = engine.cfg.max_context
 
     # ---- helpers ----
+    @property
+    def policy(self) -> LoadedPolicy:
+        """The version being served now. A hot-swap only accepts versions with the same tokenizer
+        (serve/versions.py), so encoding and decoding do not depend on which version ran a request."""
+        return self.engine.payload
+
     def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext, rpc: str,
                stream: bool) -> Request:
         try:
@@ -224,7 +231,58 @@ def build_engine(cfg: ServerConfig, policy: LoadedPolicy) -> Engine:
     max_ctx = min(cfg.max_context, policy.model.args.max_position)
     ecfg = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, max_context=max_ctx,
                         max_prefill_tokens=cfg.max_prefill_tokens)
-    return Engine(policy.model, ecfg, policy.eos_id, policy.decode, policy.version, on_step=metrics.on_step)
+    return Engine(policy.model, ecfg, policy.eos_id, policy.decode, policy.version, on_step=metrics.on_step,
+                  payload=policy)
+
+
+@torch.no_grad()
+def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
+    """Refuses a candidate whose tokenizer differs from the served one (prompts are encoded before
+    a request knows its version) or whose outputs on a fixed prompt are not finite and in range."""
+    from . import kernels
+    from .model import KVCache, StepLayout
+    from .versions import Refused
+    if current is not None and cand.tokenizer.get_vocab() != current.tokenizer.get_vocab():
+        raise Refused(f"{cand.version}: tokenizer differs from the served version's (incompatible)")
+    ids = cand.encode("\n\nHuman: Hello, how are you?\n\nAssistant:")[-32:] or [0]
+    p = next(cand.model.parameters())
+    cache = KVCache(cand.model.args, 1, len(ids) + 5, p.dtype, p.device)
+    out, lay = list(ids), StepLayout.build(0, [len(ids)], [0], p.device)
+    logits = cand.model(torch.tensor(ids, device=p.device), lay, cache, logits_for=torch.tensor([len(ids) - 1]))
+    for step in range(4):
+        if not torch.isfinite(logits).all():
+            raise Refused(f"{cand.version}: non-finite logits on the canary prompt")
+        nxt = int(logits[0].argmax())
+        lp = kernels.token_logprobs(logits.float(), torch.tensor([nxt]))
+        if not torch.isfinite(lp).all() or not 0 <= nxt < cand.model.args.vocab_size:
+            raise Refused(f"{cand.version}: bad logprob or token on the canary prompt")
+        lay = StepLayout.build(0, [1], [len(out)], p.device)
+        lay.mask = None
+        out.append(nxt)
+        logits = cand.model(torch.tensor([nxt], device=p.device), lay, cache)
+
+
+def follow_store(cfg: ServerConfig, engine: Engine, server) -> object:
+    """Hot-swap from the model store: VersionManager + (with Kafka) the model-updates watcher + admin RPCs."""
+    from common.model_store import ModelStore
+
+    from .loader import load_policy
+    from .versions import ServedModel, UpdateWatcher, VersionManager, add_admin_service
+    store = ModelStore(cfg.store)
+
+    def apply(new: ServedModel) -> None:
+        pol = new.obj
+        engine.swap(pol.model, new.version, pol.eos_id, pol.decode, payload=pol)
+        metrics.MODEL_VERSION.info({"version": new.version, "path": str(pol.path)})
+
+    mgr = VersionManager(
+        store=store, load=lambda v: load_policy(store.path(v) / "policy", dtype=getattr(torch, cfg.dtype),
+                                                cpu_pack=cfg.cpu_pack),
+        canary=policy_canary, apply=apply, current=ServedModel(engine.model_version, engine.payload),
+        on_event=lambda result, v: metrics.VERSION_EVENTS.labels(result).inc())
+    add_admin_service(server, mgr)
+    watcher = UpdateWatcher(cfg.kafka_bootstrap, mgr, "policy-server").start() if cfg.kafka_bootstrap else None
+    return mgr, watcher
 
 
 def serve(cfg: ServerConfig, policy: LoadedPolicy):
@@ -240,9 +298,10 @@ def serve(cfg: ServerConfig, policy: LoadedPolicy):
         from .interactions import InteractionLog
         interactions = InteractionLog(cfg.kafka_bootstrap)
     pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(cfg, policy, engine, interactions), server)
+    server.versions = follow_store(cfg, engine, server) if cfg.store else None
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (pb.DESCRIPTOR.services_by_name["PolicyService"].full_name, health.SERVICE_NAME,
+    names = (pb.DESCRIPTOR.services_by_name["PolicyService"].full_name, "rlhf.v1.AdminService", health.SERVICE_NAME,
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")

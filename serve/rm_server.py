@@ -1,0 +1,197 @@
+"""The reward-model gRPC server: rlhf.v1.RewardService.Score plus AdminService, health, reflection.
+
+    python -m serve.rm_server --store models/store --kafka-bootstrap 127.0.0.1:19092 --port 50052
+
+Serves the RM of the model store's newest verified version (the rm/ folder the trainer publishes)
+and hot-swaps on the model-updates topic like the policy server: verify, load a standby copy,
+canary (finite scores on fixed texts), then swap the reference between requests; a request
+scores every item with the version it started with and the response names it.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+from common.config_cli import parse_config
+from protos.build import ensure_generated
+
+ensure_generated()
+import grpc  # noqa: E402
+import torch  # noqa: E402
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_reflection.v1alpha import reflection  # noqa: E402
+from prometheus_client import Counter, Histogram, Info, start_http_server  # noqa: E402
+
+from rlhf.v1 import models_pb2 as mpb  # noqa: E402
+from rlhf.v1 import models_pb2_grpc as mgrpc  # noqa: E402
+
+log = logging.getLogger("serve.rm_server")
+
+REQUESTS = Counter("rlhf_rm_requests_total", "Score calls by gRPC status", ["status"])
+LATENCY = Histogram("rlhf_rm_request_latency_seconds", "Score call latency",
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+SCORES = Histogram("rlhf_rm_scores", "Normalised rewards returned", buckets=(-4, -2, -1, -0.5, 0, 0.5, 1, 2, 4))
+ITEMS = Counter("rlhf_rm_scored_items_total", "(prompt, response) pairs scored")
+MODEL = Info("rlhf_rm_model", "The reward-model version being served")
+VERSION_EVENTS = Counter("rlhf_rm_version_events_total", "Hot-swap outcomes: swapped or refused", ["result"])
+
+
+@dataclass(frozen=True)
+class RMServerConfig:
+    """Serve the reward model of the model store over gRPC."""
+
+    store: str = "models/store"
+    """Model store: the newest verified version's rm/ folder is served."""
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 50052
+    """gRPC port (0: any free port)."""
+    metrics_port: int = 9102
+    """Prometheus /metrics port (0 disables)."""
+    kafka_bootstrap: str = ""
+    """Kafka bootstrap servers: follow the model-updates topic and hot-swap ("" disables)."""
+    max_items: int = 64
+    """Pairs per Score call at most."""
+    max_text_chars: int = 20000
+    """Characters per prompt or response at most."""
+    batch: int = 32
+    """Texts per forward pass."""
+    threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.batch < 1 or self.max_text_chars < 1:
+            raise ValueError("max_items, batch and max_text_chars must be >= 1")
+
+
+@dataclass
+class LoadedRM:
+    rm: object
+    tok: object
+    version: str
+
+
+def load_rm(store, version: str) -> LoadedRM:
+    from train.reward_model import load
+    rm, tok = load(store.path(version) / "rm")
+    return LoadedRM(rm, tok, version)
+
+
+@torch.no_grad()
+def score(m: LoadedRM, pairs: list[tuple[str, str]], batch: int) -> list[float]:
+    from train.reward_model import encode
+    from train.rm_update import rm_text
+    texts = [rm_text(p, r) for p, r in pairs]
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = encode(m.tok, texts[i:i + batch], m.rm.rcfg.max_length, m.rm.rcfg.pooling)
+        out += m.rm.reward(**enc).float().tolist()
+    return out
+
+
+def rm_canary(cand: LoadedRM, current) -> None:
+    from .versions import Refused
+    s = score(cand, [("Hello?", "Hi, how can I help you?"), ("What is 2+2?", "4")], 8)
+    if not all(map(lambda x: x == x and abs(x) < 1e6, s)):
+        raise Refused(f"{cand.version}: non-finite or absurd scores on the canary pairs: {s}")
+
+
+class RewardServicer(mgrpc.RewardServiceServicer):
+    def __init__(self, cfg: RMServerConfig, holder: dict):
+        self.cfg, self.holder = cfg, holder
+
+    def Score(self, request, context):
+        t0, status = time.monotonic(), "OK"
+        try:
+            n = len(request.items)
+            if n == 0 or n > self.cfg.max_items:
+                status = "INVALID_ARGUMENT"
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"items: between 1 and {self.cfg.max_items}, got {n}")
+            for i, it in enumerate(request.items):
+                if len(it.prompt) > self.cfg.max_text_chars or len(it.response) > self.cfg.max_text_chars:
+                    status = "INVALID_ARGUMENT"
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"items[{i}]: prompt and response must be <= {self.cfg.max_text_chars} characters")
+            m = self.holder["current"]   # one version for the whole request
+            s = score(m, [(it.prompt, it.response) for it in request.items], self.cfg.batch)
+            for x in s:
+                SCORES.observe(x)
+            ITEMS.inc(n)
+            return mpb.ScoreResponse(scores=s, model_version=m.version)
+        except Exception:
+            if status == "OK":
+                status = "INTERNAL"
+            raise
+        finally:
+            REQUESTS.labels(status).inc()
+            LATENCY.observe(time.monotonic() - t0)
+
+
+def serve(cfg: RMServerConfig):
+    from common.model_store import ModelStore, verify
+
+    from .versions import ServedModel, UpdateWatcher, VersionManager, add_admin_service
+    store = ModelStore(cfg.store)
+    current = None
+    for v in reversed(store.versions()):
+        try:
+            verify(store.path(v))
+            current = load_rm(store, v)
+            break
+        except Exception as e:
+            log.error("not serving %s: %s", v, e)
+    if current is None:
+        raise SystemExit(f"no verified version with an RM in the model store {cfg.store}")
+    holder = {"current": current}
+
+    def apply(new: ServedModel) -> None:
+        holder["current"] = new.obj   # a reference swap: requests in flight keep the object they read
+        MODEL.info({"version": new.version})
+
+    mgr = VersionManager(store=store, load=lambda v: load_rm(store, v), canary=rm_canary, apply=apply,
+                         current=ServedModel(current.version, current),
+                         on_event=lambda result, v: VERSION_EVENTS.labels(result).inc())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
+                         options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)])
+    mgrpc.add_RewardServiceServicer_to_server(RewardServicer(cfg, holder), server)
+    add_admin_service(server, mgr)
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    reflection.enable_server_reflection(("rlhf.v1.RewardService", "rlhf.v1.AdminService", health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+    server.start()
+    hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    MODEL.info({"version": current.version})
+    watcher = UpdateWatcher(cfg.kafka_bootstrap, mgr, "rm-server").start() if cfg.kafka_bootstrap else None
+    return server, port, mgr, watcher
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(RMServerConfig, argv, prog="python -m serve.rm_server", description=__doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.metrics_port:
+        start_http_server(cfg.metrics_port, addr=cfg.host)
+    server, port, mgr, watcher = serve(cfg)
+    print(f"rm server listening on {cfg.host}:{port} model={mgr.current.version} metrics={cfg.metrics_port}",
+          flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    if watcher:
+        watcher.stop()
+    server.stop(grace=5).wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Hot-swap of model versions for a running server (policy or RM), and its admin RPCs.
+
+The model-updates topic only says "a version exists"; the model store is the truth. On an update:
+  1. verify: every file's sha256 against the version's manifest (common/model_store.verify);
+  2. load into a standby copy on the watcher thread, off the request path;
+  3. canary: the server's own check on fixed inputs (finite logits/logprobs/scores, sane output)
+     and compatibility with what is served (e.g. the same tokenizer);
+  4. swap: the server's `apply` (the policy engine drains its batch and swaps between steps; the
+     RM server swaps a reference between requests).
+A version that fails 1-3 is refused (a log line, rlhf_<server>_versions_refused_total) and the
+current one keeps serving. Admin: list, pin (serve this version, ignore updates), unpin, roll back.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from common import model_store
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A version that may not be served: corrupt, incomplete, incompatible or failing the canary."""
+
+
+@dataclass
+class ServedModel:
+    """What a server needs to swap in: the loaded object plus its version."""
+    version: str
+    obj: object
+
+
+@dataclass
+class VersionManager:
+    store: model_store.ModelStore
+    load: Callable[[str], object]                 # version -> loaded object (standby copy)
+    canary: Callable[[object, object], None]      # (candidate, current) -> raises Refused
+    apply: Callable[[ServedModel], None]          # makes the candidate the served version
+    current: ServedModel
+    on_event: Callable[[str, str], None] = lambda result, version: None   # metrics hook
+    pinned: bool = False
+    history: list[str] = field(default_factory=list)   # versions served, oldest first
+    refused: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.history.append(self.current.version)
+
+    def switch_to(self, version: str) -> ServedModel:
+        """Steps 1-4 for one version; raises Refused (and counts it) if it may not be served."""
+        with self.lock:
+            if version == self.current.version:
+                return self.current
+            t0 = time.monotonic()
+            try:
+                try:
+                    model_store.verify(self.store.path(version))
+                except (model_store.CorruptCheckpoint, ValueError) as e:
+                    raise Refused(str(e)) from e
+                try:
+                    obj = self.load(version)
+                except Exception as e:  # a checkpoint that does not load is incompatible, not a crash
+                    raise Refused(f"{version} does not load: {e}") from e
+                self.canary(obj, self.current.obj)
+            except Refused as e:
+                self.refused[version] = str(e)
+                self.on_event("refused", version)
+                log.error("refusing version %s, still serving %s: %s", version, self.current.version, e)
+                raise
+            new = ServedModel(version, obj)
+            self.apply(new)
+            self.current = new
+            self.history.append(version)
+            self.on_event("swapped", version)
+            log.info("swapped to %s in %.2fs", version, time.monotonic() - t0)
+            return new
+
+    def offer(self, version: str) -> None:
+        """An announced version: served unless pinned (a refusal is logged, not raised)."""
+        if self.pinned:
+            log.info("version %s announced; pinned to %s, not swapping", version, self.current.version)
+            return
+        if self._older_than_current(version):
+            return
+        try:
+            self.switch_to(version)
+        except Refused:
+            pass
+
+    def _older_than_current(self, version: str) -> bool:
+        try:
+            return model_store.version_number(version) <= model_store.version_number(self.current.version)
+        except ValueError:
+            return False
+
+    def newest_servable(self) -> str | None:
+        for v in reversed(self.store.versions()):
+            if v not in self.refused:
+                return v
+        return None
+
+    # admin operations
+    def pin(self, version: str) -> ServedModel:
+        new = self.switch_to(version)
+        self.pinned = True
+        return new
+
+    def unpin(self) -> ServedModel:
+        self.pinned = False
+        for v in reversed(self.store.versions()):
+            if v in self.refused or self._older_than_current(v):
+                continue
+            try:
+                return self.switch_to(v)
+            except Refused:
+                continue
+        return self.current
+
+    def rollback(self) -> ServedModel:
+        """Back to the version served before the current one, pinned (so updates do not undo it)."""
+        prev = [v for v in self.history if v != self.current.version]
+        if not prev:
+            raise Refused(f"nothing to roll back to: {self.current.version} is the only version served")
+        return self.pin(prev[-1])
+
+    def list(self) -> list[dict]:
+        out = []
+        for v in self.store.versions():
+            info = {"version": v, "serving": v == self.current.version, "verified": False, "refused_reason": "",
+                    "created_unix_ms": 0}
+            try:
+                m = model_store.verify(self.store.path(v))
+                info.update(verified=True, created_unix_ms=int(m.get("created_unix_ms", 0)))
+            except model_store.CorruptCheckpoint as e:
+                info["refused_reason"] = str(e)
+            info["refused_reason"] = self.refused.get(v, info["refused_reason"])
+            out.append(info)
+        return out
+
+
+class UpdateWatcher:
+    """Follows the model-updates topic from its end and offers each announced version."""
+
+    def __init__(self, bootstrap: str, manager: VersionManager, client_id: str):
+        self.bootstrap, self.manager, self.client_id = bootstrap, manager, client_id
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
+
+    def start(self, timeout: float = 60.0) -> "UpdateWatcher":
+        self._thread.start()
+        self._ready.wait(timeout)
+        return self
+
+    def _run(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        from feedback.topics import MODEL_UPDATES
+        from rlhf.v1 import models_pb2
+        while not self._stop.is_set():
+            try:
+                c = KafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=None,
+                                  enable_auto_commit=False)
+                tp = TopicPartition(MODEL_UPDATES, 0)
+                c.assign([tp])
+                c.seek_to_end(tp)
+                c.position(tp)
+                self._ready.set()
+                # the store may hold versions announced before we started following
+                newest = self.manager.newest_servable()
+                if newest:
+                    self.manager.offer(newest)
+                while not self._stop.is_set():
+                    for recs in c.poll(timeout_ms=500).values():
+                        for r in recs:
+                            try:
+                                upd = models_pb2.ModelUpdate.FromString(r.value)
+                            except Exception as e:
+                                log.warning("unreadable model update at offset %d: %s", r.offset, e)
+                                continue
+                            self.manager.offer(upd.version)
+                c.close()
+            except Exception as e:
+                log.warning("model-updates watcher: %s; retrying in 2s", e)
+                self._ready.set()
+                time.sleep(2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def add_admin_service(server, manager: VersionManager, authorize=None) -> None:
+    """Registers rlhf.v1.AdminService (list / pin / unpin / rollback) for this manager."""
+    import grpc
+
+    from rlhf.v1 import models_pb2 as mpb
+    from rlhf.v1 import models_pb2_grpc as mgrpc
+
+    class Admin(mgrpc.AdminServiceServicer):
+        def _result(self, fn, context):
+            try:
+                cur = fn()
+                return mpb.AdminResult(ok=True, serving=cur.version)
+            except Refused as e:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        def ListVersions(self, request, context):
+            return mpb.VersionList(versions=[mpb.VersionInfo(**v) for v in manager.list()],
+                                   serving=manager.current.version, pinned=manager.pinned)
+
+        def PinVersion(self, request, context):
+            if not request.version:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version: required")
+            return self._result(lambda: manager.pin(request.version), context)
+
+        def Unpin(self, request, context):
+            return self._result(manager.unpin, context)
+
+        def Rollback(self, request, context):
+            return self._result(manager.rollback, context)
+
+        def PauseTraining(self, request, context):
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "PauseTraining is served by the trainer, not this server")
+
+    mgrpc.add_AdminServiceServicer_to_server(Admin(), server)
