@@ -40,7 +40,9 @@ def _response(name: str, r: fb.Response, lim: Limits, resolved: bool) -> None:
         raise Invalid(f"{name}: needs a response_id or a text")
     if resolved and not r.model_version:
         raise Invalid(f"{name}.model_version: missing")
-    _text(f"{name}.text", r.text, lim, required=resolved)
+    # a response given by id may be served text that is empty (the model stopped at once): the id,
+    # resolved against the interactions log, is what identifies it, so only id-less ones need a text
+    _text(f"{name}.text", r.text, lim, required=resolved and not r.response_id)
 
 
 def event_id(f: fb.Feedback) -> str:

@@ -50,7 +50,7 @@ class RMServerConfig:
     """Address to bind."""
     port: int = 50052
     """gRPC port (0: any free port)."""
-    metrics_port: int = 9102
+    metrics_port: int = 9103
     """Prometheus /metrics port (0 disables)."""
     kafka_bootstrap: str = ""
     """Kafka bootstrap servers: follow the model-updates topic and hot-swap ("" disables)."""

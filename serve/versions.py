@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from common import model_store
@@ -181,6 +182,9 @@ class UpdateWatcher:
                                 upd = models_pb2.ModelUpdate.FromString(r.value)
                             except Exception as e:
                                 log.warning("unreadable model update at offset %d: %s", r.offset, e)
+                                continue
+                            if upd.path and Path(upd.path).resolve().parent != self.manager.store.root.resolve():
+                                log.info("ignoring %s: announced for another model store (%s)", upd.version, upd.path)
                                 continue
                             self.manager.offer(upd.version)
                 c.close()

@@ -264,3 +264,18 @@ def test_broker_down_gives_unavailable_and_nothing_acked_is_lost(tmp_path):
     finally:
         proc.stop()
         stop(cfg)
+
+
+def test_a_served_empty_response_referenced_by_id_is_valid_feedback():
+    """A model may stop at once: its (empty) response, resolved by id, must not be dead-lettered."""
+    from feedback import validate
+    src = fb.Source(kind=fb.SOURCE_KIND_LABELER, id="l1")
+    ok = fb.Feedback(comparison=fb.Comparison(event_id="e1", source=src, prompt="p", preferred=fb.Comparison.CHOICE_A,
+                                              a=fb.Response(response_id="r1", text="", model_version="v1"),
+                                              b=fb.Response(response_id="r2", text="hi", model_version="v1")))
+    validate.check(ok, validate.Limits(), resolved=True)
+    bad = fb.Feedback()
+    bad.CopyFrom(ok)
+    bad.comparison.a.response_id = ""
+    with pytest.raises(validate.Invalid, match="comparison.a"):
+        validate.check(bad, validate.Limits(), resolved=True)

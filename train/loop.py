@@ -338,9 +338,10 @@ class Trainer:
         last = stats[-1]
         res.update({f"ppo_{k}": v for k, v in last.items()})
         res["ppo_reward_first"] = stats[0]["reward"]
+        res["ppo_trace"] = [[round(x["reward"], 5), round(x["kl"], 5)] for x in stats]   # (RM reward, KL) per iteration
         M.observe_cycle({}, last)
         # 4: the PPO gate
-        if last.get("nan") or not all(math.isfinite(s[k]) for s in stats for k in s):
+        if last.get("nan") or not all(math.isfinite(x[k]) for x in stats for k in x):
             return self._refuse(res, "PPO gate: a statistic is NaN or infinite")
         if last["kl"] > cfg.kl_budget:
             return self._refuse(res, f"PPO gate: KL {last['kl']:.2f} nats above the budget {cfg.kl_budget}")
