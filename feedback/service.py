@@ -5,6 +5,7 @@ write to Kafka with acks=all, and answer OK only after the broker acknowledged.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import signal
@@ -51,6 +52,12 @@ class FeedbackConfig:
     """Longest prompt or response text accepted."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted."""
+    auth_tokens: str = ""
+    """File of `token role` lines (roles client, labeler, admin); "" disables auth. Tokens are never logged."""
+    tls_cert: str = ""
+    """PEM certificate for TLS ("" serves plaintext)."""
+    tls_key: str = ""
+    """PEM private key for TLS."""
     workers: int = 32
     """gRPC handler threads."""
     max_batch_items: int = 10_000
@@ -134,6 +141,11 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         pending (f, kind, event_id, future, t0) to be resolved by _resolve_pending."""
         eid = validate.event_id(f)
         try:
+            _check_role(f)
+        except PermissionError as e:
+            metrics.REJECTED.labels("permission").inc()
+            return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.PERMISSION_DENIED.value[0], message=str(e))
+        try:
             kind, eid, value = self._prepare(f)
             t0 = time.perf_counter()
             return (f, kind, eid, self.producer.send_async(topics.FEEDBACK, eid.encode(), value), t0)
@@ -185,12 +197,30 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             finally:
                 window.put(None)
 
-        threading.Thread(target=read, name="submit-many-reader", daemon=True).start()
+        ctx = contextvars.copy_context()   # the caller's role (common.auth) travels with the reader
+        threading.Thread(target=ctx.run, args=(read,), name="submit-many-reader", daemon=True).start()
         while (item := window.get()) is not None:
             yield self._resolve_pending(item)
 
 
 _STATUS_BY_CODE = {c.value[0]: c for c in grpc.StatusCode}
+_ROLE_SOURCES = {"client": fb.SOURCE_KIND_USER, "labeler": fb.SOURCE_KIND_LABELER}
+
+
+def _check_role(f: fb.Feedback) -> None:
+    """With auth on, a client token submits user feedback and a labeler token labeler feedback."""
+    from common.auth import current_role
+    role = current_role()
+    if role is None or role == "admin":
+        return
+    kind = f.WhichOneof("kind")
+    if kind is None:
+        return
+    src = getattr(f, kind).source.kind
+    if src != _ROLE_SOURCES[role]:
+        raise PermissionError(f"role {role} may not submit {fb.SourceKind.Name(src)} feedback")
+    if (role, kind) in (("client", "ranking"), ("labeler", "rating")):
+        raise PermissionError(f"role {role} may not submit a {kind}")
 _SOURCE_LABELS = {v: fb.SourceKind.Name(v).removeprefix("SOURCE_KIND_").lower() for v in fb.SourceKind.values()}
 
 
@@ -211,11 +241,13 @@ def serve(cfg: FeedbackConfig):
     producer = AckedProducer(cfg.bootstrap, cfg.kafka_timeout_s, client_id="feedback-service")
     index = ResponseIndex(cfg.bootstrap, topics.INTERACTIONS, parse_interaction).start()
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts)
+    from common import auth
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts,
+                         interceptors=auth.interceptors(cfg.auth_tokens))
     fb_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(cfg, producer, index), server)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = auth.bind(server, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key)
     server.start()
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     hs.set("rlhf.v1.FeedbackService", health_pb2.HealthCheckResponse.SERVING)

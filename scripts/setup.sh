@@ -15,6 +15,11 @@ if ! ls deploy/kafka/lib/kafka_2.13-*.jar >/dev/null 2>&1; then
   echo "[setup] Kafka broker jars from Maven Central -> deploy/kafka/lib"
   mvn -q -B -f deploy/kafka/pom.xml dependency:copy-dependencies
 fi
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "[setup] Prometheus and promtool from Debian (the observability tests run a real server)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 command -v java >/dev/null || { echo "[setup] java is required for the Kafka broker" >&2; exit 1; }
 
 if [ ! -f models/policy-v0/config.json ]; then

@@ -45,8 +45,22 @@ class ServerConfig:
     """Kafka bootstrap servers to log every served generation to the interactions topic ("" disables)."""
     store: str = ""
     """Model store to serve from (overrides --model): its newest verified version is served, and with --kafka-bootstrap the server follows the model-updates topic and hot-swaps new versions."""
+    auth_tokens: str = ""
+    """File of `token role` lines (roles client, labeler, admin); "" disables auth. Tokens are never logged."""
+    tls_cert: str = ""
+    """PEM certificate for TLS ("" serves plaintext)."""
+    tls_key: str = ""
+    """PEM private key for TLS."""
+    served_score_fraction: float = 0.0
+    """Fraction of served responses scored off the request path for served reward (needs --rm-target) and served KL to the reference policy (0 disables)."""
+    reference: str = ""
+    """Reference (initial) policy for served KL ("": the model store's v0000/policy when --store is set)."""
+    rm_target: str = ""
+    """host:port of the RM server, for served reward ("" disables)."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.served_score_fraction <= 1:
+            raise ValueError("served_score_fraction must be in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.cpu_pack not in ("lm_head", "all", "none"):

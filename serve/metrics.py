@@ -19,6 +19,13 @@ KV_SLOTS = Gauge("rlhf_policy_kv_slots_in_use", "KV-cache slots held by live seq
 KV_SLOTS_TOTAL = Gauge("rlhf_policy_kv_slots", "KV-cache slots in all")
 MODEL_VERSION = Info("rlhf_policy_model", "The model version being served")
 VERSION_EVENTS = Counter("rlhf_policy_version_events_total", "Hot-swap outcomes: swapped or refused", ["result"])
+SERVED_REWARD = Histogram("rlhf_policy_served_reward", "RM reward of sampled served responses", ["version"],
+                          buckets=(-4, -2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2, 4))
+SERVED_KL = Histogram("rlhf_policy_served_kl_nats", "KL to the initial policy of sampled served responses, summed "
+                      "over tokens", ["version"], buckets=(0.1, 0.5, 1, 2, 4, 8, 16, 32, 64, 128))
+SERVED_SCORED = Counter("rlhf_policy_served_scored_total", "Served responses scored for reward/KL", ["version"])
+SERVED_SCORING_DROPPED = Counter("rlhf_policy_served_scoring_dropped_total", "Samples dropped: scoring queue full")
+SERVED_SCORING_ERRORS = Counter("rlhf_policy_served_scoring_errors_total", "Samples whose scoring failed")
 ENGINE_STEPS = Counter("rlhf_policy_engine_steps_total", "Engine iterations (prefill and/or decode)")
 
 

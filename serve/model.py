@@ -342,3 +342,13 @@ def num_parameters(m: CausalLM) -> int:
 
 
 __all__ = ["ModelArgs", "CausalLM", "KVCache", "StepLayout", "from_hf", "args_from_hf_config", "num_parameters"]
+
+
+def sequence_logits(m: CausalLM, ids: list[int], first: int) -> torch.Tensor:
+    """Logits predicting ids[first:] given everything before, (len(ids) - first, V), in one
+    prefill on a private one-slot cache (scoring off the request path; the engine's cache is untouched)."""
+    p = next(m.parameters())
+    cache = KVCache(m.args, 1, len(ids), p.dtype, p.device)
+    lay = StepLayout.build(0, [len(ids)], [0], p.device)
+    return m(torch.tensor(ids, device=p.device), lay, cache,
+             logits_for=torch.arange(first - 1, len(ids) - 1, device=p.device))

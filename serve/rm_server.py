@@ -54,6 +54,12 @@ class RMServerConfig:
     """Prometheus /metrics port (0 disables)."""
     kafka_bootstrap: str = ""
     """Kafka bootstrap servers: follow the model-updates topic and hot-swap ("" disables)."""
+    auth_tokens: str = ""
+    """File of `token role` lines (roles client, labeler, admin); "" disables auth. Tokens are never logged."""
+    tls_cert: str = ""
+    """PEM certificate for TLS ("" serves plaintext)."""
+    tls_key: str = ""
+    """PEM private key for TLS."""
     max_items: int = 64
     """Pairs per Score call at most."""
     max_text_chars: int = 20000
@@ -155,20 +161,24 @@ def serve(cfg: RMServerConfig):
     mgr = VersionManager(store=store, load=lambda v: load_rm(store, v), canary=rm_canary, apply=apply,
                          current=ServedModel(current.version, current),
                          on_event=lambda result, v: VERSION_EVENTS.labels(result).inc())
+    from common import auth
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-                         options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)])
+                         options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+                         interceptors=auth.interceptors(cfg.auth_tokens))
     mgrpc.add_RewardServiceServicer_to_server(RewardServicer(cfg, holder), server)
     add_admin_service(server, mgr)
     hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection(("rlhf.v1.RewardService", "rlhf.v1.AdminService", health.SERVICE_NAME,
                                          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = auth.bind(server, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key)
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}")
     server.start()
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     MODEL.info({"version": current.version})
+    for result in ("swapped", "refused"):
+        VERSION_EVENTS.labels(result)
     watcher = UpdateWatcher(cfg.kafka_bootstrap, mgr, "rm-server").start() if cfg.kafka_bootstrap else None
     return server, port, mgr, watcher
 

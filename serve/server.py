@@ -7,6 +7,7 @@ cancel flag, and the engine frees its slots before its next step.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import queue
 import time
 from concurrent import futures
@@ -76,8 +77,8 @@ def _abort(context, code: grpc.StatusCode, msg: str):
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    def __init__(self, cfg: ServerConfig, policy: LoadedPolicy, engine: Engine, interactions=None):
-        self.cfg, self.engine, self.interactions = cfg, engine, interactions
+    def __init__(self, cfg: ServerConfig, policy: LoadedPolicy, engine: Engine, interactions=None, scorer=None):
+        self.cfg, self.engine, self.interactions, self.scorer = cfg, engine, interactions, scorer
         self.max_context = engine.cfg.max_context
 
     # ---- helpers ----
@@ -146,12 +147,18 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             yield ev
 
     def _log_interactions(self, req: Request, prompt: str | None = None, texts: list[str] | None = None) -> None:
-        if self.interactions is None:
+        """After a request: the interactions topic, and a sample for served reward/KL scoring."""
+        if self.interactions is None and self.scorer is None:
             return
         prompt = self.policy.decode(req.prompt) if prompt is None else prompt
         texts = [self._text(s) for s in req.seqs] if texts is None else texts
         for s, text in zip(req.seqs, texts):
-            self.interactions.record(prompt, req.prompt, s, text, req.model_version)
+            if self.interactions is not None:
+                self.interactions.record(prompt, req.prompt, s, text, req.model_version)
+            if self.scorer is not None and s.finish not in (Finish.CANCELLED, Finish.DEADLINE, Finish.ERROR):
+                from .served_scoring import Sample
+                self.scorer.offer(Sample(req.model_version, req.served_by or self.policy, list(req.prompt),
+                                         list(s.out), prompt, text))
 
     def _text(self, seq) -> str:
         text = self.policy.decode(seq.out)
@@ -285,31 +292,49 @@ def follow_store(cfg: ServerConfig, engine: Engine, server) -> object:
     return mgr, watcher
 
 
+def build_scorer(cfg: ServerConfig):
+    """Served reward/KL sampling (--served-score-fraction > 0): the reference policy is --reference,
+    or the model store's first version (the trainer's PPO reference)."""
+    if cfg.served_score_fraction <= 0:
+        return None
+    from .loader import load_policy
+    from .served_scoring import ServedScorer
+    ref_path = cfg.reference or (str(Path(cfg.store) / "v0000" / "policy") if cfg.store else "")
+    reference = load_policy(ref_path, cpu_pack="none") if ref_path else None
+    if reference is None and not cfg.rm_target:
+        log.warning("--served-score-fraction set but neither a reference policy nor --rm-target: nothing to score")
+    return ServedScorer(cfg.served_score_fraction, reference, cfg.rm_target)
+
+
 def serve(cfg: ServerConfig, policy: LoadedPolicy):
     """Starts engine and gRPC server; returns (server, bound port, engine, interaction log or None)."""
     engine = build_engine(cfg, policy).start()
     workers = cfg.max_batch_size + cfg.max_queue + 8
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
+    from common import auth
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                         options=opts, maximum_concurrent_rpcs=workers)
+                         options=opts, maximum_concurrent_rpcs=workers, interceptors=auth.interceptors(cfg.auth_tokens))
     interactions = None
     if cfg.kafka_bootstrap:
         from .interactions import InteractionLog
         interactions = InteractionLog(cfg.kafka_bootstrap)
-    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(cfg, policy, engine, interactions), server)
+    scorer = build_scorer(cfg)
+    pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(cfg, policy, engine, interactions, scorer), server)
     server.versions = follow_store(cfg, engine, server) if cfg.store else None
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["PolicyService"].full_name, "rlhf.v1.AdminService", health.SERVICE_NAME,
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = auth.bind(server, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key)
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}")
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics.KV_SLOTS_TOTAL.set(cfg.max_batch_size)
+    for result in ("swapped", "refused"):   # series exist from the start (dashboards, alert rules)
+        metrics.VERSION_EVENTS.labels(result)
     metrics.MODEL_VERSION.info({"version": policy.version, "path": str(policy.path)})
     return server, port, engine, interactions

@@ -64,6 +64,16 @@ def tiny_hh_policy(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_hh_policy, tiny_bert) -> Path:
+    """A model store holding v0000 (tiny policy + tiny RM), as the trainer bootstraps it."""
+    from common.model_store import ModelStore
+    from train.loop import TrainerConfig, bootstrap_store
+    root = tmp_path_factory.mktemp("store")
+    bootstrap_store(TrainerConfig(init_policy=tiny_hh_policy, rm_backbone=str(tiny_bert)), ModelStore(root))
+    return root
+
+
+@pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory):
     """The bundled Kafka broker (KRaft, single node) on free loopback ports: its bootstrap string."""
     from feedback.broker import BrokerConfig, start, stop

@@ -236,3 +236,27 @@ def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafk
     assert sent <= stored   # no feedback lost across the crash
     cycle = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("CYCLE "))[6:])
     assert cycle["feedback_events"] >= len(sent)
+
+
+def test_pause_training_admin_rpc_holds_cycles_until_resumed(kafka_broker, tiny_hh_policy, tiny_bert, tmp_path):
+    import grpc
+
+    from rlhf.v1 import models_pb2 as mpb
+    from rlhf.v1 import models_pb2_grpc as mgrpc
+    from tests.helpers import free_port
+    port = free_port()
+    args = _trainer_args(tmp_path, kafka_broker, tiny_hh_policy, tiny_bert, f"pause-{time.time_ns()}", cycles=1)
+    p = ServerProc("train.loop", [*args, "--admin-port", str(port)], r"trainer admin listening", timeout=300)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            admin = mgrpc.AdminServiceStub(ch)
+            assert admin.PauseTraining(mpb.PauseTrainingRequest(paused=True), timeout=10).message == "paused"
+            _produce(kafka_broker, 50, seed=21)
+            time.sleep(8)   # plenty of feedback for a cycle, but paused
+            assert "rm:" not in p.output() and ms.ModelStore(tmp_path / "store").versions() == ["v0000"]
+            assert [v.version for v in admin.ListVersions(mpb.ListVersionsRequest(), timeout=10).versions] == ["v0000"]
+            admin.PauseTraining(mpb.PauseTrainingRequest(paused=False), timeout=10)
+        p.proc.wait(timeout=300)
+        assert "cycle 1: published v0001" in p.output(), p.output()[-2000:]
+    finally:
+        p.stop()

@@ -24,6 +24,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,9 @@ class TrainerConfig:
     heldout: float = 0.2
     """Fraction of groups held out (by event-id hash) to gate the RM."""
     rm_tolerance: float = 0.05
-    """The candidate RM may be this much less accurate than the current one on the held-out split."""
+    """The candidate RM may be this much less accurate than the current one on the held-out split (or two standard errors of that accuracy on the held-out groups, if larger: small splits are noisy)."""
+    rm_gate_min_pairs: int = 30
+    """The RM gate judges only with at least this many held-out non-tie groups (fewer: too noisy; it passes and says so)."""
     kl_budget: float = 20.0
     """Refuse to publish a policy whose mean KL to the reference exceeds this (nats per response)."""
     max_prompt_tokens: int = 96
@@ -86,6 +89,10 @@ class TrainerConfig:
     """Stop after this many cycles (0: run until stopped)."""
     metrics_port: int = 0
     """Prometheus /metrics port (0 disables)."""
+    admin_port: int = 0
+    """gRPC port of the trainer's AdminService (PauseTraining, ListVersions); 0 disables."""
+    auth_tokens: str = ""
+    """Token file for the admin port (see common/auth.py); "" leaves it open (bind it to localhost)."""
     threads: int = 0
     """torch threads (0: torch's default)."""
     seed: int = 0
@@ -244,6 +251,7 @@ class Trainer:
         self.ppo = self._new_ppo()
         self.cycles = 0
         self.last_cycle_at = time.monotonic()
+        self.paused = threading.Event()
         if dist.is_main():
             self._recover(manifest)
             M.PUBLISHED_VERSION.set(model_store.version_number(version))
@@ -285,6 +293,8 @@ class Trainer:
         return n
 
     def due(self) -> bool:
+        if self.paused.is_set():   # AdminService.PauseTraining: keep ingesting, start no cycle
+            return False
         new = self.consumer.store.count() - self.m.feedback_seen
         if new >= self.cfg.cycle_comparisons:
             return True
@@ -322,8 +332,13 @@ class Trainer:
         acc = heldout_accuracy(rm, m.rm_tok, test)
         res.update(rm_accuracy=acc, rm_accuracy_prev=prev_acc)
         M.observe_cycle(res, {})
-        if test and not math.isnan(prev_acc) and not acc >= prev_acc - cfg.rm_tolerance:
-            return self._refuse(res, f"RM gate: held-out accuracy {acc:.3f} < {prev_acc:.3f} - {cfg.rm_tolerance}")
+        n_judged = sum(not g.tie for g in test)
+        res["heldout_pairs"] = n_judged
+        if n_judged < cfg.rm_gate_min_pairs:
+            res["rm_gate"] = f"skipped: {n_judged} held-out groups < {cfg.rm_gate_min_pairs}"
+        elif not acc >= prev_acc - (margin := max(cfg.rm_tolerance, 2 * math.sqrt(prev_acc * (1 - prev_acc) / n_judged))):
+            return self._refuse(res, f"RM gate: held-out accuracy {acc:.3f} < {prev_acc:.3f} - {margin:.3f}"
+                                     f" on {n_judged} held-out groups")
         # 3: rewards with mean 0 over the preference texts, then PPO against the candidate RM
         from .rm_eval import score_texts
         ref_texts = [t for g in groups for t in g.texts]
@@ -388,6 +403,35 @@ class Trainer:
             self.producer.close()
 
 
+def serve_admin(tr: Trainer, port: int, tokens: str):
+    """The trainer's AdminService: PauseTraining and ListVersions (admin role when auth is on)."""
+    from concurrent import futures
+
+    import grpc
+
+    from common import auth
+    from rlhf.v1 import models_pb2_grpc as mgrpc
+
+    class Admin(mgrpc.AdminServiceServicer):
+        def PauseTraining(self, request, context):
+            (tr.paused.set if request.paused else tr.paused.clear)()
+            print(f"training {'paused' if request.paused else 'resumed'} by an admin call", flush=True)
+            return models_pb2.AdminResult(ok=True, serving=tr.m.version,
+                                          message="paused" if request.paused else "running")
+
+        def ListVersions(self, request, context):
+            return models_pb2.VersionList(serving=tr.m.version, versions=[
+                models_pb2.VersionInfo(version=v, serving=v == tr.m.version, verified=True)
+                for v in tr.store.versions()])
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=auth.interceptors(tokens))
+    mgrpc.add_AdminServiceServicer_to_server(Admin(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(f"trainer admin listening on 127.0.0.1:{bound}", flush=True)
+    return server
+
+
 def progress_line(r: dict) -> str:
     f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
     head = f"cycle {r['cycle']}: " + (f"published {r['version']}" if r.get("published")
@@ -409,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(flag=True))
     tr = Trainer(cfg)
+    admin = serve_admin(tr, cfg.admin_port, cfg.auth_tokens) if cfg.admin_port and dist.is_main() else None
     try:
         while not stop["flag"] and (cfg.max_cycles == 0 or tr.cycles < cfg.max_cycles):
             go = False
@@ -423,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(progress_line(res), flush=True)
                     print("CYCLE " + json.dumps(res), flush=True)
     finally:
+        if admin is not None:
+            admin.stop(grace=1)
         tr.close()
         dist.destroy()
     return 0

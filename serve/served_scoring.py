@@ -1,0 +1,87 @@
+"""Served reward and served KL: what users actually receive, scored off the request path.
+
+A configurable fraction of finished sequences is queued (bounded: when full, the sample is dropped
+and counted, never the request delayed). A worker thread scores each with
+  - the RM server (rlhf.v1.RewardService.Score): the reward of the response as served;
+  - the reference (initial) policy and the version that served it: KL(pi || pi_ref) summed over the
+    response's tokens, exact per token over the vocabulary (serve.kernels.entropy_kl),
+and records both per model version (rlhf_policy_served_reward, rlhf_policy_served_kl_nats).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels, metrics
+from .model import sequence_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    version: str
+    policy: object          # LoadedPolicy that served it
+    prompt_ids: list[int]
+    response_ids: list[int]
+    prompt: str
+    response: str
+
+
+class ServedScorer:
+    def __init__(self, fraction: float, reference, rm_target: str, max_queue: int = 256, seed: int = 0):
+        self.fraction, self.reference, self.rm_target = fraction, reference, rm_target
+        self.q: queue.Queue[Sample | None] = queue.Queue(maxsize=max_queue)
+        self.rng = random.Random(seed)
+        self._rm = None
+        if rm_target:
+            import grpc
+
+            from rlhf.v1 import models_pb2_grpc
+            self._channel = grpc.insecure_channel(rm_target)
+            self._rm = models_pb2_grpc.RewardServiceStub(self._channel)
+        self._thread = threading.Thread(target=self._run, name="served-scoring", daemon=True)
+        self._thread.start()
+
+    def offer(self, s: Sample) -> None:
+        if not s.response_ids or self.rng.random() >= self.fraction:
+            return
+        try:
+            self.q.put_nowait(s)
+        except queue.Full:
+            metrics.SERVED_SCORING_DROPPED.inc()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while (s := self.q.get()) is not None:
+            try:
+                self._score(s)
+            except Exception as e:   # scoring must never take serving down
+                metrics.SERVED_SCORING_ERRORS.inc()
+                log.warning("served scoring failed: %s", e)
+
+    def _score(self, s: Sample) -> None:
+        if self.reference is not None:
+            ids = s.prompt_ids + s.response_ids
+            lp = sequence_logits(s.policy.model, ids, len(s.prompt_ids))
+            lq = sequence_logits(self.reference.model, ids, len(s.prompt_ids))
+            _, kl, _, _ = kernels.entropy_kl(lp, lq, torch.tensor(s.response_ids))
+            metrics.SERVED_KL.labels(s.version).observe(float(kl.sum()))
+        if self._rm is not None:
+            from rlhf.v1 import models_pb2
+            r = self._rm.Score(models_pb2.ScoreRequest(items=[models_pb2.ScoreItem(prompt=s.prompt, response=s.response)]),
+                               timeout=30)
+            metrics.SERVED_REWARD.labels(s.version).observe(r.scores[0])
+        metrics.SERVED_SCORED.labels(s.version).inc()
+
+    def close(self) -> None:
+        try:
+            self.q.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=5)

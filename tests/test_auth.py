@@ -1,0 +1,128 @@
+"""Token roles against every RPC of the policy, feedback and RM servers, with TLS on and off."""
+from __future__ import annotations
+
+import subprocess
+
+import grpc
+import pytest
+
+from common.auth import bearer, channel
+from rlhf.v1 import feedback_pb2 as fb
+from rlhf.v1 import feedback_pb2_grpc as fb_grpc
+from rlhf.v1 import models_pb2 as mpb
+from rlhf.v1 import models_pb2_grpc as mgrpc
+from rlhf.v1 import policy_pb2 as pb
+from rlhf.v1 import policy_pb2_grpc as pb_grpc
+from tests.helpers import ServerProc, free_port
+
+TOKENS = {"client": "tok-client-Zq9", "labeler": "tok-labeler-Xw1", "admin": "tok-admin-Pp4"}
+SECRET_PROMPT = "my-very-private-prompt-4471"
+OK, UNAUTH, DENIED = "OK", "UNAUTHENTICATED", "PERMISSION_DENIED"
+
+
+@pytest.fixture(scope="module", params=["plaintext", "tls"])
+def servers(request, tmp_path_factory, tiny_store, kafka_broker):
+    tmp = tmp_path_factory.mktemp("auth")
+    (tmp / "tokens.txt").write_text("# token role\n" + "".join(f"{t} {r}\n" for r, t in TOKENS.items()))
+    flags = ["--auth-tokens", str(tmp / "tokens.txt")]
+    ca = ""
+    if request.param == "tls":
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp / "key.pem"),
+                        "-out", str(tmp / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+        flags += ["--tls-cert", str(tmp / "cert.pem"), "--tls-key", str(tmp / "key.pem")]
+        ca = str(tmp / "cert.pem")
+    ports = {k: free_port() for k in ("policy", "rm", "feedback")}
+    procs = [
+        ServerProc("serve", ["--store", str(tiny_store), "--port", str(ports["policy"]), "--metrics-port", "0",
+                             *flags], r"policy server listening", timeout=300),
+        ServerProc("serve.rm_server", ["--store", str(tiny_store), "--port", str(ports["rm"]), "--metrics-port", "0",
+                                       *flags], r"rm server listening", timeout=300),
+        ServerProc("feedback.service", ["--bootstrap", kafka_broker, "--port", str(ports["feedback"]),
+                                        "--metrics-port", "0", *flags], r"feedback service listening"),
+    ]
+    yield ports, ca, procs
+    for p in procs:
+        p.stop()
+
+
+def _code(fn) -> str:
+    try:
+        fn()
+        return OK
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+def _user(kind=fb.SOURCE_KIND_USER):
+    return fb.Source(kind=kind, id="someone")
+
+
+def _calls(ports, ca):
+    """(name, callable(metadata)) for every RPC under test."""
+    pol = channel(f"127.0.0.1:{ports['policy']}", ca)
+    rm = channel(f"127.0.0.1:{ports['rm']}", ca)
+    fbc = channel(f"127.0.0.1:{ports['feedback']}", ca)
+    P, A, R = pb_grpc.PolicyServiceStub(pol), mgrpc.AdminServiceStub(pol), mgrpc.RewardServiceStub(rm)
+    RA, F = mgrpc.AdminServiceStub(rm), fb_grpc.FeedbackServiceStub(fbc)
+    resp = fb.Response(text="an answer", model_version="v0000")
+    resp2 = fb.Response(text="another answer", model_version="v0000")
+    gen = pb.GenerateRequest(text=SECRET_PROMPT, params=pb.SamplingParams(max_new_tokens=2))
+    return {
+        "Generate": lambda md: P.Generate(gen, metadata=md, timeout=60),
+        "GenerateStream": lambda md: list(P.GenerateStream(gen, metadata=md, timeout=60)),
+        "GetModelInfo": lambda md: P.GetModelInfo(pb.GetModelInfoRequest(), metadata=md, timeout=30),
+        "Policy.ListVersions": lambda md: A.ListVersions(mpb.ListVersionsRequest(), metadata=md, timeout=30),
+        "Policy.PinVersion": lambda md: A.PinVersion(mpb.PinVersionRequest(version="v0000"), metadata=md, timeout=60),
+        "RM.Score": lambda md: R.Score(mpb.ScoreRequest(items=[mpb.ScoreItem(prompt=SECRET_PROMPT, response="r")]),
+                                       metadata=md, timeout=30),
+        "RM.Rollback": lambda md: RA.Rollback(mpb.RollbackRequest(), metadata=md, timeout=30),
+        "SubmitRating(user)": lambda md: F.SubmitRating(fb.Rating(source=_user(), prompt=SECRET_PROMPT, response=resp,
+                                                                  thumbs_up=True), metadata=md, timeout=30),
+        "SubmitComparison(user)": lambda md: F.SubmitComparison(fb.Comparison(
+            source=_user(), prompt="p", a=resp, b=resp2, preferred=fb.Comparison.CHOICE_A), metadata=md, timeout=30),
+        "SubmitComparison(labeler)": lambda md: F.SubmitComparison(fb.Comparison(
+            source=_user(fb.SOURCE_KIND_LABELER), prompt="p", a=resp, b=resp2, preferred=fb.Comparison.CHOICE_B),
+            metadata=md, timeout=30),
+        "SubmitRanking(labeler)": lambda md: F.SubmitRanking(fb.Ranking(
+            source=_user(fb.SOURCE_KIND_LABELER), prompt="p", responses=[resp, resp2]), metadata=md, timeout=30),
+    }, (pol, rm, fbc)
+
+
+# expected status per RPC for: no token, a wrong token, client, labeler, admin
+EXPECTED = {
+    "Generate": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "GenerateStream": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "GetModelInfo": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "Policy.ListVersions": (UNAUTH, UNAUTH, DENIED, DENIED, OK),
+    "Policy.PinVersion": (UNAUTH, UNAUTH, DENIED, DENIED, OK),
+    "RM.Score": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "RM.Rollback": (UNAUTH, UNAUTH, DENIED, DENIED, "FAILED_PRECONDITION"),  # admin: allowed, nothing to roll back to
+    "SubmitRating(user)": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "SubmitComparison(user)": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "SubmitComparison(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),
+    "SubmitRanking(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),
+}
+
+
+def test_each_role_against_each_rpc(servers):
+    ports, ca, procs = servers
+    calls, chans = _calls(ports, ca)
+    who = [(), bearer("not-a-token"), bearer(TOKENS["client"]), bearer(TOKENS["labeler"]), bearer(TOKENS["admin"])]
+    got = {name: tuple(_code(lambda: fn(md)) for md in who) for name, fn in calls.items()}
+    for c in chans:
+        c.close()
+    assert got == EXPECTED
+    # health stays open for probes; tokens and prompt text never reach the logs
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with channel(f"127.0.0.1:{ports['policy']}", ca) as ch:
+        st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert st == health_pb2.HealthCheckResponse.SERVING
+    logs = "".join(p.output() for p in procs)
+    assert SECRET_PROMPT not in logs and not any(t in logs for t in TOKENS.values())
+    if ca:  # a TLS server refuses a plaintext client, whatever its token
+        with grpc.insecure_channel(f"127.0.0.1:{ports['policy']}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.PolicyServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(),
+                                                           metadata=bearer(TOKENS["admin"]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
