@@ -3,7 +3,8 @@ with TRL's RewardTrainer on the same model, batch and texts, in the same run.
 
     python bench/train_throughput.py            (--quick: under a minute)
 
-RM: MiniLM-L6 (the default backbone), 8 pairs per step, 64 tokens, Bradley-Terry loss.
+RM: MiniLM-L6 (the default backbone), 8 pairs per step, texts under 64 tokens (TRL filters out
+longer samples instead of truncating, so both must see whole texts), Bradley-Terry loss, fp32.
 PPO: the default small policy config (4 layers, d=256) built from scratch, 32 rollouts of 24
 tokens per iteration through serve.engine, 4 PPO epochs of minibatch 8 (samples/s = rollouts /
 iteration time, generation included).
@@ -35,7 +36,8 @@ def pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        base = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30)))
+        # short enough (< 50 tokens) that neither side truncates; TRL drops samples over max_length
+        base = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
         p = f"\n\nHuman: tell me about {base}\n\nAssistant: {base}"
         out.append((f"{p}, thank you kindly", f"{p}, go away now"))
     return out
@@ -70,11 +72,15 @@ data = json.loads(sys.stdin.read())
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(backbone)
 tok.truncation_side = "left"
+if tok.eos_token is None:   # TRL appends EOS to every text; BERT's end-of-sequence is [SEP]
+    tok.eos_token = tok.sep_token
 model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
 ds = Dataset.from_list([{"chosen": c, "rejected": r} for c, r in data])
 cfg = RewardConfig(output_dir=out_dir, per_device_train_batch_size=batch, max_steps=steps + 1, max_length=max_length,
                    learning_rate=5e-5, logging_steps=10**9, save_strategy="no", report_to=[], use_cpu=True,
-                   dataloader_num_workers=0, disable_tqdm=True, center_rewards_coefficient=None)
+                   dataloader_num_workers=0, disable_tqdm=True, center_rewards_coefficient=None,
+                   bf16=False, gradient_checkpointing=False)   # as ours: fp32, no checkpointing (TRL 1.x
+                                                               # defaults to both; bf16 is emulated on AVX2 CPUs)
 marks = {}
 class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):

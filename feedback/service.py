@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.auth_options import AuthOptions
 from common.config_cli import parse_config
 from protos.build import ensure_generated
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FeedbackConfig:
+class FeedbackConfig(AuthOptions):
     """Accept comparisons, rankings and ratings over gRPC and write them to Kafka."""
 
     bootstrap: str = "127.0.0.1:19092"
@@ -52,12 +53,6 @@ class FeedbackConfig:
     """Longest prompt or response text accepted."""
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest gRPC message accepted."""
-    auth_tokens: str = ""
-    """File of `token role` lines (roles client, labeler, admin); "" disables auth. Tokens are never logged."""
-    tls_cert: str = ""
-    """PEM certificate for TLS ("" serves plaintext)."""
-    tls_key: str = ""
-    """PEM private key for TLS."""
     workers: int = 32
     """gRPC handler threads."""
     max_batch_items: int = 10_000

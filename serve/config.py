@@ -4,11 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.auth_options import AuthOptions
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(AuthOptions):
     """Serve a causal LM over gRPC with continuous batching (rlhf.v1.PolicyService)."""
 
     model: Path = REPO / "models" / "policy-v0"
@@ -45,12 +47,6 @@ class ServerConfig:
     """Kafka bootstrap servers to log every served generation to the interactions topic ("" disables)."""
     store: str = ""
     """Model store to serve from (overrides --model): its newest verified version is served, and with --kafka-bootstrap the server follows the model-updates topic and hot-swaps new versions."""
-    auth_tokens: str = ""
-    """File of `token role` lines (roles client, labeler, admin); "" disables auth. Tokens are never logged."""
-    tls_cert: str = ""
-    """PEM certificate for TLS ("" serves plaintext)."""
-    tls_key: str = ""
-    """PEM private key for TLS."""
     served_score_fraction: float = 0.0
     """Fraction of served responses scored off the request path for served reward (needs --rm-target) and served KL to the reference policy (0 disables)."""
     reference: str = ""

@@ -16,6 +16,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 
+from common.auth_options import AuthOptions
 from common.config_cli import parse_config
 from protos.build import ensure_generated
 
@@ -41,7 +42,7 @@ VERSION_EVENTS = Counter("rlhf_rm_version_events_total", "Hot-swap outcomes: swa
 
 
 @dataclass(frozen=True)
-class RMServerConfig:
+class RMServerConfig(AuthOptions):
     """Serve the reward model of the model store over gRPC."""
 
     store: str = "models/store"
@@ -54,12 +55,6 @@ class RMServerConfig:
     """Prometheus /metrics port (0 disables)."""
     kafka_bootstrap: str = ""
     """Kafka bootstrap servers: follow the model-updates topic and hot-swap ("" disables)."""
-    auth_tokens: str = ""
-    """File of `token role` lines (roles client, labeler, admin); "" disables auth. Tokens are never logged."""
-    tls_cert: str = ""
-    """PEM certificate for TLS ("" serves plaintext)."""
-    tls_key: str = ""
-    """PEM private key for TLS."""
     max_items: int = 64
     """Pairs per Score call at most."""
     max_text_chars: int = 20000

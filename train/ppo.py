@@ -200,7 +200,8 @@ class PPOTrainer:
         for p in self.ref.parameters():
             p.requires_grad_(False)
         self.policy_d, self.critic_d = dist.wrap(policy), dist.wrap(critic)
-        self.opt = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=cfg.lr, eps=1e-5)
+        self.opt = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=cfg.lr, eps=1e-5,
+                                    fused=True)
         self.kl_ctl = (P.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
                        else P.FixedKLController(cfg.kl_coef))
 

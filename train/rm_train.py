@@ -66,7 +66,7 @@ def _optimizer(rm, cfg: RMTrainConfig):
         (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
                               {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
-                              {"params": rm.head.parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}])
+                              {"params": rm.head.parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}], fused=True)
 
 
 def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     train_ids, val_ids = token_stream(tok, texts[n_val:]), token_stream(tok, texts[:n_val])
     L = cfg.seq_len + 1
     val = val_ids[:(len(val_ids) // L) * L].view(-1, L)[:64]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     g = torch.Generator().manual_seed(cfg.seed)
 
     @torch.no_grad()
