@@ -105,10 +105,26 @@ def test_trainer_kill_9_loses_no_feedback_and_corrupt_checkpoint_is_refused(kafk
         _announce(kafka_broker, store, bad)
         _wait(lambda: metric(mport, "rlhf_policy_version_events_total", 'result="refused"') >= 1, 60,
               "the refusal metric")
-        with PolicyClient(f"127.0.0.1:{pport}") as c:
-            assert c.info().model_version == nxt
-            assert c.generate("hello", max_new_tokens=4).model_version == nxt
+        with PolicyClient(f"127.0.0.1:{pport}") as c:   # still nxt (or a newer real one the trainer published)
+            assert c.info().model_version != bad and ms.version_number(c.info().model_version) >= ms.version_number(nxt)
+            assert c.generate("hello", max_new_tokens=4).model_version != bad
         assert "refusing version " + bad in policy.output()
+
+        # admin: roll back (pinned to the previous version), then unpin (newest servable again)
+        from rlhf.v1 import models_pb2 as mpb
+        from rlhf.v1 import models_pb2_grpc as mgrpc
+        with grpc.insecure_channel(f"127.0.0.1:{pport}") as ch, PolicyClient(f"127.0.0.1:{pport}") as c:
+            admin = mgrpc.AdminServiceStub(ch)
+            listed = admin.ListVersions(mpb.ListVersionsRequest(), timeout=30)
+            assert listed.serving == c.info().model_version and not listed.pinned
+            assert {v.version: v.verified for v in listed.versions}[bad] is False
+            back = admin.Rollback(mpb.RollbackRequest(), timeout=120).serving
+            assert back != listed.serving and c.generate("hello", max_new_tokens=2).model_version == back
+            assert admin.ListVersions(mpb.ListVersionsRequest(), timeout=30).pinned
+            # the trainer keeps publishing meanwhile: unpinned, the server is on nxt or newer
+            n = ms.version_number(nxt)
+            assert ms.version_number(admin.Unpin(mpb.UnpinRequest(), timeout=120).serving) >= n
+            assert ms.version_number(c.generate("hello", max_new_tokens=2).model_version) >= n
     finally:
         sim.stop()
         s = sim.summary()
