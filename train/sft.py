@@ -79,7 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=torch.float32)
-    texts = corpus(cfg.data)
+    if cfg.data.exists():
+        texts = corpus(cfg.data)
+    else:   # a clone without ../shared/data: a tiny built-in text, so the main job still starts
+        from serve.make_policy import FALLBACK_CORPUS
+        print(f"sft: {cfg.data} not found; training on the small built-in corpus instead (pass --data)",
+              file=sys.stderr, flush=True)
+        texts = [x for x in FALLBACK_CORPUS.splitlines() if x.strip()] * 50
     random.Random(cfg.seed).shuffle(texts)
     n_val = max(1, len(texts) // 20)
     train_ids, val_ids = token_stream(tok, texts[n_val:]), token_stream(tok, texts[:n_val])
