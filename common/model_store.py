@@ -111,6 +111,17 @@ class ModelStore:
         _fsync_dir(self.root)
         return final
 
+    def newest_verified(self) -> tuple[str, dict]:
+        """The newest version whose files match its manifest, and that manifest (corrupt newer
+        ones are logged and skipped). Raises CorruptCheckpoint if none verifies."""
+        import logging
+        for v in reversed(self.versions()):
+            try:
+                return v, verify(self.path(v))
+            except CorruptCheckpoint as e:
+                logging.getLogger(__name__).error("skipping version %s: %s", v, e)
+        raise CorruptCheckpoint(f"no verified version in the model store {self.root}")
+
     def sweep(self) -> None:
         """Removes temp folders a crashed publisher left behind (this process's own included)."""
         for p in self.root.glob(".tmp-*"):

@@ -26,15 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.store:  # the newest version of the store that verifies
         from common import model_store
         store = model_store.ModelStore(cfg.store)
-        for v in reversed(store.versions()):
-            try:
-                model_store.verify(store.path(v))
-                path = store.path(v) / "policy"
-                break
-            except model_store.CorruptCheckpoint as e:
-                logging.error("not serving %s: %s", v, e)
-        else:
-            raise SystemExit(f"no verified version in the model store {cfg.store}")
+        try:
+            path = store.path(store.newest_verified()[0]) / "policy"
+        except model_store.CorruptCheckpoint as e:
+            raise SystemExit(str(e)) from e
     policy = load_policy(path, dtype=getattr(torch, cfg.dtype), cpu_pack=cfg.cpu_pack)
     serve_metrics(cfg.metrics_port, cfg.host)
     server, port, engine, interactions = serve(cfg, policy)

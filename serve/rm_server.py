@@ -133,20 +133,14 @@ class RewardServicer(mgrpc.RewardServiceServicer):
 
 
 def serve(cfg: RMServerConfig):
-    from common.model_store import ModelStore, verify
+    from common.model_store import CorruptCheckpoint, ModelStore
 
     from .versions import ServedModel, UpdateWatcher, VersionManager, add_admin_service
     store = ModelStore(cfg.store)
-    current = None
-    for v in reversed(store.versions()):
-        try:
-            verify(store.path(v))
-            current = load_rm(store, v)
-            break
-        except Exception as e:
-            log.error("not serving %s: %s", v, e)
-    if current is None:
-        raise SystemExit(f"no verified version with an RM in the model store {cfg.store}")
+    try:
+        current = load_rm(store, store.newest_verified()[0])
+    except CorruptCheckpoint as e:
+        raise SystemExit(str(e)) from e
     holder = {"current": current}
 
     def apply(new: ServedModel) -> None:

@@ -157,15 +157,6 @@ def bootstrap_store(cfg: TrainerConfig, store: model_store.ModelStore) -> None:
     print(f"model store {store.root}: published the initial version {V0} from {cfg.init_policy}", flush=True)
 
 
-def newest_verified(store: model_store.ModelStore) -> tuple[str, dict]:
-    for v in reversed(store.versions()):
-        try:
-            return v, model_store.verify(store.path(v))
-        except model_store.CorruptCheckpoint as e:
-            log.error("skipping version %s: %s", v, e)
-    raise RuntimeError(f"no verified version in {store.root}")
-
-
 def load_models(store: model_store.ModelStore, version: str, manifest: dict) -> Models:
     from . import reward_model
     policy, tok = load_policy_hf(store.path(version) / "policy")
@@ -246,7 +237,7 @@ class Trainer:
                                              commit_each_batch=False, manual_assign=True)
             self.producer = AckedProducer(cfg.bootstrap, client_id="trainer")
         dist.barrier()
-        version, manifest = newest_verified(self.store)
+        version, manifest = self.store.newest_verified()
         self.m = load_models(self.store, version, manifest)
         self.ppo = self._new_ppo()
         self.cycles = 0
