@@ -246,7 +246,9 @@ def test_pause_training_admin_rpc_holds_cycles_until_resumed(kafka_broker, tiny_
     from tests.helpers import free_port
     port = free_port()
     args = _trainer_args(tmp_path, kafka_broker, tiny_hh_policy, tiny_bert, f"pause-{time.time_ns()}", cycles=1)
-    p = ServerProc("train.loop", [*args, "--admin-port", str(port)], r"trainer admin listening", timeout=300)
+    # started paused: the session's shared topics may already hold enough feedback for a cycle
+    p = ServerProc("train.loop", [*args, "--admin-port", str(port), "--start-paused"], r"trainer admin listening",
+                   timeout=300)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             admin = mgrpc.AdminServiceStub(ch)

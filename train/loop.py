@@ -91,6 +91,8 @@ class TrainerConfig:
     """Prometheus /metrics port (0 disables)."""
     admin_port: int = 0
     """gRPC port of the trainer's AdminService (PauseTraining, ListVersions); 0 disables."""
+    start_paused: bool = False
+    """Start with cycles paused (feedback is still ingested) until AdminService.PauseTraining(paused=false)."""
     auth_tokens: str = ""
     """Token file for the admin port (see common/auth.py); "" leaves it open (bind it to localhost)."""
     threads: int = 0
@@ -243,6 +245,8 @@ class Trainer:
         self.cycles = 0
         self.last_cycle_at = time.monotonic()
         self.paused = threading.Event()
+        if cfg.start_paused:
+            self.paused.set()
         if dist.is_main():
             self._recover(manifest)
             M.PUBLISHED_VERSION.set(model_store.version_number(version))
