@@ -257,11 +257,11 @@ class Engine:
         starts = [s.cached for s in old] + [0] * len(new)
         tokens = torch.tensor([s.out[-1] for s in old] + list(itertools.chain.from_iterable(
             s.request.prompt for s in new)), device=self.device)
-        lay = StepLayout.build(0, lens, starts, self.device)
-        if not new:
-            lay.mask = None  # decode fast path: one query per sequence
+        if not new:  # decode fast path: one query per sequence
+            lay = StepLayout.build_decode(0, starts, self.device)
             logits = self.model(tokens, lay, self.cache)                   # (B, V)
         else:
+            lay = StepLayout.build(0, lens, starts, self.device)
             last = torch.cumsum(torch.tensor(lens, device=self.device), 0) - 1
             logits = self.model(tokens, lay, self.cache, logits_for=last)  # (B, V)
         for s, n in zip(seqs, lens):

@@ -104,6 +104,20 @@ class StepLayout:
     tok_col: torch.Tensor    # (T,) index of the token within its sequence's new tokens
     mask: torch.Tensor | None  # (S, 1, Q, L) bool, True = attend; None when decode-only
     kv_len: int            # L = max(start_pos + seq_len)
+    decode_mask: torch.Tensor | None = None  # (S, 1, 1, L) for decode-only steps (mask is None); None: no masking
+
+    @staticmethod
+    def build_decode(slot0: int, start_pos: list[int], device: torch.device) -> "StepLayout":
+        """A decode-only step: one new token per sequence, so no (S, Q, L) mask; the key mask
+        is built once here for all layers."""
+        S = len(start_pos)
+        starts = torch.tensor(start_pos, device=device)
+        kv_len = max(start_pos) + 1
+        dmask = None
+        if any(s != kv_len - 1 for s in start_pos):   # sequence i sees its own start_pos_i + 1 keys
+            dmask = (torch.arange(kv_len, device=device)[None, :] < (starts + 1)[:, None])[:, None, None, :]
+        ar = torch.arange(S, device=device)
+        return StepLayout(slot0, [1] * S, list(start_pos), starts, ar, torch.zeros_like(ar), None, kv_len, dmask)
 
     @staticmethod
     def build(slot0: int, seq_lens: list[int], start_pos: list[int], device: torch.device) -> "StepLayout":
@@ -146,12 +160,32 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.d_model, a.n_kv_head * a.head_dim, bias=a.attn_bias)
         self.v_proj = nn.Linear(a.d_model, a.n_kv_head * a.head_dim, bias=a.attn_bias)
         self.o_proj = nn.Linear(a.n_head * a.head_dim, a.d_model, bias=a.attn_bias)
+        self.qkv: nn.Linear | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One (d_model -> (H + 2 Hkv) D) projection instead of three (as gpt-fast's wqkv): one
+        GEMM with a 3x wider output keeps a 2-core CPU busier at decode batch sizes."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        bias = self.a.attn_bias
+        fused = nn.Linear(self.a.d_model, sum(p.out_features for p in parts), bias=bias,
+                          device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        self.qkv = fused
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, lay: StepLayout, cache: KVCache, layer: int, rope) -> torch.Tensor:
         a, T = self.a, x.shape[0]
-        q = self.q_proj(x).view(T, a.n_head, a.head_dim)
-        k = self.k_proj(x).view(T, a.n_kv_head, a.head_dim)
-        v = self.v_proj(x).view(T, a.n_kv_head, a.head_dim)
+        if self.qkv is not None:
+            nq, nkv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+            q, k, v = self.qkv(x).split((nq, nkv, nkv), dim=-1)
+            q, k, v = q.view(T, a.n_head, a.head_dim), k.view(T, a.n_kv_head, a.head_dim), v.view(T, a.n_kv_head, a.head_dim)
+        else:
+            q = self.q_proj(x).view(T, a.n_head, a.head_dim)
+            k = self.k_proj(x).view(T, a.n_kv_head, a.head_dim)
+            v = self.v_proj(x).view(T, a.n_kv_head, a.head_dim)
         if rope is not None:
             q, k = _rope(q, *rope), _rope(k, *rope)
         S = len(lay.seq_lens)
@@ -163,7 +197,7 @@ class Attention(nn.Module):
         gqa = a.n_head != a.n_kv_head
         if lay.mask is None:  # decode: one query per sequence, T == S
             qs = q[:, :, None, :]                                          # (S, H, 1, D)
-            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=_decode_mask(lay, x.device), enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=lay.decode_mask, enable_gqa=gqa)
             o = o[:, :, 0, :]                                              # (S, H, D)
         else:
             Q = lay.mask.shape[2]
@@ -172,14 +206,6 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qs.transpose(1, 2), keys, vals, attn_mask=lay.mask, enable_gqa=gqa)
             o = o.transpose(1, 2)[lay.tok_seq, lay.tok_col]               # (T, H, D)
         return self.o_proj(o.reshape(T, a.n_head * a.head_dim))
-
-
-def _decode_mask(lay: StepLayout, device) -> torch.Tensor | None:
-    # (S, 1, 1, L): sequence i sees its own start_pos_i + 1 keys
-    if all(s == lay.kv_len - 1 for s in lay.start_pos):
-        return None
-    n = torch.tensor(lay.start_pos, device=device) + 1
-    return (torch.arange(lay.kv_len, device=device)[None, :] < n[:, None])[:, None, None, :]
 
 
 class MLP(nn.Module):
@@ -295,6 +321,8 @@ def from_hf(hf_model) -> CausalLM:
     missing = [k for k in missing if k != "inv_freq"]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for blk in m.blocks:   # inference-only model: nothing trains through it, so fuse for speed
+        blk.attn.fuse_qkv()
     return m.eval()
 
 

@@ -263,8 +263,7 @@ def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
         lp = kernels.token_logprobs(logits.float(), torch.tensor([nxt]))
         if not torch.isfinite(lp).all() or not 0 <= nxt < cand.model.args.vocab_size:
             raise Refused(f"{cand.version}: bad logprob or token on the canary prompt")
-        lay = StepLayout.build(0, [1], [len(out)], p.device)
-        lay.mask = None
+        lay = StepLayout.build_decode(0, [len(out)], p.device)
         out.append(nxt)
         logits = cand.model(torch.tensor([nxt], device=p.device), lay, cache)
 

@@ -27,8 +27,7 @@ def test_packed_prefill_and_decode_match_hf(pair):
         ref = torch.cat([hf(p[None]).logits[0] for p in prompts])
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
     nxt = torch.tensor([7, 8, 9, 10])
-    lay = StepLayout.build(2, [1] * 4, [len(p) for p in prompts], cpu)
-    lay.mask = None
+    lay = StepLayout.build_decode(2, [len(p) for p in prompts], cpu)
     got = m(nxt, lay, cache)
     with torch.no_grad():
         ref = torch.stack([hf(torch.cat([p, nxt[i:i + 1]])[None]).logits[0, -1] for i, p in enumerate(prompts)])
@@ -42,8 +41,7 @@ def test_slot_move_keeps_a_sequence_intact(pair):
     cache = KVCache(m.args, 3, 32, torch.float32, cpu)
     m(p, StepLayout.build(2, [5], [0], cpu), cache)
     cache.move(2, 0, 5)
-    lay = StepLayout.build(0, [1], [5], cpu)
-    lay.mask = None
+    lay = StepLayout.build_decode(0, [5], cpu)
     got = m(torch.tensor([9]), lay, cache)
     with torch.no_grad():
         ref = hf(torch.tensor([[4, 5, 6, 7, 8, 9]])).logits[0, -1:]

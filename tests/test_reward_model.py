@@ -53,6 +53,36 @@ def test_left_truncation_keeps_the_last_turn(tiny_bert):
     assert text.endswith("the final answer")
 
 
+def test_pair_encoding_keeps_the_last_human_turn_and_the_start_of_the_response(tiny_bert):
+    tok = reward_model.load_tokenizer(tiny_bert, 32)
+    long_dialogue = "\n\nHuman: " + "old words " * 40 + "how do I pick a lock?\n\nAssistant:"
+    long_answer = " sorry I cannot help with that " + "filler text " * 40
+    enc = reward_model.encode(tok, [long_dialogue + long_answer, "\n\nHuman: hi\n\nAssistant: hello"], 32, "mean")
+    ids, types, mask = enc["input_ids"][0], enc["token_type_ids"][0], enc["attention_mask"]
+    assert ids.shape[0] == 32 and mask[0].sum() == 32 and mask[1].sum() < 32   # cut to the budget; short one padded
+    prompt = tok.decode(ids[types == 0], skip_special_tokens=True)
+    answer = tok.decode(ids[types == 1], skip_special_tokens=True)
+    assert prompt.endswith("pick a lock? assistant :"), prompt    # the dialogue keeps its end
+    assert answer.startswith("sorry i cannot help with that"), answer         # the response keeps its start
+    assert (types == 1).sum() >= (32 - 3) * 3 // 4                           # and at least 3/4 of the budget
+    short = tok.decode(enc["input_ids"][1][enc["attention_mask"][1] == 1], skip_special_tokens=True)
+    assert short == "human : hi assistant : hello"                            # nothing cut when it fits
+
+
+def test_group_by_length_keeps_every_pair_once():
+    from train.rm_train import group_by_length
+    g = torch.Generator().manual_seed(0)
+    lengths = [random.Random(i).randint(10, 2000) for i in range(400)]
+    batches = [list(range(i, i + 8)) for i in range(0, 400, 8)]
+    out = group_by_length(batches, lengths, cap=1000, g=g, window=25)
+    assert sorted(i for b in out for i in b) == list(range(400)) and [len(b) for b in out] == [8] * 50
+    # within a window, batches span a narrower length range than random ones
+    spread = lambda bs: sum(max(min(lengths[i], 1000) for i in b) - min(min(lengths[i], 1000) for i in b) for b in bs)  # noqa: E731
+    assert spread(out) < spread(batches) / 3
+    # pairs stay inside their window of 25 batches (200 pairs)
+    assert all(set(b) <= set(range(200)) for b in out[:25])
+
+
 def test_eval_command_prints_json_last(tiny_bert, tmp_path):
     tr, te = split(synthetic_pairs(60, seed=1), 0.5, seed=0)
     rm, tok, _ = train(RMTrainConfig(out=tmp_path / "rm", backbone=str(tiny_bert), max_length=32, epochs=1,

@@ -74,12 +74,34 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return text[:i + len(ASSISTANT)], text[i + len(ASSISTANT):]
 
 
+def _cut(tok, prompts: list[str], responses: list[str], max_length: int) -> tuple[list[str], list[str]]:
+    """Fits (prompt, response) pairs into max_length tokens: the response keeps its start (a
+    refusal or an answer shows in its first words), the prompt keeps its end (the last human turn).
+    The response gets what the prompt leaves, but at least 3/4 of the budget when both are long.
+    Cut at token boundaries via the fast tokenizer's character offsets, so re-tokenising the cut
+    text gives the same tokens."""
+    budget = max(2, max_length - tok.num_special_tokens_to_add(pair=True))
+    enc_p = tok(prompts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    enc_r = tok(responses, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+    out_p, out_r = [], []
+    for p, r, op, orr in zip(prompts, responses, enc_p, enc_r):
+        n_r = min(len(orr), max(budget - len(op), budget - budget // 4))
+        n_p = min(len(op), budget - n_r)
+        out_r.append(r if n_r == len(orr) else r[:orr[n_r - 1][1]] if n_r else "")
+        out_p.append(p if n_p == len(op) else p[op[len(op) - n_p][0]:] if n_p else "")
+    return out_p, out_r
+
+
 def encode(tok, texts: list[str], max_length: int, pooling: str) -> dict:
-    """Tokenises texts for the RM: encoders get (prompt, response) pairs, the prompt truncated from
-    the left first; causal LMs get the whole text, truncated from the left."""
+    """Tokenises texts for the RM: encoders get (prompt, response) pairs cut by `_cut`; causal LMs
+    get the whole text, truncated from the left."""
     if pooling == "mean":
         prompts, responses = zip(*(split_dialogue(t) for t in texts))
-        enc = tok(list(prompts), list(responses), truncation="longest_first", max_length=max_length, padding=True,
+        prompts, responses = list(prompts), list(responses)
+        if tok.is_fast:
+            prompts, responses = _cut(tok, prompts, responses, max_length)
+        # longest_first stays as the guard (slow tokenizers, and the rare re-tokenisation that differs)
+        enc = tok(prompts, responses, truncation="longest_first", max_length=max_length, padding=True,
                   return_tensors="pt", return_token_type_ids=True)
     else:
         enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
@@ -97,14 +119,20 @@ def load_tokenizer(path: Path, max_length: int):
     return tok
 
 
-def build(backbone_path: str | os.PathLike, max_length: int = 256) -> tuple[RewardModel, object]:
-    """A new RM on a pretrained (or locally built) backbone."""
+def build(backbone_path: str | os.PathLike, max_length: int = 256,
+          dropout: float | None = None) -> tuple[RewardModel, object]:
+    """A new RM on a pretrained (or locally built) backbone; `dropout` (if given) replaces the
+    backbone's hidden and attention dropout."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel
     path = Path(backbone_path)
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     pooling = "last" if cfg.model_type in CAUSAL_TYPES else "mean"
-    backbone = AutoModel.from_pretrained(path, local_files_only=True)
+    kw = {}
+    if dropout is not None:
+        kw = {k: dropout for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop",
+                                   "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout") if hasattr(cfg, k)}
+    backbone = AutoModel.from_pretrained(path, local_files_only=True, **kw)
     return RewardModel(backbone, RewardConfig(pooling=pooling, max_length=max_length)), load_tokenizer(path, max_length)
 
 

@@ -52,6 +52,13 @@ class RMTrainConfig:
     """Seed of the split, the head's init and the batch order."""
     threads: int = 0
     """torch threads (0: torch's default)."""
+    dropout: float = 0.0
+    """Backbone dropout during training (-1: the backbone's own, 0.1 for MiniLM). 0 trains 40% faster
+    here at the same held-out accuracy (bench/RESULTS.md)."""
+    freeze_embeddings: bool = False
+    """Keep the backbone's input embeddings fixed (half of MiniLM's parameters; less to overfit on small data)."""
+    group_by_length: bool = True
+    """Batch pairs of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
@@ -62,11 +69,33 @@ class RMTrainConfig:
 
 def _optimizer(rm, cfg: RMTrainConfig):
     decay, no_decay = [], []
+    if cfg.freeze_embeddings:
+        rm.backbone.get_input_embeddings().weight.requires_grad_(False)
     for n, p in rm.backbone.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
                               {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
                               {"params": rm.head.parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}], fused=True)
+
+
+def group_by_length(batches: list[list[int]], lengths: list[int], cap: int, g: torch.Generator,
+                    window: int = 50) -> list[list[int]]:
+    """Re-batches each window of `window` batches so a batch holds pairs of similar length
+    (lengths in characters, capped where truncation would cut them anyway), then shuffles the
+    batches within the window: same pairs per window, same batch sizes, less padding."""
+    out = []
+    for w in range(0, len(batches), window):
+        chunk = batches[w:w + window]
+        sizes = [len(b) for b in chunk]
+        flat = sorted((i for b in chunk for i in b), key=lambda i: min(lengths[i], cap))
+        regrouped, k = [], 0
+        for n in sizes:
+            regrouped.append(flat[k:k + n])
+            k += n
+        out += [regrouped[j] for j in torch.randperm(len(regrouped), generator=g).tolist()]
+    return out
 
 
 def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:
@@ -74,7 +103,8 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
 
     from . import reward_model
     torch.manual_seed(cfg.seed)
-    rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length)
+    rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
+                                 None if cfg.dropout < 0 else cfg.dropout)
     opt = _optimizer(rm, cfg)
     steps = max(1, math.ceil(len(pairs_train) * cfg.epochs / cfg.batch_pairs))
     warm = max(1, steps // 20)
@@ -82,11 +112,14 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.cat([torch.randperm(len(pairs_train), generator=g)
                        for _ in range(math.ceil(cfg.epochs) + 1)])[:steps * cfg.batch_pairs]
+    batches = [order[i:i + cfg.batch_pairs].tolist() for i in range(0, len(order), cfg.batch_pairs)]
+    if cfg.group_by_length:
+        batches = group_by_length(batches, [max(map(len, p)) for p in pairs_train], cfg.max_length * 6, g)
     rm.train()
     t0, losses = time.time(), []
     bar = tqdm(range(steps), desc="rm train", disable=not progress, file=sys.stderr)
     for step in bar:
-        idx = order[step * cfg.batch_pairs:(step + 1) * cfg.batch_pairs].tolist()
+        idx = batches[step]
         texts = [t for i in idx for t in pairs_train[i]]       # chosen, rejected interleaved
         s = rm(**reward_model.encode(tok, texts, cfg.max_length, rm.rcfg.pooling))
         loss = rm_losses.pairwise_loss(s[0::2], s[1::2], torch.ones(len(idx)))
