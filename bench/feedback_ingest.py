@@ -41,17 +41,32 @@ def make_events(n: int, run: str) -> list[fb.Feedback]:
         preferred=fb.Comparison.CHOICE_A)) for i in range(n)]
 
 
+RAW_TOPIC = "bench.raw-producer"   # same partitions as the feedback topic; kept out of the consumer's way
+
+
 def raw_producer(bootstrap: str, values: list[bytes]) -> float:
     from kafka import KafkaProducer
+    topics.ensure_topics(bootstrap, {RAW_TOPIC: topics.ALL[topics.FEEDBACK]})
     p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
     t0 = time.perf_counter()
-    futs = [p.send(topics.FEEDBACK, key=str(i).encode(), value=v) for i, v in enumerate(values)]
+    futs = [p.send(RAW_TOPIC, key=str(i).encode(), value=v) for i, v in enumerate(values)]
     p.flush()
     for f in futs:
         f.get(timeout=60)
     dt = time.perf_counter() - t0
     p.close()
     return len(values) / dt
+
+
+def dead_lettered(bootstrap: str) -> int:
+    """Records in the dead-letter topic (the bench sends only valid events: should be 0)."""
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        parts = [TopicPartition(topics.DEAD_LETTERS, p) for p in c.partitions_for_topic(topics.DEAD_LETTERS) or ()]
+        return sum(c.end_offsets(parts).values()) if parts else 0
+    finally:
+        c.close()
 
 
 def stored_times(db: Path, run: str) -> dict[str, int]:
@@ -130,6 +145,7 @@ def main() -> None:
                 time.sleep(0.2)
             stored = stored_times(db, run)
             done_s = max(stored.values()) / 1000 - t0 if stored else float("nan")
+            dead = dead_lettered(cfg.bootstrap)
         finally:
             if consumer is not None:
                 consumer.terminate()
@@ -140,7 +156,7 @@ def main() -> None:
     lat = sorted(stored[k] / 1000 - sent_at[k] for k in stored if k in sent_at)
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
     eps = len(stored) / done_s
-    res = {"events": n, "stored": len(stored), "lost": n - len(stored), "rejected": len(errors),
+    res = {"events": n, "stored": len(stored), "lost": n - len(stored), "rejected": len(errors), "dead_lettered": dead,
            "events_per_s": round(eps, 1), "p50_ms": round(pct(0.5), 1), "p99_ms": round(pct(0.99), 1),
            "raw_producer_events_per_s": round(raw_eps, 1), "ratio_vs_raw_producer": round(eps / raw_eps, 3),
            "clients": a.streams, "batch": a.batch, "quick": a.quick}

@@ -148,10 +148,14 @@ class FeedbackConsumer:
             reason=reason, source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
             value=r.value or b"", dead_unix_ms=int(time.time() * 1000)).SerializeToString(),
             headers=[("reason", reason.encode()[:1000])]) for r, reason in dead]
+        reasons: dict[str, int] = {}
         for f, (_, reason) in zip(futures, dead):
             self.dlq.wait(f)   # acknowledged before the offsets move past it
             metrics.DEAD_LETTERS.labels(reason.split(":")[0][:40]).inc()
-            log.warning("dead-lettered a record: %s", reason)
+            reasons[reason] = reasons.get(reason, 0) + 1
+        if reasons:   # one line per batch: a flood of bad records must not turn into a flood of log lines
+            top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+            log.warning("dead-lettered %d records (%s)", len(dead), "; ".join(f"{n} x {r}" for r, n in top))
         new, dup = self.store.commit_batch(fb_rows, int_rows)
         if self.commit_each_batch:
             self.consumer.commit()   # only after the store's transaction is durable
