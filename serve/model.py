@@ -160,32 +160,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.d_model, a.n_kv_head * a.head_dim, bias=a.attn_bias)
         self.v_proj = nn.Linear(a.d_model, a.n_kv_head * a.head_dim, bias=a.attn_bias)
         self.o_proj = nn.Linear(a.n_head * a.head_dim, a.d_model, bias=a.attn_bias)
-        self.qkv: nn.Linear | None = None
-
-    @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """One (d_model -> (H + 2 Hkv) D) projection instead of three (as gpt-fast's wqkv): one
-        GEMM with a 3x wider output keeps a 2-core CPU busier at decode batch sizes."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        bias = self.a.attn_bias
-        fused = nn.Linear(self.a.d_model, sum(p.out_features for p in parts), bias=bias,
-                          device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        if bias:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-        self.qkv = fused
-        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, lay: StepLayout, cache: KVCache, layer: int, rope) -> torch.Tensor:
         a, T = self.a, x.shape[0]
-        if self.qkv is not None:
-            nq, nkv = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
-            q, k, v = self.qkv(x).split((nq, nkv, nkv), dim=-1)
-            q, k, v = q.view(T, a.n_head, a.head_dim), k.view(T, a.n_kv_head, a.head_dim), v.view(T, a.n_kv_head, a.head_dim)
-        else:
-            q = self.q_proj(x).view(T, a.n_head, a.head_dim)
-            k = self.k_proj(x).view(T, a.n_kv_head, a.head_dim)
-            v = self.v_proj(x).view(T, a.n_kv_head, a.head_dim)
+        q = self.q_proj(x).view(T, a.n_head, a.head_dim)
+        k = self.k_proj(x).view(T, a.n_kv_head, a.head_dim)
+        v = self.v_proj(x).view(T, a.n_kv_head, a.head_dim)
         if rope is not None:
             q, k = _rope(q, *rope), _rope(k, *rope)
         S = len(lay.seq_lens)
@@ -321,8 +301,6 @@ def from_hf(hf_model) -> CausalLM:
     missing = [k for k in missing if k != "inv_freq"]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for blk in m.blocks:   # inference-only model: nothing trains through it, so fuse for speed
-        blk.attn.fuse_qkv()
     return m.eval()
 
 

@@ -55,8 +55,6 @@ class RMTrainConfig:
     dropout: float = 0.0
     """Backbone dropout during training (-1: the backbone's own, 0.1 for MiniLM). 0 trains 40% faster
     here at the same held-out accuracy (bench/RESULTS.md)."""
-    freeze_embeddings: bool = False
-    """Keep the backbone's input embeddings fixed (half of MiniLM's parameters; less to overfit on small data)."""
     group_by_length: bool = True
     """Batch pairs of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
 
@@ -69,11 +67,7 @@ class RMTrainConfig:
 
 def _optimizer(rm, cfg: RMTrainConfig):
     decay, no_decay = [], []
-    if cfg.freeze_embeddings:
-        rm.backbone.get_input_embeddings().weight.requires_grad_(False)
     for n, p in rm.backbone.named_parameters():
-        if not p.requires_grad:
-            continue
         (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
                               {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
