@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -114,12 +117,11 @@ class ModelStore:
     def newest_verified(self) -> tuple[str, dict]:
         """The newest version whose files match its manifest, and that manifest (corrupt newer
         ones are logged and skipped). Raises CorruptCheckpoint if none verifies."""
-        import logging
         for v in reversed(self.versions()):
             try:
                 return v, verify(self.path(v))
             except CorruptCheckpoint as e:
-                logging.getLogger(__name__).error("skipping version %s: %s", v, e)
+                log.error("skipping version %s: %s", v, e)
         raise CorruptCheckpoint(f"no verified version in the model store {self.root}")
 
     def sweep(self) -> None:
