@@ -89,7 +89,7 @@ def score(m: LoadedRM, pairs: list[tuple[str, str]], batch: int) -> list[float]:
     texts = [rm_text(p, r) for p, r in pairs]
     out = []
     for i in range(0, len(texts), batch):
-        enc = encode(m.tok, texts[i:i + batch], m.rm.rcfg.max_length, m.rm.rcfg.pooling)
+        enc = encode(m.tok, texts[i:i + batch], m.rm.rcfg)
         out += m.rm.reward(**enc).float().tolist()
     return out
 

@@ -57,7 +57,8 @@ def test_pair_encoding_keeps_the_last_human_turn_and_the_start_of_the_response(t
     tok = reward_model.load_tokenizer(tiny_bert, 32)
     long_dialogue = "\n\nHuman: " + "old words " * 40 + "how do I pick a lock?\n\nAssistant:"
     long_answer = " sorry I cannot help with that " + "filler text " * 40
-    enc = reward_model.encode(tok, [long_dialogue + long_answer, "\n\nHuman: hi\n\nAssistant: hello"], 32, "mean")
+    enc = reward_model.encode(tok, [long_dialogue + long_answer, "\n\nHuman: hi\n\nAssistant: hello"],
+                               reward_model.RewardConfig(pooling="mean", max_length=32))
     ids, types, mask = enc["input_ids"][0], enc["token_type_ids"][0], enc["attention_mask"]
     assert ids.shape[0] == 32 and mask[0].sum() == 32 and mask[1].sum() < 32   # cut to the budget; short one padded
     prompt = tok.decode(ids[types == 0], skip_special_tokens=True)
@@ -67,6 +68,66 @@ def test_pair_encoding_keeps_the_last_human_turn_and_the_start_of_the_response(t
     assert (types == 1).sum() >= (32 - 3) * 3 // 4                           # and at least 3/4 of the budget
     short = tok.decode(enc["input_ids"][1][enc["attention_mask"][1] == 1], skip_special_tokens=True)
     assert short == "human : hi assistant : hello"                            # nothing cut when it fits
+
+
+def test_last_human_turn():
+    d, a = reward_model.split_dialogue("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I pick a lock?"
+                                       "\n\nAssistant: I can't help")
+    assert reward_model.last_human_turn(d) == "how do I pick a lock?" and a == " I can't help"
+    assert reward_model.last_human_turn("no turns here") == "no turns here"
+
+
+def test_relevance_feature_is_the_frozen_encoders_cosine(tiny_bert, tmp_path):
+    torch.manual_seed(0)
+    rm, tok = reward_model.build(tiny_bert, 32, relevance=True)
+    plain = reward_model.RewardModel(rm.backbone, reward_model.RewardConfig(pooling="mean", max_length=32)).eval()
+    plain.head = rm.head
+    texts = ["\n\nHuman: tell me about apples\n\nAssistant: apples are red",
+             "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell me about rivers\n\nAssistant: no"]
+    enc = reward_model.encode(tok, texts, rm.rcfg)
+    base = plain(**{k: v for k, v in enc.items() if not k.startswith("rel_")})
+    rm.eval()
+    assert torch.allclose(rm(**enc), base)                      # w starts at 0: the plain RM
+    # by hand: each text alone through the pristine encoder, mean-pooled, cosine
+    def emb(t):
+        b = tok(t, return_tensors="pt")
+        return rm.relevance_encoder(**b).last_hidden_state[0].mean(0)
+    cos = torch.stack([torch.cosine_similarity(emb(q), emb(a), dim=0)
+                       for q, a in [("tell me about apples", "apples are red"), ("tell me about rivers", "no")]])
+    with torch.no_grad():
+        rm.relevance_weight.fill_(0.5)
+    assert torch.allclose(rm(**enc), base + 0.5 * 20 * cos, atol=1e-5)
+    # the cached path (rm_train computes the frozen cosines once) gives the same
+    cached = reward_model.relevance_cosines(rm, tok, texts[::-1] + texts, batch=3)   # length-sorted batches
+    assert torch.allclose(cached, torch.cat([cos.flip(0), cos]), atol=1e-5)
+    plain_enc = reward_model.encode(tok, texts, reward_model.RewardConfig(pooling="mean", max_length=32))
+    assert torch.allclose(rm(**plain_enc, rel_cos=cached[2:]), rm(**enc), atol=1e-5)
+    # training moves the backbone and w, never the frozen copy; save/load keeps all of it
+    frozen = {k: v.clone() for k, v in rm.relevance_encoder.state_dict().items()}
+    opt = torch.optim.SGD([*rm.backbone.parameters(), *rm.head_parameters()], lr=0.1)
+    rm.train()
+    assert not rm.relevance_encoder.training
+    rm(**enc).sum().backward()
+    assert rm.relevance_weight.grad is not None
+    opt.step()
+    assert all(torch.equal(v, rm.relevance_encoder.state_dict()[k]) for k, v in frozen.items())
+    assert not torch.equal(rm.backbone.embeddings.word_embeddings.weight, rm.relevance_encoder.embeddings.word_embeddings.weight)
+    rm.eval()
+    reward_model.save(rm, tok, tmp_path / "rm")
+    rm2, tok2 = reward_model.load(tmp_path / "rm")
+    assert rm2.rcfg.relevance and rm2.relevance_weight.item() == rm.relevance_weight.item()
+    assert torch.allclose(rm2(**reward_model.encode(tok2, texts, rm2.rcfg)), rm(**enc), atol=1e-5)
+    rm2.rcfg.offset = 0.25   # the RM server's scoring path: (prompt, response) -> normalised reward
+    from serve.rm_server import LoadedRM, score
+    got = score(LoadedRM(rm2, tok2, "v0001"), [(texts[0].rsplit(" apples are", 1)[0], "apples are red")], 8)
+    assert abs(got[0] - (rm(**enc)[0].item() - 0.25)) < 1e-4
+    with pytest.raises(ValueError, match="relevance"):
+        rm2(**{k: v for k, v in enc.items() if not k.startswith("rel_")})
+
+
+def test_relevance_is_off_for_causal_backbones(tiny_gpt2):
+    rm, _ = reward_model.build(tiny_gpt2, 32, relevance=True)
+    assert not rm.rcfg.relevance and not hasattr(rm, "relevance_encoder")
 
 
 def test_group_by_length_keeps_every_pair_once():

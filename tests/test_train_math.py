@@ -46,6 +46,16 @@ def test_accuracy_and_calibration():
     assert R.expected_calibration_error(torch.zeros(100), big).item() > 0.99  # confident and wrong
 
 
+def test_fit_bt_scale_hand_computed():
+    # margins [1, -1, 1]: maximise 2 log s(w) + log s(-w) -> 2 s(-w) = s(w) -> s(w) = 2/3 -> w = ln 2
+    assert abs(R.fit_bt_scale(torch.tensor([1.0, -1.0, 1.0]), l2=0.0) - math.log(2)) < 1e-9
+    # the sign follows the data; scaling the feature by 2 halves w; the L2 term shrinks it
+    assert abs(R.fit_bt_scale(torch.tensor([-1.0, 1.0, -1.0]), l2=0.0) + math.log(2)) < 1e-9
+    assert abs(R.fit_bt_scale(torch.tensor([2.0, -2.0, 2.0]), l2=0.0) - math.log(2) / 2) < 1e-9
+    assert 0 < R.fit_bt_scale(torch.tensor([1.0, -1.0, 1.0]), l2=0.1) < math.log(2)
+    assert R.fit_bt_scale(torch.tensor([1.0, -1.0]), l2=0.0) == 0.0     # no signal: no weight
+
+
 def test_gae_with_gamma_lambda_1_is_reward_to_go_minus_value():
     rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
     values = torch.tensor([[0.3, 0.2, 0.1, 9.0], [1.0, 2.0, 7.0, 7.0]])

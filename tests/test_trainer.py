@@ -19,6 +19,7 @@ from common import model_store as ms
 from tests.helpers import REPO, ServerProc
 from train.rm_update import Group, group_loss_sum, is_heldout
 from train import rm_losses
+from train.reward_model import RewardConfig
 
 
 # ---- model store ----
@@ -69,13 +70,13 @@ def test_store_refuses_corrupt_and_incomplete_versions(tmp_path):
 
 def test_group_losses_kwise_k2_is_bradley_terry_and_ties():
     class Fixed(torch.nn.Module):  # "RM" whose score is read from the text
-        rcfg = type("C", (), {"pooling": "mean"})()
+        rcfg = RewardConfig(pooling="mean")
 
         def forward(self, input_ids, **_):
             return input_ids.float()
 
     texts = {"3": 3.0, "1": 1.0, "0": 0.0}
-    enc = lambda tok, ts, n, pooling: {"input_ids": torch.tensor([texts[t] for t in ts])}  # noqa: E731
+    enc = lambda tok, ts, rcfg: {"input_ids": torch.tensor([texts[t] for t in ts])}  # noqa: E731
     import train.rm_update as ru
     orig, ru.encode = ru.encode, enc
     try:

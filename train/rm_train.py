@@ -11,7 +11,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,9 @@ class RMTrainConfig:
     here at the same held-out accuracy (bench/RESULTS.md)."""
     group_by_length: bool = True
     """Batch pairs of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
+    relevance: bool = True
+    """Add the learned relevance feature: cosine of the last human turn and the response under a frozen
+    copy of the pretrained encoder (encoder backbones only; see train/reward_model.py)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
@@ -71,7 +74,7 @@ def _optimizer(rm, cfg: RMTrainConfig):
         (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
                               {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
-                              {"params": rm.head.parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}], fused=True)
+                              {"params": rm.head_parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}], fused=True)
 
 
 def group_by_length(batches: list[list[int]], lengths: list[int], cap: int, g: torch.Generator,
@@ -98,7 +101,14 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     from . import reward_model
     torch.manual_seed(cfg.seed)
     rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
-                                 None if cfg.dropout < 0 else cfg.dropout)
+                                 None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance)
+    cos = None   # (N, 2) relevance cosines of the training pairs, computed once (the encoder is frozen)
+    if rm.rcfg.relevance:
+        cos = reward_model.relevance_cosines(rm, tok, [t for p in pairs_train for t in p], progress=progress).view(-1, 2)
+        w = reward_model.fit_relevance_weight(rm, cos[:, 0], cos[:, 1])
+        if progress:
+            print(f"relevance feature: weight {w:+.3f} fitted on the training pairs", file=sys.stderr, flush=True)
+    plain = replace(rm.rcfg, relevance=False)   # training passes the cached cosines instead
     opt = _optimizer(rm, cfg)
     steps = max(1, math.ceil(len(pairs_train) * cfg.epochs / cfg.batch_pairs))
     warm = max(1, steps // 20)
@@ -115,7 +125,8 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     for step in bar:
         idx = batches[step]
         texts = [t for i in idx for t in pairs_train[i]]       # chosen, rejected interleaved
-        s = rm(**reward_model.encode(tok, texts, cfg.max_length, rm.rcfg.pooling))
+        rel = {} if cos is None else {"rel_cos": cos[idx].reshape(-1)}   # chosen, rejected interleaved
+        s = rm(**reward_model.encode(tok, texts, plain), **rel)
         loss = rm_losses.pairwise_loss(s[0::2], s[1::2], torch.ones(len(idx)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
@@ -131,6 +142,11 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     metrics = evaluate(rm, tok, pairs_test)
     metrics.update(train_pairs=len(pairs_train), steps=steps, train_seconds=round(train_s, 1),
                    final_loss=sum(losses[-20:]) / len(losses[-20:]))
+    if rm.rcfg.relevance:   # and what the fitted prior alone would score on the held-out pairs
+        c = reward_model.relevance_cosines(rm, tok, [t for p in pairs_test for t in p])
+        prior = w * (c[0::2] - c[1::2])
+        metrics.update(relevance_weight=rm.relevance_weight.item(), relevance_weight_init=w,
+                       relevance_prior_accuracy=float(rm_losses.pairwise_accuracy(prior, torch.zeros_like(prior))))
     return rm, tok, metrics
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -68,7 +68,8 @@ def is_heldout(event_id: str, frac: float) -> bool:
 def group_loss_sum(rm, tok, groups: list[Group], max_length: int) -> torch.Tensor:
     """Sum over groups of each group's loss (K-wise, or BT with target 1/2 for ties)."""
     texts = [t for g in groups for t in g.texts]
-    s = rm(**encode(tok, texts, max_length, rm.module.rcfg.pooling if hasattr(rm, "module") else rm.rcfg.pooling))
+    rcfg = replace((rm.module if hasattr(rm, "module") else rm).rcfg, max_length=max_length)
+    s = rm(**encode(tok, texts, rcfg))
     total = s.new_zeros(())
     i = 0
     ranked, ks = [], []
@@ -95,7 +96,7 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, cycle: int = 0, 
         return {"rm_loss": float("nan"), "rm_steps": 0}
     model = dist.wrap(rm)
     opt = torch.optim.AdamW([{"params": rm.backbone.parameters(), "lr": cfg.lr, "weight_decay": 0.01},
-                             {"params": rm.head.parameters(), "lr": cfg.head_lr, "weight_decay": 0.0}],
+                             {"params": rm.head_parameters(), "lr": cfg.head_lr, "weight_decay": 0.0}],
                             fused=True)   # one kernel for all parameters: 7x faster steps than the default on CPU
     steps = min(cfg.max_steps, max(1, math.ceil(len(groups) * cfg.epochs / cfg.batch_groups)))
     g = torch.Generator().manual_seed(cfg.seed + cycle)
