@@ -2,7 +2,8 @@
 
 (a) transformers generate, one request at a time; (b) transformers generate on one static
 padded batch of all prompts; (c) this server (a separate process, over gRPC) with 1, 8 and
-32 concurrent clients. Same model (GPT-2-small-sized config, random init), same prompts
+32 concurrent clients. (a), (b) and (c) at 32 clients run in interleaved rounds (--repeats);
+the ratios are taken within each round and their median is reported. Same model (GPT-2-small-sized config, random init), same prompts
 (random token ids, 8-40 tokens), same number of new tokens (EOS ignored so every request
 produces exactly that many). Prints tokens/s and the ratios; the last line is one JSON object.
 
@@ -79,12 +80,14 @@ def main() -> None:
     ap.add_argument("--size", default="gpt2-small", help="model preset of serve.make_policy")
     ap.add_argument("--prompts", type=int, default=0, help="number of prompts (default 32, one per client; quick 16)")
     ap.add_argument("--new-tokens", type=int, default=0, help="new tokens per prompt (default 32, quick 16)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="runs of (b) and of (c) at 32 clients; their median is reported (each lasts a few seconds, "
-                         "so one run is at the mercy of a noisy neighbour; (a) runs for a minute and once)")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="(default 3, quick 2) rounds of (a), (b) and (c) at 32 clients, interleaved; each ratio is taken within a round "
+                         "and the median over rounds is reported (a noisy neighbour then slows both sides of a ratio "
+                         "instead of one)")
     a = ap.parse_args()
     n_prompts = a.prompts or (16 if a.quick else 32)
     n_new = a.new_tokens or (16 if a.quick else 32)
+    rounds = a.repeats if a.repeats > 0 else (2 if a.quick else 3)
     rng = random.Random(0)
     prompts = [[rng.randrange(1, 500) for _ in range(rng.randint(8, 40))] for _ in range(n_prompts)]
     from transformers import AutoModelForCausalLM
@@ -96,27 +99,32 @@ def main() -> None:
               f"{n_prompts} prompts of 8-40 tokens, {n_new} new tokens each; torch threads {torch.get_num_threads()}",
               flush=True)
         hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, pad_token_id=0)  # warm-up
-        res = {"one_at_a_time_tok_s": hf_one_at_a_time(hf, prompts, n_new)}
-        print(f"(a) transformers, one at a time: {res['one_at_a_time_tok_s']:.1f} tok/s", flush=True)
-        runs = [hf_static_batch(hf, prompts, n_new) for _ in range(max(1, a.repeats))]
-        res["static_batch_tok_s"], res["static_batch_runs"] = statistics.median(runs), [round(r, 1) for r in runs]
-        print(f"(b) transformers, static batch of {n_prompts}: {res['static_batch_tok_s']:.1f} tok/s", flush=True)
-        del hf
         proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024)
+        target = f"127.0.0.1:{port}"
+        runs: dict[str, list[float]] = {"a": [], "b": [], "c32": []}
+        res = {}
         try:
-            for clients in (1, 8, 32):
-                runs = [server_clients(f"127.0.0.1:{port}", prompts, n_new, clients)
-                        for _ in range(max(1, a.repeats) if clients == 32 else 1)]
-                tps = res[f"server_{clients}_clients_tok_s"] = statistics.median(runs)
-                if clients == 32:
-                    res["server_32_clients_runs"] = [round(r, 1) for r in runs]
+            for clients in (1, 8):
+                tps = res[f"server_{clients}_clients_tok_s"] = server_clients(target, prompts, n_new, clients)
                 print(f"(c) server, {clients} concurrent clients: {tps:.1f} tok/s", flush=True)
+            for r in range(rounds):   # the server idles (blocked on its queue) while transformers runs
+                runs["a"].append(hf_one_at_a_time(hf, prompts, n_new))
+                runs["b"].append(hf_static_batch(hf, prompts, n_new))
+                runs["c32"].append(server_clients(target, prompts, n_new, 32))
+                print(f"round {r + 1}/{rounds}: (a) transformers one at a time {runs['a'][-1]:.1f} tok/s, "
+                      f"(b) static batch of {n_prompts} {runs['b'][-1]:.1f} tok/s, "
+                      f"(c) server at 32 clients {runs['c32'][-1]:.1f} tok/s", flush=True)
         finally:
             proc.stop()
-    res["ratio_vs_one_at_a_time"] = res["server_32_clients_tok_s"] / res["one_at_a_time_tok_s"]
-    res["ratio_vs_static_batch"] = res["server_32_clients_tok_s"] / res["static_batch_tok_s"]
+    for key, name in (("a", "one_at_a_time"), ("b", "static_batch"), ("c32", "server_32_clients")):
+        res[f"{name}_tok_s"] = statistics.median(runs[key])
+        res[f"{name}_runs"] = [round(x, 1) for x in runs[key]]
+    for key, name in (("a", "one_at_a_time"), ("b", "static_batch")):
+        per_round = [c / x for c, x in zip(runs["c32"], runs[key])]
+        res[f"ratio_vs_{name}"] = statistics.median(per_round)
+        res[f"ratio_vs_{name}_rounds"] = [round(x, 2) for x in per_round]
     res.update(quick=a.quick, model=a.size, prompts=n_prompts, new_tokens=n_new)
-    print(f"ratios at 32 clients: {res['ratio_vs_one_at_a_time']:.2f}x one-at-a-time, "
+    print(f"ratios at 32 clients (median over {rounds} rounds): {res['ratio_vs_one_at_a_time']:.2f}x one-at-a-time, "
           f"{res['ratio_vs_static_batch']:.2f}x static batch")
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
 
