@@ -34,6 +34,25 @@ def test_filtered_probs_hand_computed(kw, expected):
     torch.testing.assert_close(got[0], torch.tensor(expected, dtype=torch.float32), atol=1e-6, rtol=0)
 
 
+def test_filtering_on_top_candidates_equals_the_full_sort():
+    """The top-K fast path (with its per-row fallback) keeps exactly what a full sort keeps."""
+    torch.manual_seed(5)
+    B, V = 12, 3000
+    logits = torch.randn(B, V) * torch.linspace(0.2, 6, B)[:, None]   # flat to peaked rows
+    temperature = torch.tensor([1.0, 0.7, 1.3, 1.0] * 3)
+    top_k = torch.tensor([0, 0, 0, 50, 0, 0, 200, 0, 0, 10, 0, 0])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 1.0, 0.95, 0.99, 0.8, 1.0, 0.3, 0.9, 0.999, 1.0])
+    min_p = torch.tensor([0.0, 0.05, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.2])
+    full = filtered_probs(logits, temperature, top_k, top_p, min_p, candidates=V)
+    for cand in (16, 64, 300):
+        fast = filtered_probs(logits, temperature, top_k, top_p, min_p, candidates=cand)
+        assert torch.equal(fast > 0, full > 0), cand                   # the same kept sets
+        torch.testing.assert_close(fast, full, atol=1e-6, rtol=1e-5)
+    # both paths ran: some rows fit in 16 candidates, some needed the fallback
+    kept = (full > 0).sum(-1)
+    assert (kept <= 16).any() and (kept > 300).any(), kept
+
+
 def test_temperature_scales_logits():
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     got = filtered_probs(logits, *_params(1, temperature=0.5))
