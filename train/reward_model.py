@@ -75,11 +75,13 @@ class RewardModel(nn.Module):
             self.relevance_encoder.eval()   # frozen: no dropout, ever
         return self
 
-    def relevance(self, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
-        """(B, Tq) last human turns and (B, Tr) responses, each encoded alone -> (B,) cosines."""
+    def relevance(self, rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) -> torch.Tensor:
+        """(B, Tq) last human turns and (B, Tr) responses, each encoded alone (relevance_inputs)
+        -> (B,) cosines."""
+        enc = self.relevance_encoder
         with torch.no_grad():
-            q = mean_pool(self.relevance_encoder(input_ids=q_ids, attention_mask=q_mask).last_hidden_state, q_mask)
-            r = mean_pool(self.relevance_encoder(input_ids=r_ids, attention_mask=r_mask).last_hidden_state, r_mask)
+            q = mean_pool(enc(input_ids=rel_q_ids, attention_mask=rel_q_mask).last_hidden_state, rel_q_mask)
+            r = mean_pool(enc(input_ids=rel_r_ids, attention_mask=rel_r_mask).last_hidden_state, rel_r_mask)
             return torch.nn.functional.cosine_similarity(q, r, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -206,7 +208,7 @@ def relevance_cosines(rm: RewardModel, tok, texts: list[str], batch: int = 64, p
     cos = torch.empty(len(texts))
     for i in tqdm(range(0, len(texts), batch), desc="relevance feature", disable=not progress, file=sys.stderr):
         idx = order[i:i + batch]
-        cos[idx] = rm.relevance(*relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length).values()).float()
+        cos[idx] = rm.relevance(**relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)).float()
     return cos
 
 

@@ -33,19 +33,14 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits.float() / t[:, None], dim=-1)
     K = min(V, max(candidates, int(top_k.max()) if B else 0))
-    if K < V:
+    if K == V:
+        out = _sorted_filter(probs, top_k, top_p, min_p)
+    else:
         sp, idx = probs.topk(K, dim=-1)                                       # (B, K), descending
         keep, exact = _keep_sorted(sp, probs, top_k, top_p, min_p)
+        out = torch.zeros_like(probs).scatter_(1, idx, torch.where(keep, sp, torch.zeros_like(sp)))
         if not bool(exact.all()):
-            full = _sorted_filter(probs[~exact], top_k[~exact], top_p[~exact], min_p[~exact])
-    else:
-        full, exact = _sorted_filter(probs, top_k, top_p, min_p), torch.zeros(B, dtype=torch.bool)
-    out = torch.zeros_like(probs)
-    if bool(exact.any()):
-        e = exact.nonzero()[:, 0]
-        out[e] = out[e].scatter_(1, idx[e], torch.where(keep[e], sp[e], torch.zeros_like(sp[e])))
-    if not bool(exact.all()):
-        out[~exact] = full
+            out[~exact] = _sorted_filter(probs[~exact], top_k[~exact], top_p[~exact], min_p[~exact])
     return out / out.sum(-1, keepdim=True)
 
 
@@ -66,8 +61,8 @@ def _keep_sorted(sp: torch.Tensor, probs: torch.Tensor, top_k, top_p, min_p) -> 
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
     keep = rank < k[:, None]
     # top-p over the top-k survivors: drop a token once the mass before it reaches top_p
-    mass = torch.where(k < V, torch.where(keep, sp, torch.zeros_like(sp)).sum(-1), probs.sum(-1))  # (R,) top-k mass
-    sp_k = torch.where(keep, sp, torch.zeros_like(sp)) / mass[:, None]
+    sp_k = torch.where(keep, sp, torch.zeros_like(sp))
+    sp_k = sp_k / torch.where(k < V, sp_k.sum(-1), probs.sum(-1))[:, None]   # / the top-k mass (all of it: 1)
     before = torch.cumsum(sp_k, dim=-1) - sp_k
     keep &= (before < top_p[:, None]) | (rank == 0)
     keep &= sp >= (min_p[:, None] * sp[:, :1])
