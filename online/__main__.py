@@ -6,7 +6,9 @@ Starts the bundled Kafka broker, the trainer (which publishes v0000 from the ini
 the policy server and the RM server (both serving from the model store and hot-swapping on the
 model-updates topic), the feedback service, and the traffic simulator (users asking the policy
 server, labelers comparing answers with a hidden true preference). It prints one line per
-training cycle and, after --cycles published versions, writes a report folder with PNG plots.
+training cycle. After --cycles published versions it pauses the trainer (AdminService.PauseTraining;
+a cycle already running finishes first), measures the last version on --final-responses answers,
+and writes a report folder with PNG plots.
 Ctrl-C stops everything cleanly (children get SIGTERM, the broker is stopped).
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ class OnlineConfig:
     """Run the online loop: servers, feedback, trainer and simulated users/labelers, for a few cycles."""
 
     cycles: int = 3
-    """Stop after this many published versions (after v0000)."""
+    """Stop training after this many published versions (after v0000); the last is then measured."""
     workdir: Path = Path(".run/online")
     """Broker data, model store and trainer database of this run (wiped at start unless --keep)."""
     keep: bool = False
@@ -77,6 +79,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pause_trainer(admin_port: int) -> bool:
+    """Pauses the trainer's cycles (AdminService.PauseTraining); True while a cycle is still running."""
+    import grpc
+
+    from rlhf.v1 import models_pb2 as mpb
+    from rlhf.v1 import models_pb2_grpc as mgrpc
+    with grpc.insecure_channel(f"127.0.0.1:{admin_port}") as ch:
+        res = mgrpc.AdminServiceStub(ch).PauseTraining(mpb.PauseTrainingRequest(paused=True), timeout=30)
+    return res.cycle_running
 
 
 class Child:
@@ -170,14 +183,16 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap = broker.bootstrap
         ensure_topics(bootstrap)
         store = work / "store"
+        admin_port = free_port()
         tr_args = ["-m", "train.loop", "--bootstrap", bootstrap, "--store", str(store), "--db", str(work / "trainer.db"),
                    "--init-policy", str(cfg.init_policy), "--cycle-comparisons", str(cfg.cycle_comparisons),
                    "--min-comparisons", str(min(16, cfg.cycle_comparisons)), "--ppo.max-new-tokens",
                    str(cfg.max_new_tokens), "--metrics-port", str(free_port()), "--threads", "2",
+                   "--admin-port", str(admin_port),
                    *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
         trainer = Child("trainer", tr_args, work / "logs", on_trainer_line)
         children.append(trainer)
-        trainer.wait_for(r"trainer resumed at", 600)
+        trainer.wait_for(r"trainer admin listening", 600)
         pport, fport, rport = free_port(), free_port(), free_port()
         policy = Child("policy-server", ["-m", "serve", "--store", str(store), "--kafka-bootstrap", bootstrap,
                                          "--port", str(pport), "--metrics-port", str(free_port()), "--threads", "1"],
@@ -198,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                   think_s=cfg.think_s)).start()
         print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons", flush=True)
         shown = 0
+        trainer_idle = False
         last_status = time.monotonic()
         while not stop.is_set() and time.monotonic() - t0 < cfg.timeout_s:
             while shown < len(cycles):
@@ -210,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                       f" | true score served by {c['parent']}: {served.get('true_score', float('nan')):+.3f}"
                       f" (n={served.get('responses', 0)}) | {c['seconds']}s", flush=True)
             published = [c for c in cycles if c.get("published")]
-            if len(published) >= cfg.cycles:
+            if len(published) >= cfg.cycles and not trainer_idle:
+                # enough versions: pause training so the last one stays the one served while it is
+                # measured; a cycle already running finishes (and may publish) first
+                trainer_idle = not pause_trainer(admin_port)
+            elif trainer_idle:
                 last = published[-1]["version"]
                 if sim.summary()["served"].get(last, {}).get("responses", 0) >= cfg.final_responses:
                     break

@@ -253,7 +253,8 @@ def test_pause_training_admin_rpc_holds_cycles_until_resumed(kafka_broker, tiny_
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             admin = mgrpc.AdminServiceStub(ch)
-            assert admin.PauseTraining(mpb.PauseTrainingRequest(paused=True), timeout=10).message == "paused"
+            res = admin.PauseTraining(mpb.PauseTrainingRequest(paused=True), timeout=10)
+            assert res.message == "paused" and not res.cycle_running
             _produce(kafka_broker, 50, seed=21)
             time.sleep(8)   # plenty of feedback for a cycle, but paused
             assert "rm:" not in p.output() and ms.ModelStore(tmp_path / "store").versions() == ["v0000"]

@@ -245,6 +245,8 @@ class Trainer:
         self.cycles = 0
         self.last_cycle_at = time.monotonic()
         self.paused = threading.Event()
+        self.in_cycle = threading.Event()   # set from a cycle's start until its CYCLE line is printed
+        self.admin_lock = threading.Lock()
         if cfg.start_paused:
             self.paused.set()
         if dist.is_main():
@@ -409,9 +411,14 @@ def serve_admin(tr: Trainer, port: int, tokens: str):
 
     class Admin(mgrpc.AdminServiceServicer):
         def PauseTraining(self, request, context):
-            (tr.paused.set if request.paused else tr.paused.clear)()
-            print(f"training {'paused' if request.paused else 'resumed'} by an admin call", flush=True)
-            return models_pb2.AdminResult(ok=True, serving=tr.m.version,
+            with tr.admin_lock:
+                changed = tr.paused.is_set() != request.paused
+                (tr.paused.set if request.paused else tr.paused.clear)()
+                running = tr.in_cycle.is_set()
+            if changed:   # callers may poll (python -m online waits for a running cycle to end)
+                print(f"training {'paused' if request.paused else 'resumed'} by an admin call"
+                      f"{' (a cycle is running; it will finish)' if running and request.paused else ''}", flush=True)
+            return models_pb2.AdminResult(ok=True, serving=tr.m.version, cycle_running=running,
                                           message="paused" if request.paused else "running")
 
         def ListVersions(self, request, context):
@@ -454,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             go = False
             if dist.is_main():
                 tr.ingest()
-                go = tr.due()
+                with tr.admin_lock:   # a PauseTraining call sees either no cycle or this one as running
+                    go = tr.due()
+                    if go:
+                        tr.in_cycle.set()
             if dist.world_size() > 1:
                 go = dist.broadcast_object(go or stop["flag"]) and not stop["flag"]
             if go:
@@ -462,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                 if dist.is_main():
                     print(progress_line(res), flush=True)
                     print("CYCLE " + json.dumps(res), flush=True)
+                tr.in_cycle.clear()
     finally:
         if admin is not None:
             admin.stop(grace=1)
