@@ -84,6 +84,8 @@ def main() -> None:
                     help="(default 3, quick 2) rounds of (a), (b) and (c) at 32 clients, interleaved; each ratio is taken within a round "
                          "and the median over rounds is reported (a noisy neighbour then slows both sides of a ratio "
                          "instead of one)")
+    ap.add_argument("--cpu-pack", default="all", choices=("all", "lm_head", "none"),
+                    help="the server's --cpu-pack: which Linear weights it prepacks for oneDNN (none: F.linear, MKL)")
     a = ap.parse_args()
     n_prompts = a.prompts or (16 if a.quick else 32)
     n_new = a.new_tokens or (16 if a.quick else 32)
@@ -99,7 +101,8 @@ def main() -> None:
               f"{n_prompts} prompts of 8-40 tokens, {n_new} new tokens each; torch threads {torch.get_num_threads()}",
               flush=True)
         hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, pad_token_id=0)  # warm-up
-        proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024)
+        proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024,
+                                            cpu_pack=a.cpu_pack)
         target = f"127.0.0.1:{port}"
         runs: dict[str, list[float]] = {"a": [], "b": [], "c32": []}
         res = {}
@@ -123,7 +126,7 @@ def main() -> None:
         per_round = [c / x for c, x in zip(runs["c32"], runs[key])]
         res[f"ratio_vs_{name}"] = statistics.median(per_round)
         res[f"ratio_vs_{name}_rounds"] = [round(x, 2) for x in per_round]
-    res.update(quick=a.quick, model=a.size, prompts=n_prompts, new_tokens=n_new)
+    res.update(quick=a.quick, model=a.size, prompts=n_prompts, new_tokens=n_new, cpu_pack=a.cpu_pack)
     print(f"ratios at 32 clients (median over {rounds} rounds): {res['ratio_vs_one_at_a_time']:.2f}x one-at-a-time, "
           f"{res['ratio_vs_static_batch']:.2f}x static batch")
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))

@@ -39,8 +39,8 @@ class ServerConfig(AuthOptions):
     """Largest gRPC message accepted or sent."""
     dtype: str = "float32"
     """Weights and KV cache dtype: float32 or bfloat16."""
-    cpu_pack: str = "lm_head"
-    """On CPU fp32, prepack these Linear weights for oneDNN: lm_head, all or none."""
+    cpu_pack: str = "all"
+    """On CPU fp32, prepack these Linear weights for oneDNN: all, lm_head or none (none: torch's F.linear, MKL)."""
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
     kafka_bootstrap: str = ""

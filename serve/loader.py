@@ -40,7 +40,7 @@ def read_version(path: Path) -> str:
 
 
 def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                cpu_pack: str = "lm_head") -> LoadedPolicy:
+                cpu_pack: str = "all") -> LoadedPolicy:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub download at run time is a bug
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import, at the edge
 

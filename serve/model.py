@@ -325,26 +325,31 @@ def from_hf(hf_model) -> CausalLM:
 
 
 class PackedLinear(nn.Module):
-    """Inference-only Linear whose weight is prepacked for oneDNN (CPU, fp32).
+    """Inference-only Linear whose weight is prepacked once for oneDNN (CPU, fp32).
 
-    On the 2-core AVX2 machines we serve from, MKL's sgemm reaches ~45 GFLOPS on the
-    (32 x 768) @ (768 x 50257) lm_head while oneDNN's packed weight reaches ~80; the
-    benchmark bench/serve_throughput.py measures the effect end to end."""
+    Dense input in, dense output out (`mkldnn._linear_pointwise` on a weight from
+    `mkldnn._reorder_linear_weight`, the pair torch's inductor uses for frozen CPU linears), so
+    there is no per-call layout conversion and it serves any number of rows, prefill and decode.
+    Why: torch's CPU `F.linear` is MKL sgemm, and MKL runs its AVX2 code on AMD CPUs, while oneDNN
+    picks the widest ISA the CPU has. Measured (bench/RESULTS.md, 2 cores): on an AVX-512 AMD EPYC,
+    2.3-4x the GFLOPS of F.linear for every GPT-2-small shape at 1-753 rows (e.g. 768x3072 at 32
+    rows 0.33 vs 1.22 ms); on the AVX2 Intel machines of earlier sessions, decode steps ~5% faster.
+    Results differ from F.linear by summation order only (~4e-6 relative)."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.w = lin.weight.detach().contiguous().to_mkldnn()
-        self.b = None if lin.bias is None else lin.bias.detach().contiguous().to_mkldnn()
+        self.w = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach().contiguous())
+        self.b = None if lin.bias is None else lin.bias.detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._C._nn.mkldnn_linear(x.reshape(-1, shape[-1]).contiguous().to_mkldnn(), self.w, self.b)
-        return y.to_dense().view(*shape[:-1], self.out_features)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.w, self.b, "none", [], "")
+        return y.view(*shape[:-1], self.out_features)
 
 
-def pack_for_cpu(m: CausalLM, which: str = "lm_head") -> CausalLM:
-    """Replaces Linear layers by PackedLinear on CPU fp32 ('lm_head', 'all' or 'none')."""
+def pack_for_cpu(m: CausalLM, which: str = "all") -> CausalLM:
+    """Replaces Linear layers by PackedLinear on CPU fp32 ('all', 'lm_head' or 'none')."""
     p = next(m.parameters())
     if which == "none" or p.device.type != "cpu" or p.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return m
@@ -359,12 +364,14 @@ def pack_for_cpu(m: CausalLM, which: str = "lm_head") -> CausalLM:
 
 
 def num_parameters(m: CausalLM) -> int:
-    """Parameters of the checkpoint (a tied lm_head counted once, a packed one counted as weights)."""
+    """Parameters of the checkpoint (a tied lm_head counted once; packed layers counted by shape)."""
     n = sum(p.numel() for p in m.parameters())
-    lm = m.lm_head
-    if isinstance(lm, PackedLinear):
-        return n + (0 if m.args.tie_embeddings else lm.in_features * lm.out_features)
-    return n - (lm.weight.numel() if m.args.tie_embeddings else 0)
+    for name, mod in m.named_modules():
+        if isinstance(mod, PackedLinear) and not (name == "lm_head" and m.args.tie_embeddings):
+            n += mod.in_features * mod.out_features + (0 if mod.b is None else mod.b.numel())
+    if isinstance(m.lm_head, nn.Linear) and m.args.tie_embeddings:
+        n -= m.lm_head.weight.numel()
+    return n
 
 
 __all__ = ["ModelArgs", "CausalLM", "KVCache", "StepLayout", "from_hf", "args_from_hf_config", "num_parameters"]

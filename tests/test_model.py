@@ -5,14 +5,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from serve.model import KVCache, StepLayout, from_hf
+from serve.model import KVCache, PackedLinear, StepLayout, from_hf, num_parameters, pack_for_cpu
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture(params=[("gpt2", "none"), ("llama", "none"), ("gpt2", "all"), ("llama", "all")], ids="-".join)
 def pair(request, tiny_gpt2, tiny_llama):
-    path = tiny_gpt2 if request.param == "gpt2" else tiny_llama
+    """(transformers model, our model) with every Linear plain (MKL) or prepacked for oneDNN (what serving uses)."""
+    arch, pack = request.param
+    path = tiny_gpt2 if arch == "gpt2" else tiny_llama
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return hf, from_hf(hf)
+    m = pack_for_cpu(from_hf(hf), pack)
+    assert isinstance(m.blocks[0].mlp.down_proj, PackedLinear) == (pack == "all" and torch.backends.mkldnn.is_available())
+    return hf, m
 
 
 def test_packed_prefill_and_decode_match_hf(pair):
@@ -54,3 +58,25 @@ def test_unsupported_configs_are_refused():
     from serve.model import args_from_hf_config
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         args_from_hf_config(GPT2Config(scale_attn_by_inverse_layer_idx=True))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("rows", [1, 7, 32, 300])
+def test_packed_linear_equals_linear(rows):
+    torch.manual_seed(rows)
+    for k, n, bias in ((768, 3072, True), (64, 1000, False), (3072, 768, True)):
+        lin = torch.nn.Linear(k, n, bias=bias)
+        x = torch.randn(2, rows, k)          # any leading shape
+        with torch.inference_mode():
+            got, ref = PackedLinear(lin)(x), lin(x)
+        assert got.shape == ref.shape
+        # the same sum in another order: ~1e-6 of the output's scale
+        torch.testing.assert_close(got, ref, atol=2e-5 * ref.abs().max().item(), rtol=0)
+
+
+def test_num_parameters_is_the_checkpoints_whatever_the_packing(tiny_gpt2, tiny_llama):
+    for path in (tiny_gpt2, tiny_llama):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        want = hf.num_parameters()
+        for pack in ("none", "lm_head", "all"):
+            assert num_parameters(pack_for_cpu(from_hf(hf), pack)) == want, (path, pack)
