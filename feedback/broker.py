@@ -83,11 +83,21 @@ def _render_properties(cfg: BrokerConfig) -> Path:
     return path
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: a UUID in URL-safe base64 (22 characters), never starting with
+    "-" (1 in 64 would, and the storage tool then reads it as an option; Kafka's own
+    Uuid.randomUuid() redraws for the same reason)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _format_storage(cfg: BrokerConfig, props: Path) -> None:
     """Formats the log dir once (KRaft needs a cluster id and a bootstrap metadata log)."""
     if (cfg.data_dir / "log" / "meta.properties").exists():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = new_cluster_id()
     out = subprocess.run(
         _java_cmd(cfg, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
         capture_output=True, text=True,

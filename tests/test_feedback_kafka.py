@@ -279,3 +279,17 @@ def test_a_served_empty_response_referenced_by_id_is_valid_feedback():
     bad.comparison.a.response_id = ""
     with pytest.raises(validate.Invalid, match="comparison.a"):
         validate.check(bad, validate.Limits(), resolved=True)
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch):
+    """A KRaft cluster id starting with "-" made `kafka-storage format -t <id>` fail (1 run in 64)."""
+    import base64
+
+    from feedback import broker
+    bad = uuid.UUID(bytes=bytes([0xF8]) + bytes(15))          # encodes to "-AAAA..."
+    good = uuid.UUID(bytes=bytes([0x10]) + bytes(15))
+    assert base64.urlsafe_b64encode(bad.bytes).decode().startswith("-")
+    draws = iter([bad, bad, good])
+    monkeypatch.setattr(broker.uuid, "uuid4", lambda: next(draws))
+    cid = broker.new_cluster_id()
+    assert cid == base64.urlsafe_b64encode(good.bytes).decode().rstrip("=") and len(cid) == 22
