@@ -229,6 +229,7 @@ def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafk
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainer resumed at v0001" in r.stdout and "cycle 1: published v0002" in r.stdout, r.stdout
+    assert "critic and KL beta" in r.stderr and "restored from v0001" in r.stderr, r.stderr[-2000:]
     m2 = ms.verify(store / "v0002")
     assert m2["parent"] == "v0001" and not list(store.glob(".tmp-*"))
     assert all(m2["offsets"][k] >= v for k, v in m1["offsets"].items())
@@ -264,3 +265,31 @@ def test_pause_training_admin_rpc_holds_cycles_until_resumed(kafka_broker, tiny_
         assert "cycle 1: published v0001" in p.output(), p.output()[-2000:]
     finally:
         p.stop()
+
+
+def test_ppo_state_round_trips_through_a_version_folder(tiny_hh_policy, tmp_path):
+    """critic/ in a published version: a new PPOTrainer (after a restart or a refused cycle) gets
+    the critic and the KL beta back instead of a fresh critic."""
+    from transformers import AutoModelForCausalLM
+
+    from train.ppo import PPOConfig, PPOTrainer, build_critic, load_ppo_state, save_ppo_state
+
+    def trainer():
+        policy = AutoModelForCausalLM.from_pretrained(tiny_hh_policy)
+        ref = AutoModelForCausalLM.from_pretrained(tiny_hh_policy)
+        return PPOTrainer(policy, ref, build_critic(policy), PPOConfig(kl_target=6.0), 0, 0)
+    a = trainer()
+    assert not load_ppo_state(a, tmp_path)          # v0000 has no critic/: a fresh critic
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in a.critic.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    a.kl_ctl.value = 0.1234
+    save_ppo_state(a, tmp_path)
+    b = trainer()
+    before = b.critic.state_dict()
+    assert not all(torch.equal(v, a.critic.state_dict()[k]) for k, v in before.items())
+    assert load_ppo_state(b, tmp_path)
+    sa, sb = a.critic.state_dict(), b.critic.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.kl_ctl.value == 0.1234

@@ -41,7 +41,7 @@ from rlhf.v1 import models_pb2  # noqa: E402
 
 from . import dist  # noqa: E402
 from . import metrics as M  # noqa: E402
-from .ppo import PPOConfig, PPOTrainer, build_critic  # noqa: E402
+from .ppo import PPOConfig, PPOTrainer, build_critic, load_ppo_state, save_ppo_state  # noqa: E402
 from .ppo import run as run_ppo  # noqa: E402
 from .rm_update import Group, RMUpdateConfig, heldout_accuracy, is_heldout, rm_text, train_rm  # noqa: E402
 
@@ -135,14 +135,17 @@ def load_policy_hf(path: Path):
     return policy.eval(), tok
 
 
-def write_version(policy, tok, rm, rm_tok):
-    """The files of one version (policy/ and rm/ HF folders), as a ModelStore.publish writer."""
+def write_version(policy, tok, rm, rm_tok, ppo: PPOTrainer | None = None):
+    """The files of one version (policy/ and rm/ HF folders, and critic/ with PPO's state when
+    given), as a ModelStore.publish writer. The servers read policy/ and rm/ only."""
     from . import reward_model
 
     def write(tmp: Path) -> None:
         policy.save_pretrained(tmp / "policy", safe_serialization=True)
         tok.save_pretrained(tmp / "policy")
         reward_model.save(rm, rm_tok, tmp / "rm")
+        if ppo is not None:
+            save_ppo_state(ppo, tmp)
     return write
 
 
@@ -254,9 +257,14 @@ class Trainer:
             M.PUBLISHED_VERSION.set(model_store.version_number(version))
 
     def _new_ppo(self) -> PPOTrainer:
+        """PPO for the current version: its critic and KL beta come from the version's critic/
+        when it has one (after a restart or a refused cycle), else the critic is built new."""
         pad = self.m.tok.pad_token_id
-        return PPOTrainer(self.m.policy, self.m.ref, build_critic(self.m.policy, self.m.rm), self.cfg.ppo, pad,
-                          self.m.tok.eos_token_id)
+        tr = PPOTrainer(self.m.policy, self.m.ref, build_critic(self.m.policy, self.m.rm), self.cfg.ppo, pad,
+                        self.m.tok.eos_token_id)
+        if load_ppo_state(tr, self.store.path(self.m.version)):
+            log.info("critic and KL beta %.4f restored from %s", tr.kl_ctl.value, self.m.version)
+        return tr
 
     def _recover(self, manifest: dict) -> None:
         """A crash between rename and commit: the newest version's offsets are ahead of the committed
@@ -362,8 +370,8 @@ class Trainer:
         version = dist.broadcast_object(version)
         if dist.is_main():
             metrics = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            path = self.store.publish(version, write_version(m.policy, m.tok, rm, m.rm_tok), parent=m.version,
-                                      metrics=metrics, offsets=payload["offsets"])
+            path = self.store.publish(version, write_version(m.policy, m.tok, rm, m.rm_tok, self.ppo),
+                                      parent=m.version, metrics=metrics, offsets=payload["offsets"])
             self.announce(model_store.read_manifest(path))
             self.consumer.commit_offsets(payload["offsets"])
             M.PUBLISHED_VERSION.set(model_store.version_number(version))

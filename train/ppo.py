@@ -113,6 +113,38 @@ def build_critic(policy, rm=None) -> ValueModel:
     return ValueModel(body, head)
 
 
+CRITIC_DIR = "critic"
+
+
+def save_ppo_state(tr: "PPOTrainer", folder) -> None:
+    """The state PPO carries from one cycle to the next, into a version folder: the critic's
+    weights (critic/model.safetensors) and the KL controller's beta (critic/state.json).
+    The policy is the version's policy/ itself; Adam's moments are not kept (a resumed run
+    starts them at zero, as each new PPOTrainer does)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+    d = Path(folder) / CRITIC_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    save_model(tr.critic, str(d / "model.safetensors"))
+    (d / "state.json").write_text(json.dumps({"kl_coef": tr.kl_ctl.value}))
+
+
+def load_ppo_state(tr: "PPOTrainer", folder) -> bool:
+    """Restores what save_ppo_state wrote (False when the folder has none, e.g. v0000)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_model
+    d = Path(folder) / CRITIC_DIR
+    if not (d / "model.safetensors").exists():
+        return False
+    missing, unexpected = load_model(tr.critic, str(d / "model.safetensors"), strict=True)
+    tr.kl_ctl.value = float(json.loads((d / "state.json").read_text())["kl_coef"])
+    return True
+
+
 @dataclass
 class Rollouts:
     """One iteration's samples, on every rank. Shapes: B sequences, L = longest prompt+response,
