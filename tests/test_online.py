@@ -23,8 +23,8 @@ def test_main_job_three_cycles_servers_follow_and_served_score_rises(tiny_hh_pol
 
     The RM is the default pretrained MiniLM-L6 (as in the main job): a random-init tiny RM reached only
     0.55-0.85 held-out accuracy on 48-144 comparisons, and the served score of v0003 rose over v0000's
-    by 0.02-0.09 from run to run (one CI run saw it fall by 0.005). With MiniLM the rise was 0.12 in both
-    runs measured (0.075 -> 0.196, 0.076 -> 0.200), against a standard error of the difference near 0.02
+    by 0.02-0.09 from run to run (one CI run saw it fall by 0.005). With MiniLM the rise was 0.12 in each
+    of 3 runs measured (0.075 -> 0.196, 0.076 -> 0.200, 0.076 -> 0.200), against a standard error of the difference near 0.02
     with 128 responses measured on the last version. About 110 s."""
     r = subprocess.run([sys.executable, "-m", "online", "--init-policy", str(tiny_hh_policy), "--rm-backbone", "",
                         "--cycles", "3", "--cycle-comparisons", "48", "--final-responses", "128",

@@ -25,9 +25,11 @@ with token-sum losses over the global token count (dist.py), so DDP equals one p
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -121,9 +123,6 @@ def save_ppo_state(tr: "PPOTrainer", folder) -> None:
     weights (critic/model.safetensors) and the KL controller's beta (critic/state.json).
     The policy is the version's policy/ itself; Adam's moments are not kept (a resumed run
     starts them at zero, as each new PPOTrainer does)."""
-    import json
-    from pathlib import Path
-
     from safetensors.torch import save_model
     d = Path(folder) / CRITIC_DIR
     d.mkdir(parents=True, exist_ok=True)
@@ -133,14 +132,11 @@ def save_ppo_state(tr: "PPOTrainer", folder) -> None:
 
 def load_ppo_state(tr: "PPOTrainer", folder) -> bool:
     """Restores what save_ppo_state wrote (False when the folder has none, e.g. v0000)."""
-    import json
-    from pathlib import Path
-
     from safetensors.torch import load_model
     d = Path(folder) / CRITIC_DIR
     if not (d / "model.safetensors").exists():
         return False
-    missing, unexpected = load_model(tr.critic, str(d / "model.safetensors"), strict=True)
+    load_model(tr.critic, str(d / "model.safetensors"), strict=True)   # raises on any mismatch
     tr.kl_ctl.value = float(json.loads((d / "state.json").read_text())["kl_coef"])
     return True
 
