@@ -36,7 +36,7 @@ from tests.helpers import start_policy_server  # noqa: E402
 
 def build_model(out: Path, size: str) -> Path:
     from serve.make_policy import PolicySpec, build
-    return build(PolicySpec(out=out, size=size, vocab_size=512, model_vocab_size=50257, corpus=Path("/nonexistent")))
+    return build(PolicySpec(out=out, size=size, vocab_size=512, model_vocab_size=50257, corpus=Path("builtin")))
 
 
 def hf_one_at_a_time(hf, prompts, n_new) -> float:

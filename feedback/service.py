@@ -75,7 +75,7 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         self.limits = validate.Limits(max_text_chars=cfg.max_text_chars)
 
     def _resolve(self, f: fb.Feedback) -> None:
-        """Fills text and model version of responses given by id; unknown ids are bad input."""
+        """Fills text, model version and finish reason of responses given by id; unknown ids are bad input."""
         for name, r in validate.responses(f):
             if not r.response_id:
                 if not r.model_version:
@@ -86,7 +86,7 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
                 raise validate.Invalid(f"{name}.response_id: unknown response id {r.response_id!r}")
             if r.text and r.text != inter.response:
                 raise validate.Invalid(f"{name}.text: differs from the served response {r.response_id!r}")
-            r.text, r.model_version = inter.response, inter.model_version
+            r.text, r.model_version, r.finish_reason = inter.response, inter.model_version, inter.finish_reason
 
     def _prepare(self, f: fb.Feedback) -> tuple[str, str, bytes]:
         """Validates and resolves one piece of feedback -> (kind, event_id, record bytes); raises Invalid."""

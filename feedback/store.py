@@ -58,5 +58,10 @@ class FeedbackStore:
         return list(self.db.execute(f"SELECT rowid, record FROM {table} WHERE rowid > ? ORDER BY rowid",
                                     (since_rowid,)))
 
+    def latest(self, table: str, limit: int) -> list[bytes]:
+        """The `limit` most recently stored records of a table, newest first."""
+        assert table in ("feedback", "interactions")
+        return [r[0] for r in self.db.execute(f"SELECT record FROM {table} ORDER BY rowid DESC LIMIT ?", (limit,))]
+
     def close(self) -> None:
         self.db.close()

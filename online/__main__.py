@@ -5,10 +5,12 @@
 Starts the bundled Kafka broker, the trainer (which publishes v0000 from the initial policy),
 the policy server and the RM server (both serving from the model store and hot-swapping on the
 model-updates topic), the feedback service, and the traffic simulator (users asking the policy
-server, labelers comparing answers with a hidden true preference). It prints one line per
-training cycle. After --cycles published versions it pauses the trainer (AdminService.PauseTraining;
-a cycle already running finishes first), measures the last version on --final-responses answers,
-and writes a report folder with PNG plots.
+server the first turns of the shipped hh dialogues, labelers comparing answers with a hidden true
+preference). It prints one line per training cycle. The trainer starts no cycle once --cycles
+versions are published (--max-versions); the simulator then stops, and every version is measured
+the same way through the policy server (online/measure.py: true-preference score, KL to v0000 and
+reward under the last RM, with 95% bootstrap intervals, on prompts no simulated user asked). The
+report folder gets PNG plots and summary.json; the last line printed is one JSON object.
 Ctrl-C stops everything cleanly (children get SIGTERM, the broker is stopped).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config_cli import parse_config
+from common.data import HH_PAIRS
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -38,7 +41,11 @@ class OnlineConfig:
     """Run the online loop: servers, feedback, trainer and simulated users/labelers, for a few cycles."""
 
     cycles: int = 3
-    """Stop training after this many published versions (after v0000); the last is then measured."""
+    """Stop training after this many published versions (after v0000); every version is then measured."""
+    seed: int = 0
+    """Seed of the simulated users and labelers and of the trainer (different seeds: different runs)."""
+    data: Path = HH_PAIRS
+    """hh-rlhf JSONL whose first human turns are the users' prompts (and, held out, the measurement's)."""
     workdir: Path = Path(".run/online")
     """Broker data, model store and trainer database of this run (wiped at start unless --keep)."""
     keep: bool = False
@@ -61,17 +68,21 @@ class OnlineConfig:
     """New comparisons that start a training cycle."""
     max_new_tokens: int = 24
     """Response length of served answers (and PPO rollouts)."""
-    final_responses: int = 64
-    """Responses the last version must serve before the run ends (to measure it)."""
+    measure_prompts: int = 128
+    """Prompts held out from the simulated users to measure every version on at the end."""
+    measure_samples: int = 2
+    """Answers per measurement prompt (the same seeds for every version)."""
     timeout_s: float = 3600.0
     """Give up after this long."""
     trainer_args: str = ("--rm.lr 5e-5 --rm.max-steps 16 --rm.batch-groups 8 --rm.max-length 64 --ppo.lr 3e-5 "
-                         "--ppo.iterations 6 --ppo.rollouts 32")
+                         "--ppo.iterations 6 --ppo.rollouts 32 --ppo.missing-eos-penalty 0.5")
     """Extra flags for python -m train.loop (see its --help)."""
 
     def __post_init__(self) -> None:
         if self.cycles < 1 or self.users < 1 or self.cycle_comparisons < 1:
             raise ValueError("cycles, users and cycle_comparisons must be >= 1")
+        if self.measure_prompts < 2 or self.measure_samples < 1:
+            raise ValueError("measure_prompts must be >= 2 and measure_samples >= 1")
 
 
 def free_port() -> int:
@@ -79,17 +90,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pause_trainer(admin_port: int) -> bool:
-    """Pauses the trainer's cycles (AdminService.PauseTraining); True while a cycle is still running."""
-    import grpc
-
-    from rlhf.v1 import models_pb2 as mpb
-    from rlhf.v1 import models_pb2_grpc as mgrpc
-    with grpc.insecure_channel(f"127.0.0.1:{admin_port}") as ch:
-        res = mgrpc.AdminServiceStub(ch).PauseTraining(mpb.PauseTrainingRequest(paused=True), timeout=30)
-    return res.cycle_running
 
 
 class Child:
@@ -138,16 +138,58 @@ class Child:
         self.log.close()
 
 
+def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, on_trainer_line) -> tuple[dict, dict]:
+    """The trainer, then the policy server, the RM server and the feedback service: {name: Child},
+    {name: port}."""
+    store = work / "store"
+    tr_args = ["-m", "train.loop", "--bootstrap", bootstrap, "--store", str(store), "--db", str(work / "trainer.db"),
+               "--init-policy", str(cfg.init_policy), "--cycle-comparisons", str(cfg.cycle_comparisons),
+               "--min-comparisons", str(min(16, cfg.cycle_comparisons)), "--max-versions", str(cfg.cycles),
+               "--ppo.max-new-tokens", str(cfg.max_new_tokens), "--metrics-port", str(free_port()), "--threads", "2",
+               "--admin-port", str(free_port()), "--seed", str(cfg.seed),
+               *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
+    kids = {"trainer": Child("trainer", tr_args, work / "logs", on_trainer_line)}
+    kids["trainer"].wait_for(r"trainer admin listening", 600)
+    ports = {"policy": free_port(), "feedback": free_port(), "rm": free_port()}
+    kids["policy-server"] = Child("policy-server", [
+        "-m", "serve", "--store", str(store), "--kafka-bootstrap", bootstrap, "--port", str(ports["policy"]),
+        "--metrics-port", str(free_port()), "--threads", "1"], work / "logs")
+    kids["rm-server"] = Child("rm-server", [
+        "-m", "serve.rm_server", "--store", str(store), "--kafka-bootstrap", bootstrap, "--port", str(ports["rm"]),
+        "--metrics-port", str(free_port()), "--threads", "1"], work / "logs")
+    kids["feedback-service"] = Child("feedback-service", [
+        "-m", "feedback.service", "--bootstrap", bootstrap, "--port", str(ports["feedback"]),
+        "--metrics-port", str(free_port())], work / "logs")
+    for name, pat in (("policy-server", r"policy server listening"), ("rm-server", r"rm server listening"),
+                      ("feedback-service", r"feedback service listening")):
+        kids[name].wait_for(pat, 300)
+    return kids, ports
+
+
+def cycle_line(c: dict, live: dict) -> str:
+    served = live.get(c["parent"], {})
+    f = lambda k, fmt="{:+.3f}": fmt.format(c[k]) if isinstance(c.get(k), (int, float)) else "-"  # noqa: E731
+    head = f"-> {c['version']}" if c.get("published") else f"refused: {c.get('refused', '')}"
+    return (f"[cycle {c['cycle']}] {head} | groups {c['groups_total']} | RM acc {f('rm_accuracy', '{:.3f}')} "
+            f"(current {f('rm_accuracy_current', '{:.3f}')}) | PPO reward {f('ppo_reward_first')} -> {f('ppo_reward')}"
+            f" | fresh KL {f('kl', '{:.2f}')}, reward gain {f('reward_gain')} | beta {f('kl_coef_end', '{:.4f}')}"
+            f" | value EV {f('ppo_explained_variance', '{:.2f}')} | live true score of {c['parent']}: "
+            f"{served.get('true_score', float('nan')):+.3f} (n={served.get('responses', 0)}) | {c['seconds']}s")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(OnlineConfig, argv, prog="python -m online", description=__doc__)
+    from common.data import require
     from feedback.broker import BrokerConfig
     from feedback.broker import start as start_broker
     from feedback.broker import stop as stop_broker
     from feedback.topics import ensure_topics
-    from sim.traffic import SimConfig, Simulator, prompt_set
+    from sim.traffic import SimConfig, Simulator, prompt_split
 
     from . import report
+    from .measure import measure_versions
 
+    users_prompts, measure_prompts = prompt_split(require(cfg.data, "prompts"), cfg.measure_prompts)
     work = cfg.workdir.resolve()
     import fcntl
     work.parent.mkdir(parents=True, exist_ok=True)
@@ -164,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    children: list[Child] = []
-    broker = None
-    sim = None
+    children: dict = {}
+    broker = sim = None
     cycles: list[dict] = []
+    measured: dict = {}
     t0 = time.monotonic()
 
     def on_trainer_line(line: str) -> None:
@@ -182,86 +224,68 @@ def main(argv: list[str] | None = None) -> int:
             start_broker(broker)
             bootstrap = broker.bootstrap
         ensure_topics(bootstrap)
-        store = work / "store"
-        admin_port = free_port()
-        tr_args = ["-m", "train.loop", "--bootstrap", bootstrap, "--store", str(store), "--db", str(work / "trainer.db"),
-                   "--init-policy", str(cfg.init_policy), "--cycle-comparisons", str(cfg.cycle_comparisons),
-                   "--min-comparisons", str(min(16, cfg.cycle_comparisons)), "--ppo.max-new-tokens",
-                   str(cfg.max_new_tokens), "--metrics-port", str(free_port()), "--threads", "2",
-                   "--admin-port", str(admin_port),
-                   *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
-        trainer = Child("trainer", tr_args, work / "logs", on_trainer_line)
-        children.append(trainer)
-        trainer.wait_for(r"trainer admin listening", 600)
-        pport, fport, rport = free_port(), free_port(), free_port()
-        policy = Child("policy-server", ["-m", "serve", "--store", str(store), "--kafka-bootstrap", bootstrap,
-                                         "--port", str(pport), "--metrics-port", str(free_port()), "--threads", "1"],
-                       work / "logs")
-        rm = Child("rm-server", ["-m", "serve.rm_server", "--store", str(store), "--kafka-bootstrap", bootstrap,
-                                 "--port", str(rport), "--metrics-port", str(free_port()), "--threads", "1"],
-                   work / "logs")
-        fbs = Child("feedback-service", ["-m", "feedback.service", "--bootstrap", bootstrap, "--port", str(fport),
-                                         "--metrics-port", str(free_port())], work / "logs")
-        children += [policy, rm, fbs]
-        for c, pat in ((policy, r"policy server listening"), (rm, r"rm server listening"),
-                       (fbs, r"feedback service listening")):
-            c.wait_for(pat, 300)
-        print(f"[online] policy :{pport}  rm :{rport}  feedback :{fport}  kafka {bootstrap}  store {store}", flush=True)
-        hh = REPO.parent / "shared" / "data" / "hh-harmless-1800.jsonl"
-        sim = Simulator(f"127.0.0.1:{pport}", f"127.0.0.1:{fport}", prompt_set(hh),
+        children, ports = start_children(cfg, work, bootstrap, on_trainer_line)
+        print(f"[online] policy :{ports['policy']}  rm :{ports['rm']}  feedback :{ports['feedback']}  kafka {bootstrap}"
+              f"  store {work / 'store'}", flush=True)
+        sim = Simulator(f"127.0.0.1:{ports['policy']}", f"127.0.0.1:{ports['feedback']}", users_prompts,
                         SimConfig(users=cfg.users, noise=cfg.noise, max_new_tokens=cfg.max_new_tokens,
-                                  think_s=cfg.think_s)).start()
+                                  think_s=cfg.think_s, seed=cfg.seed)).start()
         print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons", flush=True)
-        shown = 0
-        trainer_idle = False
-        last_status = time.monotonic()
-        while not stop.is_set() and time.monotonic() - t0 < cfg.timeout_s:
-            while shown < len(cycles):
-                c = cycles[shown]
-                shown += 1
-                served = sim.summary()["served"].get(c["parent"], {})
-                print(f"[cycle {c['cycle']}] {'-> ' + c['version'] if c.get('published') else 'refused: ' + c.get('refused', '')}"
-                      f" | feedback {c['feedback_events']} | RM acc {c.get('rm_accuracy', float('nan')):.3f}"
-                      f" | PPO reward {c.get('ppo_reward', float('nan')):+.3f} | KL {c.get('ppo_kl', float('nan')):.2f}"
-                      f" | true score served by {c['parent']}: {served.get('true_score', float('nan')):+.3f}"
-                      f" (n={served.get('responses', 0)}) | {c['seconds']}s", flush=True)
-            published = [c for c in cycles if c.get("published")]
-            if len(published) >= cfg.cycles and not trainer_idle:
-                # enough versions: pause training so the last one stays the one served while it is
-                # measured; a cycle already running finishes (and may publish) first
-                trainer_idle = not pause_trainer(admin_port)
-            elif trainer_idle:
-                last = published[-1]["version"]
-                if sim.summary()["served"].get(last, {}).get("responses", 0) >= cfg.final_responses:
-                    break
-            if trainer.proc.poll() is not None:
-                raise RuntimeError(f"the trainer exited ({trainer.proc.returncode}); see {trainer.log.name}")
-            if time.monotonic() - last_status > 30:
-                s = sim.summary()
-                print(f"[online] {s['requests_ok']} requests served, {s['comparisons']} comparisons, "
-                      f"{s['requests_failed']} failed; {time.monotonic() - t0:.0f}s", flush=True)
-                last_status = time.monotonic()
-            time.sleep(0.5)
-        if stop.is_set():
-            print("[online] interrupted: stopping", flush=True)
+        if wait_for_versions(cfg, children["trainer"], sim, cycles, stop, t0):
+            sim.stop()   # every version is measured the same way, on a quiet server
+            measured = measure_versions(f"127.0.0.1:{ports['policy']}", work / "store", measure_prompts,
+                                        cfg.measure_samples, cfg.max_new_tokens, seed=cfg.seed,
+                                        log=lambda s: print(s, flush=True))
     finally:
         summary = sim.summary() if sim else None
         if sim:
             sim.stop()
-        for c in reversed(children):
+        for c in reversed(list(children.values())):
             c.stop()
         if broker is not None:
             stop_broker(broker)
-    rep = report.write(cfg.report, cycles, summary["served"] if summary else {})
-    print(f"[online] served true-preference score per version: " +
-          ", ".join(f"{v} {x['true_score']:+.3f} (n={x['responses']})" for v, x in rep["served"].items()), flush=True)
+    minutes = (time.monotonic() - t0) / 60
+    if not measured:
+        print("[online] stopped before the versions could be measured", flush=True)
+        return 1
+    rep = report.write(cfg.report, cycles, measured, summary["served"] if summary else {})
     fit = rep["reward_vs_sqrt_kl"]
-    print(f"[online] RM reward vs sqrt(KL): slope {fit['slope']:.3f}, R^2 {fit['r2']:.2f} over {fit['points']} PPO "
-          f"iterations; requests ok {summary['requests_ok'] if summary else 0}, failed "
-          f"{summary['requests_failed'] if summary else 0}; report in {cfg.report}", flush=True)
-    print(json.dumps({"versions": sorted(rep["served"]), "served": rep["served"], "r2": fit["r2"],
-                      "requests_failed": summary["requests_failed"] if summary else None}))
+    first, last = min(measured), max(measured)
+    print(f"[online] true-preference score {first} {measured[first]['true_score']:+.3f} -> {last} "
+          f"{measured[last]['true_score']:+.3f} ({'better beyond both intervals' if rep['improved'] else 'NOT better beyond the intervals'}); "
+          f"regressions published: {len(rep['regressions'])}; reward vs sqrt(KL) R^2 {fit['r2']:.2f} over "
+          f"{fit['points']} versions; requests ok {summary['requests_ok']}, failed {summary['requests_failed']}; "
+          f"{minutes:.1f} min; report in {cfg.report}", flush=True)
+    print(json.dumps({"versions": sorted(measured), "true_score": {v: [r["true_score"], *r["true_score_ci"]]
+                                                                   for v, r in measured.items()},
+                      "kl": {v: r["kl"] for v, r in measured.items()}, "improved": rep["improved"],
+                      "regressions": rep["regressions"], "r2": fit["r2"], "minutes": round(minutes, 2),
+                      "cycles": len(cycles), "refused": sum(not c.get("published") for c in cycles),
+                      "requests_failed": summary["requests_failed"]}))
     return 0
+
+
+def wait_for_versions(cfg: OnlineConfig, trainer: Child, sim, cycles: list[dict], stop: threading.Event,
+                      t0: float) -> bool:
+    """Prints each cycle as it ends; True once --cycles versions are published (the trainer then
+    starts no more cycles), False on Ctrl-C or --timeout-s."""
+    shown, last_status = 0, time.monotonic()
+    while not stop.is_set() and time.monotonic() - t0 < cfg.timeout_s:
+        while shown < len(cycles):
+            print(cycle_line(cycles[shown], sim.summary()["served"]), flush=True)
+            shown += 1
+        if sum(bool(c.get("published")) for c in cycles) >= cfg.cycles:
+            return True
+        if trainer.proc.poll() is not None:
+            raise RuntimeError(f"the trainer exited ({trainer.proc.returncode}); see {trainer.log.name}")
+        if time.monotonic() - last_status > 30:
+            s = sim.summary()
+            print(f"[online] {s['requests_ok']} requests served, {s['comparisons']} comparisons, "
+                  f"{s['requests_failed']} failed; {time.monotonic() - t0:.0f}s", flush=True)
+            last_status = time.monotonic()
+        time.sleep(0.5)
+    print("[online] interrupted: stopping" if stop.is_set() else f"[online] gave up after {cfg.timeout_s:.0f}s", flush=True)
+    return False
 
 
 if __name__ == "__main__":

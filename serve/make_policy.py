@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config_cli import parse_config
-
-REPO = Path(__file__).resolve().parent.parent
-HH_DATA = REPO.parent / "shared" / "data" / "hh-harmless-1800.jsonl"
+from common.data import HH_PAIRS
 
 # (n_layer, d_model, n_head, n_positions); vocab from the tokenizer unless model_vocab_size is set
 SIZES = {
@@ -47,8 +45,8 @@ class PolicySpec:
     """Tokenizer vocabulary size (byte-level BPE)."""
     model_vocab_size: int = 0
     """Embedding rows if larger than the tokenizer's (0: the tokenizer's size)."""
-    corpus: Path = HH_DATA
-    """JSONL (hh-rlhf style, fields chosen/rejected) or plain text to train the tokenizer on; a small built-in text if missing."""
+    corpus: Path = HH_PAIRS
+    """JSONL (hh-rlhf style, fields chosen/rejected) or plain text to train the tokenizer on ("builtin": a six-line built-in text, for tests)."""
     seed: int = 0
     """Seed of the random initialisation."""
     version: str = "v0"
@@ -64,8 +62,10 @@ class PolicySpec:
 
 
 def corpus_lines(path: Path) -> list[str]:
-    if not path.exists():
+    if str(path) == "builtin":
         return FALLBACK_CORPUS.splitlines()
+    if not path.is_file():
+        raise SystemExit(f"tokenizer corpus {path} not found (the repository ships {HH_PAIRS.name} in data/)")
     if path.suffix == ".jsonl":
         lines = []
         for row in path.read_text().splitlines():

@@ -83,10 +83,11 @@ def load_rm(store, version: str) -> LoadedRM:
 
 
 @torch.no_grad()
-def score(m: LoadedRM, pairs: list[tuple[str, str]], batch: int) -> list[float]:
+def score(m: LoadedRM, items: list[tuple[str, str, bool]], batch: int) -> list[float]:
+    """(prompt, response, truncated) items -> normalised rewards, in order."""
     from train.reward_model import encode
     from train.rm_update import rm_text
-    texts = [rm_text(p, r) for p, r in pairs]
+    texts = [rm_text(p, r, t) for p, r, t in items]
     out = []
     for i in range(0, len(texts), batch):
         enc = encode(m.tok, texts[i:i + batch], m.rm.rcfg)
@@ -96,7 +97,7 @@ def score(m: LoadedRM, pairs: list[tuple[str, str]], batch: int) -> list[float]:
 
 def rm_canary(cand: LoadedRM, current) -> None:
     from .versions import Refused
-    s = score(cand, [("Hello?", "Hi, how can I help you?"), ("What is 2+2?", "4")], 8)
+    s = score(cand, [("Hello?", "Hi, how can I help you?", False), ("What is 2+2?", "4", False)], 8)
     if not all(map(lambda x: x == x and abs(x) < 1e6, s)):
         raise Refused(f"{cand.version}: non-finite or absurd scores on the canary pairs: {s}")
 
@@ -118,7 +119,7 @@ class RewardServicer(mgrpc.RewardServiceServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"items[{i}]: prompt and response must be <= {self.cfg.max_text_chars} characters")
             m = self.holder["current"]   # one version for the whole request
-            s = score(m, [(it.prompt, it.response) for it in request.items], self.cfg.batch)
+            s = score(m, [(it.prompt, it.response, it.truncated) for it in request.items], self.cfg.batch)
             for x in s:
                 SCORES.observe(x)
             ITEMS.inc(n)

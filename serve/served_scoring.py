@@ -31,6 +31,7 @@ class Sample:
     response_ids: list[int]
     prompt: str
     response: str
+    truncated: bool = False   # cut at the token limit (the RM sees it, train/rm_update.rm_text)
 
 
 class ServedScorer:
@@ -74,7 +75,8 @@ class ServedScorer:
             metrics.SERVED_KL.labels(s.version).observe(float(kl.sum()))
         if self._rm is not None:
             from rlhf.v1 import models_pb2
-            r = self._rm.Score(models_pb2.ScoreRequest(items=[models_pb2.ScoreItem(prompt=s.prompt, response=s.response)]),
+            r = self._rm.Score(models_pb2.ScoreRequest(items=[models_pb2.ScoreItem(prompt=s.prompt, response=s.response,
+                                                                                 truncated=s.truncated)]),
                                timeout=30)
             metrics.SERVED_REWARD.labels(s.version).observe(r.scores[0])
         metrics.SERVED_SCORED.labels(s.version).inc()

@@ -158,7 +158,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             if self.scorer is not None and s.finish not in (Finish.CANCELLED, Finish.DEADLINE, Finish.ERROR):
                 from .served_scoring import Sample
                 self.scorer.offer(Sample(req.model_version, req.served_by or self.policy, list(req.prompt),
-                                         list(s.out), prompt, text))
+                                         list(s.out), prompt, text, truncated=s.finish in ("length", "context")))
 
     def _text(self, seq) -> str:
         text = self.policy.decode(seq.out)

@@ -4,7 +4,8 @@ Not a single-token rule: a response is scored by how much of it is plain, common
 share of its words among ~200 frequent ones: fluency) plus the density of courteous, helpful words
 minus rude ones, with a mild preference for answers of 8-40 words. Many tokens carry signal, so a
 small policy can move toward it within minutes, and an RM has to learn two lexicons from
-comparisons alone to find it. Labelers compare with Bradley-Terry noise: P(a preferred) =
+comparisons alone to find it. An answer cut off at the token limit, mid-sentence, loses 0.2: people
+notice when an answer stops before it ends (the RM sees the cut too, train/rm_update.rm_text). Labelers compare with Bradley-Terry noise: P(a preferred) =
 sigmoid((s_a - s_b) / noise); `noise` sets how often they disagree with the true ordering.
 Pure functions, no I/O.
 """
@@ -29,9 +30,9 @@ feel better might may let im dont its youre ive thats there's can't don't i'm it
 WORD = re.compile(r"[a-z']+")
 
 
-def true_score(prompt: str, response: str) -> float:
+def true_score(prompt: str, response: str, truncated: bool = False) -> float:
     """In about [-1, 1.5]: 0.5 x common-word share + (kind - rude) word density, minus 0.2 outside
-    8-40 words."""
+    8-40 words, minus 0.2 if the answer was cut off at the token limit."""
     words = WORD.findall(response.lower())
     if not words:
         return -0.5
@@ -39,7 +40,7 @@ def true_score(prompt: str, response: str) -> float:
     kind = sum(w in KIND for w in words)
     rude = sum(w in RUDE for w in words)
     length_pen = 0.0 if 8 <= len(words) <= 40 else 0.2
-    return 0.5 * common / len(words) + (kind - rude) / len(words) - length_pen
+    return 0.5 * common / len(words) + (kind - rude) / len(words) - length_pen - (0.2 if truncated else 0.0)
 
 
 def labeler_prefers_a(s_a: float, s_b: float, noise: float, rng: random.Random) -> bool:

@@ -21,23 +21,38 @@ import grpc
 
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc
+from rlhf.v1 import policy_pb2 as pb
 
 from .preference import labeler_prefers_a, true_score
 
+TRUNCATED = (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_CONTEXT)   # cut at a limit, not ended
 
-def prompt_set(path: Path | None, n: int = 500, seed: int = 0) -> list[str]:
-    """First human turns of the hh dialogues as prompts ("\\n\\nHuman: ...\\n\\nAssistant:")."""
-    out = []
-    if path is not None and Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            m = re.match(r"\s*Human: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S)
-            if m and len(m.group(1)) < 300:
-                out.append(f"\n\nHuman: {m.group(1).strip()}\n\nAssistant:")
+
+def first_turn_prompts(path: Path) -> list[str]:
+    """The distinct first human turns (under 300 characters) of an hh-rlhf JSONL file, in file
+    order, as prompts ("\n\nHuman: ...\n\nAssistant:")."""
+    out, seen = [], set()
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        m = re.match(r"\s*Human: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S)
+        if m and len(m.group(1)) < 300 and (p := f"\n\nHuman: {m.group(1).strip()}\n\nAssistant:") not in seen:
+            seen.add(p)
+            out.append(p)
     if not out:
-        out = [f"\n\nHuman: Can you tell me about {t}?\n\nAssistant:" for t in
-               "cooking travel music gardening history science sports money health school weather pets".split()]
-    random.Random(seed).shuffle(out)
-    return out[:n]
+        raise ValueError(f"{path}: no hh-rlhf dialogues to take prompts from")
+    return out
+
+
+def prompt_split(path: Path, n_eval: int = 128, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(the simulated users' prompts, evaluation prompts): one fixed shuffle (seed 0 whatever the
+    run's seed), the last n_eval held out, so a version is measured on prompts no user asked and
+    no PPO rollout trained on."""
+    prompts = first_turn_prompts(path)
+    if len(prompts) <= n_eval:
+        raise ValueError(f"{path}: {len(prompts)} prompts, fewer than the {n_eval} evaluation prompts + 1")
+    random.Random(seed).shuffle(prompts)
+    return prompts[:-n_eval], prompts[-n_eval:]
 
 
 @dataclass
@@ -93,7 +108,7 @@ class Simulator:
                 time.sleep(0.5)
                 continue
             comps = list(resp.completions)
-            s = [true_score(prompt, c.text) for c in comps]
+            s = [true_score(prompt, c.text, truncated=c.finish_reason in TRUNCATED) for c in comps]
             with self.lock:
                 self.requests_ok += 1
                 self.scores[resp.model_version].extend(s)

@@ -18,7 +18,7 @@ from tests.helpers import start_policy_server  # noqa: E402
 def _build(root: Path, arch: str) -> Path:
     from serve.make_policy import PolicySpec, build
     return build(PolicySpec(out=root / f"tiny-{arch}", arch=arch, size="tiny", vocab_size=512,
-                            corpus=Path("/nonexistent"), seed=0))
+                            corpus=Path("builtin"), seed=0))
 
 
 @pytest.fixture(scope="session")

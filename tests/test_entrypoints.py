@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import REPO, free_port
 
 MODULES = ["serve", "train.loop", "serve.client", "serve.make_policy", "serve.demo", "feedback.service", "feedback.consumer",
-           "feedback.broker", "train.rm_train", "train.rm_eval"]
+           "feedback.broker", "train.rm_train", "train.rm_eval", "train.sft", "online"]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -119,7 +119,7 @@ def test_relevance_feature_is_the_frozen_encoders_cosine(tiny_bert, tmp_path):
     assert torch.allclose(rm2(**reward_model.encode(tok2, texts, rm2.rcfg)), rm(**enc), atol=1e-5)
     rm2.rcfg.offset = 0.25   # the RM server's scoring path: (prompt, response) -> normalised reward
     from serve.rm_server import LoadedRM, score
-    got = score(LoadedRM(rm2, tok2, "v0001"), [(texts[0].rsplit(" apples are", 1)[0], "apples are red")], 8)
+    got = score(LoadedRM(rm2, tok2, "v0001"), [(texts[0].rsplit(" apples are", 1)[0], "apples are red", False)], 8)
     assert abs(got[0] - (rm(**enc)[0].item() - 0.25)) < 1e-4
     with pytest.raises(ValueError, match="relevance"):
         rm2(**{k: v for k, v in enc.items() if not k.startswith("rel_")})

