@@ -138,6 +138,23 @@ class Child:
         self.log.close()
 
 
+def prepare_workdir(cfg: OnlineConfig):
+    """The run's folder, locked (one run per workdir: a second would wipe the first's broker and
+    store) and wiped unless --keep. Returns (path, the lock's file, held while it is open)."""
+    import fcntl
+    work = cfg.workdir.resolve()
+    work.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(work.parent / f".{work.name}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another `python -m online` is running on {work}; stop it or use another --workdir")
+    if work.exists() and not cfg.keep:
+        shutil.rmtree(work)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    return work, lock
+
+
 def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, on_trainer_line) -> tuple[dict, dict]:
     """The trainer, then the policy server, the RM server and the feedback service: {name: Child},
     {name: port}."""
@@ -186,23 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     from feedback.topics import ensure_topics
     from sim.traffic import SimConfig, Simulator, prompt_split
 
-    from . import report
     from .measure import measure_versions
 
     users_prompts, measure_prompts = prompt_split(require(cfg.data, "prompts"), cfg.measure_prompts)
-    work = cfg.workdir.resolve()
-    import fcntl
-    work.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(work.parent / f".{work.name}.lock", "w")
-    try:   # one run per workdir: a second one would wipe the first's broker and store
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"another `python -m online` is running on {work}; stop it or use another --workdir")
-    if work.exists() and not cfg.keep:
-        shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True, exist_ok=True)
     if not (cfg.init_policy / "config.json").exists():
         raise SystemExit(f"no initial policy at {cfg.init_policy}: run scripts/setup.sh (python -m serve.make_policy)")
+    work, _lock = prepare_workdir(cfg)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -244,25 +250,30 @@ def main(argv: list[str] | None = None) -> int:
             c.stop()
         if broker is not None:
             stop_broker(broker)
-    minutes = (time.monotonic() - t0) / 60
     if not measured:
         print("[online] stopped before the versions could be measured", flush=True)
         return 1
-    rep = report.write(cfg.report, cycles, measured, summary["served"] if summary else {})
+    report_result(cfg, cycles, measured, summary, (time.monotonic() - t0) / 60)
+    return 0
+
+
+def report_result(cfg: OnlineConfig, cycles: list[dict], measured: dict, live: dict, minutes: float) -> None:
+    """Writes the report folder, prints the verdict line and, last, one JSON object."""
+    from . import report
+    rep = report.write(cfg.report, cycles, measured, live["served"])
     fit = rep["reward_vs_sqrt_kl"]
     first, last = min(measured), max(measured)
+    verdict = "better beyond both intervals" if rep["improved"] else "NOT better beyond the intervals"
     print(f"[online] true-preference score {first} {measured[first]['true_score']:+.3f} -> {last} "
-          f"{measured[last]['true_score']:+.3f} ({'better beyond both intervals' if rep['improved'] else 'NOT better beyond the intervals'}); "
-          f"regressions published: {len(rep['regressions'])}; reward vs sqrt(KL) R^2 {fit['r2']:.2f} over "
-          f"{fit['points']} versions; requests ok {summary['requests_ok']}, failed {summary['requests_failed']}; "
-          f"{minutes:.1f} min; report in {cfg.report}", flush=True)
+          f"{measured[last]['true_score']:+.3f} ({verdict}); regressions published: {len(rep['regressions'])}; "
+          f"reward vs sqrt(KL) R^2 {fit['r2']:.2f} over {fit['points']} versions; requests ok {live['requests_ok']}, "
+          f"failed {live['requests_failed']}; {minutes:.1f} min; report in {cfg.report}", flush=True)
     print(json.dumps({"versions": sorted(measured), "true_score": {v: [r["true_score"], *r["true_score_ci"]]
                                                                    for v, r in measured.items()},
                       "kl": {v: r["kl"] for v, r in measured.items()}, "improved": rep["improved"],
                       "regressions": rep["regressions"], "r2": fit["r2"], "minutes": round(minutes, 2),
                       "cycles": len(cycles), "refused": sum(not c.get("published") for c in cycles),
-                      "requests_failed": summary["requests_failed"]}))
-    return 0
+                      "requests_failed": live["requests_failed"]}))
 
 
 def wait_for_versions(cfg: OnlineConfig, trainer: Child, sim, cycles: list[dict], stop: threading.Event,

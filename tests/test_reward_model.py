@@ -117,10 +117,12 @@ def test_relevance_feature_is_the_frozen_encoders_cosine(tiny_bert, tmp_path):
     rm2, tok2 = reward_model.load(tmp_path / "rm")
     assert rm2.rcfg.relevance and rm2.relevance_weight.item() == rm.relevance_weight.item()
     assert torch.allclose(rm2(**reward_model.encode(tok2, texts, rm2.rcfg)), rm(**enc), atol=1e-5)
-    rm2.rcfg.offset = 0.25   # the RM server's scoring path: (prompt, response) -> normalised reward
+    rm2.rcfg.offset, rm2.rcfg.gain = 0.25, 2.0   # the RM server's path: (prompt, response) -> gain * (raw - offset)
     from serve.rm_server import LoadedRM, score
     got = score(LoadedRM(rm2, tok2, "v0001"), [(texts[0].rsplit(" apples are", 1)[0], "apples are red", False)], 8)
-    assert abs(got[0] - (rm(**enc)[0].item() - 0.25)) < 1e-4
+    assert abs(got[0] - 2.0 * (rm(**enc)[0].item() - 0.25)) < 1e-4
+    reward_model.save(rm2, tok2, tmp_path / "rm-norm")     # the normalisation travels with the RM
+    assert reward_model.load(tmp_path / "rm-norm")[0].rcfg.gain == 2.0
     with pytest.raises(ValueError, match="relevance"):
         rm2(**{k: v for k, v in enc.items() if not k.startswith("rel_")})
 
