@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-if "TRITON_INTERPRET" not in os.environ and not __import__("torch").cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# compiled kernels on a GPU, the interpreter without one (before triton is imported)
+os.environ["TRITON_INTERPRET"] = "0" if __import__("torch").cuda.is_available() else "1"
 
 import torch  # noqa: E402
 
@@ -90,6 +90,7 @@ def main() -> None:
             buf = torch.empty(256 * 2**20, device=dev)
             s = _time(lambda: buf.clone(), 10)
             a.peak_gbs = 2 * buf.numel() * 4 / s / 1e9
+        out.update(device=torch.cuda.get_device_name(), N=N, V=V, peak_gbs=a.peak_gbs)
         for name, (kern, ref, nbytes) in cases(N, V, dev).items():
             res = check(name, kern, ref)
             tk, tr = _time(kern, 20), _time(ref, 20)

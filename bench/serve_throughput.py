@@ -10,6 +10,7 @@ produces exactly that many). Prints tokens/s and the ratios; the last line is on
     python bench/serve_throughput.py            # full: 32 prompts x 32 new tokens
     python bench/serve_throughput.py --prompts 64   # two waves per client
     python bench/serve_throughput.py --quick    # under a minute
+    python bench/serve_throughput.py --quick --device cuda   # both sides on the GPU (the default when there is one)
 """
 from __future__ import annotations
 
@@ -39,11 +40,17 @@ def build_model(out: Path, size: str) -> Path:
     return build(PolicySpec(out=out, size=size, vocab_size=512, model_vocab_size=50257, corpus=Path("builtin")))
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def hf_one_at_a_time(hf, prompts, n_new) -> float:
     t0 = time.perf_counter()
     for p in prompts:
-        hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
-                    max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
+        hf.generate(torch.tensor([p], device=hf.device), attention_mask=torch.ones(1, len(p), dtype=torch.long,
+                    device=hf.device), do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
+    _sync(hf.device)
     return len(prompts) * n_new / (time.perf_counter() - t0)
 
 
@@ -54,9 +61,11 @@ def hf_static_batch(hf, prompts, n_new) -> float:
     for i, p in enumerate(prompts):  # left padding, as decoder-only batched generation needs
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = 1
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
     t0 = time.perf_counter()
     out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
                       pad_token_id=0)
+    _sync(hf.device)
     assert out.shape[1] == L + n_new
     return len(prompts) * n_new / (time.perf_counter() - t0)
 
@@ -74,6 +83,16 @@ def server_clients(target, prompts, n_new, clients) -> float:
     return total / dt
 
 
+def check_server_on_gpu(free_before: int) -> float:
+    """GPU memory the server process took (its CUDA context, weights and KV cache), in MiB; raises if
+    it took none: a server that ignored --device would be timed on the CPU against a GPU baseline."""
+    used = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
+    if used < 256:
+        raise SystemExit(f"the policy server took {used:.0f} MiB of GPU memory: it is not running on the GPU "
+                         "(does `python -m serve` honour --device?)")
+    return round(used)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="16 prompts x 16 tokens (under a minute)")
@@ -86,6 +105,10 @@ def main() -> None:
                          "instead of one)")
     ap.add_argument("--cpu-pack", default="all", choices=("all", "lm_head", "none"),
                     help="the server's --cpu-pack: which Linear weights it prepacks for oneDNN (none: F.linear, MKL)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where transformers and the server run (the server's --device; default: cuda if there is one)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="weights and KV cache dtype of both (the server's --dtype)")
     a = ap.parse_args()
     n_prompts = a.prompts or (16 if a.quick else 32)
     n_new = a.new_tokens or (16 if a.quick else 32)
@@ -96,13 +119,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "m", a.size)
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-        print(f"model {a.size}: {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params; "
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, a.dtype)).to(a.device).eval()
+        print(f"model {a.size}: {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params, {a.dtype} on {a.device}; "
               f"{n_prompts} prompts of 8-40 tokens, {n_new} new tokens each; torch threads {torch.get_num_threads()}",
               flush=True)
-        hf.generate(torch.tensor([prompts[0]]), max_new_tokens=2, pad_token_id=0)  # warm-up
-        proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024,
-                                            cpu_pack=a.cpu_pack)
+        hf.generate(torch.tensor([prompts[0]], device=hf.device), max_new_tokens=2, pad_token_id=0)  # warm-up
+        flags = dict(cpu_pack=a.cpu_pack) if a.device == "cpu" else dict(device=a.device)
+        if a.dtype != "float32":
+            flags["dtype"] = a.dtype
+        gpu_free = torch.cuda.mem_get_info()[0] if hf.device.type == "cuda" else 0
+        proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024, **flags)
         target = f"127.0.0.1:{port}"
         runs: dict[str, list[float]] = {"a": [], "b": [], "c32": []}
         res = {}
@@ -110,6 +136,8 @@ def main() -> None:
             for clients in (1, 8):
                 tps = res[f"server_{clients}_clients_tok_s"] = server_clients(target, prompts, n_new, clients)
                 print(f"(c) server, {clients} concurrent clients: {tps:.1f} tok/s", flush=True)
+            if gpu_free:
+                res["server_gpu_mib"] = check_server_on_gpu(gpu_free)
             for r in range(rounds):   # the server idles (blocked on its queue) while transformers runs
                 runs["a"].append(hf_one_at_a_time(hf, prompts, n_new))
                 runs["b"].append(hf_static_batch(hf, prompts, n_new))
@@ -126,7 +154,9 @@ def main() -> None:
         per_round = [c / x for c, x in zip(runs["c32"], runs[key])]
         res[f"ratio_vs_{name}"] = statistics.median(per_round)
         res[f"ratio_vs_{name}_rounds"] = [round(x, 2) for x in per_round]
-    res.update(quick=a.quick, model=a.size, prompts=n_prompts, new_tokens=n_new, cpu_pack=a.cpu_pack)
+    res.update(quick=a.quick, model=a.size, prompts=n_prompts, new_tokens=n_new, device=a.device, dtype=a.dtype)
+    if a.device == "cpu":
+        res["cpu_pack"] = a.cpu_pack
     print(f"ratios at 32 clients (median over {rounds} rounds): {res['ratio_vs_one_at_a_time']:.2f}x one-at-a-time, "
           f"{res['ratio_vs_static_batch']:.2f}x static batch")
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))

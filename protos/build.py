@@ -46,8 +46,20 @@ def build() -> None:
 
 
 def ensure_generated() -> None:
-    if is_stale():
-        build()
+    if not is_stale():
+        return
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:
+        # a machine that only runs the code (scripts/gpu_check.sh's GPU host): rlhf/ travels with
+        # the tree, and a copy need not keep the files' modification times
+        if all(_generated(p).exists() for p in _protos()):
+            print("protos/ looks newer than rlhf/ but grpcio-tools is not installed: using rlhf/ as it is",
+                  file=sys.stderr)
+            return
+        raise RuntimeError("rlhf/ (generated gRPC code) is missing and grpcio-tools is not installed: "
+                           "run `python -m protos.build` where it is and bring rlhf/ along") from None
+    build()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Configuration of the policy server (the CLI is generated from it)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class ServerConfig(AuthOptions):
     """Largest gRPC message accepted or sent."""
     dtype: str = "float32"
     """Weights and KV cache dtype: float32 or bfloat16."""
+    device: str = "cpu"
+    """Where the weights and KV cache live: cpu, cuda or cuda:N (CUDA tensors go to the Triton kernels)."""
     cpu_pack: str = "all"
     """On CPU fp32, prepack these Linear weights for oneDNN: all, lm_head or none (none: torch's F.linear, MKL)."""
     threads: int = 0
@@ -59,6 +62,8 @@ class ServerConfig(AuthOptions):
             raise ValueError("served_score_fraction must be in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.cpu_pack not in ("lm_head", "all", "none"):
             raise ValueError(f"cpu_pack must be lm_head, all or none, got {self.cpu_pack!r}")
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:

@@ -1,5 +1,9 @@
-"""Each Triton kernel against its torch reference, on the CPU under TRITON_INTERPRET=1."""
+"""Each Triton kernel against its torch reference: on the CPU under TRITON_INTERPRET=1 (the
+default, tests/conftest.py), compiled on the GPU when CUDA is there and TRITON_INTERPRET=0
+(scripts/gpu_check.sh)."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,10 +17,20 @@ from serve.kernels.logprobs_triton import token_logprobs_triton
 from serve.kernels.sampling import filtered_probs, sample_ref
 from serve.kernels.sampling_triton import sample_triton
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET,
+                                reason="compiled Triton needs CUDA; without a GPU set TRITON_INTERPRET=1")
+
 
 def _logits(n, v, dtype=torch.float32, seed=0, scale=2.0):
+    """Drawn on the CPU (the same numbers on every device), then moved to DEVICE."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, v, generator=g) * scale).to(dtype)
+    return (torch.randn(n, v, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def _on(*ts):
+    return tuple(t.to(DEVICE) for t in ts)
 
 
 @pytest.mark.parametrize("V", [1823, 30522, 50257])
@@ -24,12 +38,12 @@ def _logits(n, v, dtype=torch.float32, seed=0, scale=2.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logprobs_kernel_matches_reference(V, N, dtype):
     x = _logits(N, V, dtype, seed=V + N).requires_grad_(True)
-    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(N))
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(N)).to(DEVICE)
     got = token_logprobs_triton(x, t)
     xr = x.detach().clone().requires_grad_(True)
     ref = token_logprobs_ref(xr, t)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    w = torch.linspace(-1, 1, N)
+    w = torch.linspace(-1, 1, N, device=DEVICE)
     g1, = torch.autograd.grad((got * w).sum(), x)
     g2, = torch.autograd.grad((ref * w).sum(), xr)
     assert g1.dtype == dtype
@@ -39,17 +53,18 @@ def test_token_logprobs_kernel_matches_reference(V, N, dtype):
 
 def test_token_logprobs_backward_matches_autograd_of_naive():
     x = _logits(5, 1823).requires_grad_(True)
-    t = torch.tensor([0, 1822, 7, 7, 900])
+    t = torch.tensor([0, 1822, 7, 7, 900], device=DEVICE)
     g1, = torch.autograd.grad(token_logprobs_triton(x, t).sum(), x)
     g2, = torch.autograd.grad(torch.log_softmax(x, -1).gather(1, t[:, None]).sum(), x)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=0)
 
 
 def _huge_row_view(V: int, dtype=torch.bfloat16):
-    """(2, V) rows 2^31 elements apart: the second row's offset overflows int32. torch.empty only
-    reserves address space; only the pages we write are touched."""
+    """(2, V) rows 2^31 elements apart: the second row's offset overflows int32. On the CPU
+    torch.empty only reserves address space (only the pages we write are touched); on a GPU it
+    takes 4 GiB."""
     stride = 2 ** 31
-    big = torch.empty(stride + V, dtype=dtype)
+    big = torch.empty(stride + V, dtype=dtype, device=DEVICE)
     x = big.as_strided((2, V), (stride, 1))
     x.copy_(_logits(2, V, dtype, seed=5))
     return big, x
@@ -58,11 +73,11 @@ def _huge_row_view(V: int, dtype=torch.bfloat16):
 def test_int64_offsets_where_n_times_v_passes_2_31():
     big, x = _huge_row_view(4096)
     dense = x.clone()
-    t = torch.tensor([17, 4000])
+    t = torch.tensor([17, 4000], device=DEVICE)
     torch.testing.assert_close(token_logprobs_triton(x, t), token_logprobs_ref(dense, t), atol=1e-5, rtol=0)
     ones = torch.ones(2, dtype=torch.float32)
-    tok, _ = sample_triton(x, torch.zeros(2), torch.zeros(2, dtype=torch.long), ones, torch.zeros(2),
-                           torch.arange(2), torch.zeros(2, dtype=torch.long))
+    tok, _ = sample_triton(x, *_on(torch.zeros(2), torch.zeros(2, dtype=torch.long), ones, torch.zeros(2),
+                                   torch.arange(2), torch.zeros(2, dtype=torch.long)))
     assert tok.tolist() == dense.float().argmax(-1).tolist()
     got = entropy_kl_triton(x, x, t)
     ref = entropy_kl_ref(dense, dense, t)
@@ -77,7 +92,7 @@ def test_int64_offsets_where_n_times_v_passes_2_31():
 def test_entropy_kl_kernel_matches_reference(V, N, dtype):
     p = _logits(N, V, dtype, seed=1)
     q = (p.float() + _logits(N, V, seed=2, scale=0.5)).to(dtype)
-    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     for a, b in zip(entropy_kl_triton(p, q, t), entropy_kl_ref(p, q, t)):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
     ent, kl, lp, lq = entropy_kl_triton(p, p, t)
@@ -85,18 +100,17 @@ def test_entropy_kl_kernel_matches_reference(V, N, dtype):
 
 
 def _params(B, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    return (torch.full((B,), float(temperature)), torch.full((B,), top_k, dtype=torch.long),
-            torch.full((B,), float(top_p)), torch.full((B,), float(min_p)))
+    return _on(torch.full((B,), float(temperature)), torch.full((B,), top_k, dtype=torch.long),
+               torch.full((B,), float(top_p)), torch.full((B,), float(min_p)))
 
 
 def test_sampling_kernel_mixed_rows_match_reference():
     B, V = 8, 1823
     x = _logits(B, V, seed=11)
-    temp = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.3, 0.9, 1.0, 0.5])
-    k = torch.tensor([0, 0, 50, 0, 1, 20, V, 3])
-    p = torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0, 0.5, 1.0, 0.9])
-    mp = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.1])
-    seed, off = torch.arange(B) * 7 + 3, torch.arange(B) * 5
+    temp, k, p, mp, seed, off = _on(
+        torch.tensor([0.0, 1.0, 0.7, 1.0, 1.3, 0.9, 1.0, 0.5]), torch.tensor([0, 0, 50, 0, 1, 20, V, 3]),
+        torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0, 0.5, 1.0, 0.9]),
+        torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.0, 0.1]), torch.arange(B) * 7 + 3, torch.arange(B) * 5)
     tok, lp = sample_triton(x, temp, k, p, mp, seed, off)
     rtok, rlp = sample_ref(x, temp, k, p, mp, seed, off)
     assert tok.tolist() == rtok.tolist()
@@ -114,7 +128,7 @@ def test_sampling_kernel_large_vocab(V):
     x = _logits(B, V, seed=V)
     for params in (_params(B, temperature=0.0), _params(B, temperature=1.0), _params(B, top_k=1),
                    _params(B, temperature=0.8, top_k=V, top_p=1.0)):
-        args = (*params, torch.tensor([1, 2, 3]), torch.tensor([0, 9, 4]))
+        args = (*params, *_on(torch.tensor([1, 2, 3]), torch.tensor([0, 9, 4])))
         tok, lp = sample_triton(x, *args)
         rtok, rlp = sample_ref(x, *args)
         assert tok.tolist() == rtok.tolist()
@@ -124,7 +138,7 @@ def test_sampling_kernel_large_vocab(V):
 def test_top_k_1_and_temperature_0_are_argmax_and_k_eq_v_is_plain_sampling():
     B, V = 6, 777
     x = _logits(B, V, seed=4)
-    seeds, offs = torch.arange(B), torch.zeros(B, dtype=torch.long)
+    seeds, offs = _on(torch.arange(B), torch.zeros(B, dtype=torch.long))
     for params in (_params(B, temperature=0.0), _params(B, temperature=1.7, top_k=1)):
         assert sample_triton(x, *params, seeds, offs)[0].tolist() == x.argmax(-1).tolist()
     plain = sample_triton(x, *_params(B), seeds, offs)[0]
@@ -136,11 +150,11 @@ def test_top_k_1_and_temperature_0_are_argmax_and_k_eq_v_is_plain_sampling():
 def test_sampling_kernel_distribution_chi_square(kw):
     V, N = 12, 300  # the interpreter runs ~60 bisection passes per row: keep N small
     logits = _logits(1, V, seed=9, scale=1.0)
-    args = (*_params(N, **kw), torch.full((N,), 99, dtype=torch.long), torch.arange(N))
+    args = (*_params(N, **kw), *_on(torch.full((N,), 99, dtype=torch.long), torch.arange(N)))
     tok, _ = sample_triton(logits.expand(N, V), *args)
     assert tok.tolist() == sample_ref(logits.expand(N, V), *args)[0].tolist()
-    p = filtered_probs(logits, *_params(1, **kw))[0].double()
-    counts = torch.bincount(tok, minlength=V).double()
+    p = filtered_probs(logits, *_params(1, **kw))[0].double().cpu()
+    counts = torch.bincount(tok.cpu(), minlength=V).double()
     assert counts[p == 0].sum() == 0
     keep = p > 0
     assert keep.sum() >= 3
@@ -153,7 +167,7 @@ def test_dispatch_forced_to_triton_runs_the_kernels(monkeypatch):
     import serve.kernels.logprobs_triton as lt
     orig = lt.token_logprobs_triton
     monkeypatch.setattr(lt, "token_logprobs_triton", lambda *a: called.append(1) or orig(*a))
-    x, t = _logits(2, 100), torch.tensor([3, 4])
+    x, t = _logits(2, 100), torch.tensor([3, 4], device=DEVICE)
     torch.testing.assert_close(kernels.token_logprobs(x, t), token_logprobs_ref(x, t))
     assert called
     monkeypatch.setenv("RLHF_KERNELS", "torch")
