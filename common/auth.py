@@ -6,7 +6,9 @@ roles client | labeler | admin; `#` starts a comment. Clients send `authorizatio
   labeler  submit rankings and comparisons (from labelers)
   admin    everything, including pin / roll back / pause training
 Missing or unknown token -> UNAUTHENTICATED; known token, wrong role -> PERMISSION_DENIED.
-Health checks and reflection stay open (probes and tooling). The caller's role is available to
+Health checks stay open (load balancers and probes have no token). Reflection needs a token of
+any role when auth is on: it gives out no data, but it is a bidirectional stream that anyone
+could hold open. The caller's role is available to
 handlers through `current_role()` (the feedback service checks that a user's token does not
 submit labeler feedback and vice versa).
 """
@@ -31,8 +33,9 @@ RULES = {
     "/rlhf.v1.FeedbackService/SubmitBatch": {"client", "labeler"},
     "/rlhf.v1.FeedbackService/SubmitMany": {"client", "labeler"},
     "/rlhf.v1.AdminService/": set(),
+    "/grpc.reflection.": {"client", "labeler"},
 }
-OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN = ("/grpc.health.v1.Health/",)
 
 
 def current_role() -> str | None:
@@ -59,7 +62,7 @@ def allowed(method: str, role: str) -> bool:
     if role == "admin":
         return True
     for prefix, roles in RULES.items():
-        if method == prefix or (prefix.endswith("/") and method.startswith(prefix)):
+        if method == prefix or (prefix.endswith(("/", ".")) and method.startswith(prefix)):
             return role in roles
     return False
 
@@ -140,7 +143,10 @@ def _with_role(handler, role: str):
 
 
 def interceptors(tokens_file: str) -> list:
-    return [AuthInterceptor(load_tokens(tokens_file))] if tokens_file else []
+    """Every server's interceptors: undecodable requests -> INVALID_ARGUMENT (common/decode_guard.py),
+    then the token check when a token file is given."""
+    from .decode_guard import DecodeGuard
+    return [DecodeGuard(), *([AuthInterceptor(load_tokens(tokens_file))] if tokens_file else [])]
 
 
 def bind(server, address: str, tls_cert: str = "", tls_key: str = "") -> int:

@@ -45,12 +45,25 @@ class ConsumerConfig:
     """Records stored per transaction at most."""
     idle_exit_s: float = 0.0
     """Exit once caught up (no lag) for this many seconds (0: run until stopped)."""
+    instance_id: str = ""
+    """Static group membership (KIP-345): a consumer restarted with the same id takes its partitions back
+    at once instead of waiting for the old member's session to expire ("": derived from --group and --db,
+    which stay the same across restarts of one consumer)."""
+    session_timeout_s: float = 10.0
+    """How long the group waits for a member that stopped heartbeating (a crashed one that does not come
+    back) before giving its partitions to the others."""
     metrics_port: int = 0
     """Prometheus /metrics port (0 disables)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if not 6 <= self.session_timeout_s <= 300:
+            raise ValueError("session_timeout_s must be in [6, 300] (the broker's group.min/max.session.timeout.ms)")
+
+    def member_id(self) -> str:
+        import hashlib
+        return self.instance_id or f"{self.group}-{hashlib.sha256(str(Path(self.db).resolve()).encode()).hexdigest()[:12]}"
 
 
 def check_record(topic: str, value: bytes) -> tuple[str, tuple]:
@@ -92,7 +105,9 @@ class FeedbackConsumer:
             self.consumer = KafkaConsumer(**kw)
             self.consumer.assign(self._all_partitions())
         else:
-            self.consumer = KafkaConsumer(topics.FEEDBACK, topics.INTERACTIONS, **kw)
+            ms = int(cfg.session_timeout_s * 1000)
+            self.consumer = KafkaConsumer(topics.FEEDBACK, topics.INTERACTIONS, group_instance_id=cfg.member_id(),
+                                          session_timeout_ms=ms, heartbeat_interval_ms=max(1000, ms // 3), **kw)
         self.stored = 0
 
     def _all_partitions(self, timeout_s: float = 30.0) -> list:

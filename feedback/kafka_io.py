@@ -19,42 +19,117 @@ class Unavailable(RuntimeError):
     """Kafka did not acknowledge the write in time."""
 
 
+def _close_quietly(producer, timeout_s: float) -> None:
+    try:
+        producer.close(timeout=timeout_s)
+    except Exception as e:   # a producer whose broker is gone may not flush: nothing acked is in it
+        log.info("closing a kafka producer: %s", e)
+
+
 class AckedProducer:
-    def __init__(self, bootstrap: str, timeout_s: float = 5.0, client_id: str = "rlhf"):
+    """Writes that return only once Kafka acknowledged them, and a producer that heals itself.
+
+    After a broker crash an in-flight batch expires and kafka-python (3.0.12) resets its
+    idempotent producer id ("ProducerId set to -1") without ever getting a new one: every later
+    write on that producer waits out its timeout and fails, for as long as the process lives. So a
+    write that fails for an availability reason (a timeout, an expired batch, no broker) marks the
+    producer down: it is closed in the background, writes fail at once with Unavailable instead of
+    each holding a caller for the timeout, `on_health(False)` is called, and a probe builds a fresh
+    producer every `probe_s` until one fetches the topic's metadata; then writes go through it and
+    `on_health(True)` is called."""
+
+    def __init__(self, bootstrap: str, timeout_s: float = 5.0, client_id: str = "rlhf", on_health=None,
+                 probe_topic: str = "", probe_s: float = 1.0):
         self.bootstrap, self.timeout_s, self.client_id = bootstrap, timeout_s, client_id
+        self.on_health, self.probe_topic, self.probe_s = on_health, probe_topic, probe_s
         self._producer = None
         self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._closed = threading.Event()
 
-    def _get(self):
+    @property
+    def healthy(self) -> bool:
+        return self._down_since is None
+
+    def _new(self):
         from kafka import KafkaProducer
         from kafka.errors import KafkaError
+        ms = int(self.timeout_s * 1000)
+        try:
+            return KafkaProducer(
+                bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all",
+                enable_idempotence=True, linger_ms=5, batch_size=256 * 1024, max_block_ms=ms, request_timeout_ms=ms,
+                delivery_timeout_ms=ms + 2000, retry_backoff_ms=100, reconnect_backoff_max_ms=1000,
+                bootstrap_timeout_ms=min(ms, 2000))
+        except (KafkaError, OSError) as e:
+            raise Unavailable(f"kafka at {self.bootstrap} unreachable: {e}") from e
 
+    def _get(self):
         with self._lock:
+            if self._down_since is not None:
+                raise Unavailable(f"kafka at {self.bootstrap} is down ({time.monotonic() - self._down_since:.0f}s); "
+                                  f"retry later")
             if self._producer is None:
-                ms = int(self.timeout_s * 1000)
-                try:
-                    self._producer = KafkaProducer(
-                        bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all",
-                        enable_idempotence=True, linger_ms=5, batch_size=256 * 1024, max_block_ms=ms, request_timeout_ms=ms,
-                        delivery_timeout_ms=ms + 2000, retry_backoff_ms=100, reconnect_backoff_max_ms=1000)
-                except (KafkaError, OSError) as e:
-                    raise Unavailable(f"kafka at {self.bootstrap} unreachable: {e}") from e
+                self._producer = self._new()
             return self._producer
+
+    def _failed(self, e: Exception, what: str) -> Unavailable:
+        """An Unavailable for e; marks the producer down when e says Kafka is unreachable."""
+        from kafka.errors import KafkaConnectionError, KafkaTimeoutError
+        if isinstance(e, Unavailable) or getattr(e, "retriable", False) or \
+                isinstance(e, (KafkaTimeoutError, KafkaConnectionError)):
+            self._mark_down(f"{what}: {e}")
+        return Unavailable(f"{what}: {e}")
+
+    def _mark_down(self, why: str) -> None:
+        with self._lock:
+            old, self._producer = self._producer, None
+            first = self._down_since is None and not self._closed.is_set()
+            if first:
+                self._down_since = time.monotonic()
+        if old is not None:
+            threading.Thread(target=_close_quietly, args=(old, 1.0), name="kafka-producer-close", daemon=True).start()
+        if first:
+            log.warning("kafka producer down (%s); probing every %.1fs", why, self.probe_s)
+            if self.on_health:
+                self.on_health(False)
+            threading.Thread(target=self._probe, name="kafka-producer-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        while not self._closed.wait(self.probe_s):
+            try:
+                p = self._new()
+            except Unavailable:
+                continue
+            try:   # a metadata round trip (raises after max_block_ms)
+                ok = p.partitions_for(self.probe_topic) if self.probe_topic else p.bootstrap_connected()
+            except Exception:
+                ok = False
+            if not ok:
+                _close_quietly(p, 1.0)
+                continue
+            with self._lock:
+                down, self._down_since, self._producer = self._down_since, None, p
+            log.warning("kafka producer back after %.1fs (a new producer)", time.monotonic() - (down or 0))
+            if self.on_health:
+                self.on_health(True)
+            return
 
     def send_async(self, topic: str, key: bytes | None, value: bytes, headers=None):
         """Queues a write; returns the kafka-python future (get() waits for the ack)."""
         from kafka.errors import KafkaError
+        producer = self._get()
         try:
-            return self._get().send(topic, key=key, value=value, headers=headers or [])
+            return producer.send(topic, key=key, value=value, headers=headers or [])
         except KafkaError as e:
-            raise Unavailable(f"kafka send failed: {e}") from e
+            raise self._failed(e, "kafka send failed") from e
 
     def wait(self, future):
         from kafka.errors import KafkaError
         try:
             return future.get(timeout=self.timeout_s + 3)
         except KafkaError as e:
-            raise Unavailable(f"kafka did not acknowledge the write: {e}") from e
+            raise self._failed(e, "kafka did not acknowledge the write") from e
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers=None):
         """Writes one record and waits for the broker's acknowledgement -> RecordMetadata."""
@@ -65,9 +140,13 @@ class AckedProducer:
             self._producer.flush(timeout=self.timeout_s)
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close(timeout=self.timeout_s)
-            self._producer = None
+        """Flushes what it can within the timeout and closes; never raises (a broker that is gone
+        must not turn a clean shutdown into a traceback)."""
+        self._closed.set()
+        with self._lock:
+            p, self._producer = self._producer, None
+        if p is not None:
+            _close_quietly(p, self.timeout_s)
 
 
 class ResponseIndex:

@@ -19,10 +19,12 @@ import grpc
 
 from common.auth_options import AuthOptions
 from common.config_cli import parse_config
+from common.lifecycle import exit_now, stop_server
 from protos.build import ensure_generated
 
 ensure_generated()
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_reflection.v1alpha import reflection  # noqa: E402
 
 from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc  # noqa: E402
@@ -48,7 +50,13 @@ class FeedbackConfig(AuthOptions):
     kafka_timeout_s: float = 5.0
     """How long to wait for Kafka's acknowledgement before answering UNAVAILABLE."""
     response_lookup_wait_s: float = 2.0
-    """How long to wait for a referenced response id to appear in the interactions log."""
+    """How long one call may wait, in all, for the response ids it references to appear in the
+    interactions log (bounded by the caller's deadline too)."""
+    max_lookup_waits: int = 16
+    """Unknown response ids one call may wait for; the ones after it are answered at once."""
+    lookup_slots: int = 0
+    """Calls that may wait for unknown response ids at the same time (0: a quarter of --workers):
+    the other workers stay free for everything else, however many bad ids arrive."""
     max_text_chars: int = 32_000
     """Longest prompt or response text accepted."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -61,37 +69,69 @@ class FeedbackConfig(AuthOptions):
     def __post_init__(self) -> None:
         if self.kafka_timeout_s <= 0 or self.response_lookup_wait_s < 0:
             raise ValueError("timeouts must be positive")
-        if self.max_text_chars < 1 or self.workers < 1:
-            raise ValueError("max_text_chars and workers must be >= 1")
+        if self.max_text_chars < 1 or self.workers < 1 or self.max_lookup_waits < 0 or self.lookup_slots < 0:
+            raise ValueError("max_text_chars and workers must be >= 1; max_lookup_waits and lookup_slots >= 0")
 
 
 class BadFeedback(ValueError):
     pass
 
 
+class LookupBudget:
+    """One call's allowance for waiting on response ids not yet in the interactions index: a
+    single deadline for the whole call (the configured wait, or the caller's deadline if sooner)
+    and a count of waits. A call waits only while holding one of the service's lookup slots, so
+    calls full of unknown ids can hold a few workers at most, never all of them."""
+
+    def __init__(self, wait_s: float, time_remaining: float | None, max_waits: int, slots: threading.Semaphore):
+        margin = 0.2   # to answer before the caller's deadline passes
+        left = wait_s if time_remaining is None else min(wait_s, max(0.0, time_remaining - margin))
+        self.deadline, self.waits_left, self.slots = time.monotonic() + left, max_waits, slots
+
+    def lookup(self, index, response_id: str):
+        """The Interaction, waiting within the budget if it is not indexed yet (None if unknown)."""
+        found = index.get(response_id, wait_s=0.0)
+        left = self.deadline - time.monotonic()
+        if found is not None or left <= 0 or self.waits_left <= 0:
+            return found
+        self.waits_left -= 1
+        if not self.slots.acquire(blocking=False):
+            metrics.REJECTED.labels("lookup_busy").inc()
+            return None
+        try:
+            return index.get(response_id, wait_s=left)
+        finally:
+            self.slots.release()
+
+
 class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
     def __init__(self, cfg: FeedbackConfig, producer: AckedProducer, index: ResponseIndex):
         self.cfg, self.producer, self.index = cfg, producer, index
         self.limits = validate.Limits(max_text_chars=cfg.max_text_chars)
+        self.lookup_slots = threading.Semaphore(cfg.lookup_slots or max(1, cfg.workers // 4))
 
-    def _resolve(self, f: fb.Feedback) -> None:
+    def _budget(self, context) -> LookupBudget:
+        return LookupBudget(self.cfg.response_lookup_wait_s, context.time_remaining(), self.cfg.max_lookup_waits,
+                            self.lookup_slots)
+
+    def _resolve(self, f: fb.Feedback, budget: LookupBudget) -> None:
         """Fills text, model version and finish reason of responses given by id; unknown ids are bad input."""
         for name, r in validate.responses(f):
             if not r.response_id:
                 if not r.model_version:
                     raise validate.Invalid(f"{name}.model_version: missing (needed when no response_id is given)")
                 continue
-            inter = self.index.get(r.response_id, wait_s=self.cfg.response_lookup_wait_s)
+            inter = budget.lookup(self.index, r.response_id)
             if inter is None:
                 raise validate.Invalid(f"{name}.response_id: unknown response id {r.response_id!r}")
             if r.text and r.text != inter.response:
                 raise validate.Invalid(f"{name}.text: differs from the served response {r.response_id!r}")
             r.text, r.model_version, r.finish_reason = inter.response, inter.model_version, inter.finish_reason
 
-    def _prepare(self, f: fb.Feedback) -> tuple[str, str, bytes]:
+    def _prepare(self, f: fb.Feedback, budget: LookupBudget) -> tuple[str, str, bytes]:
         """Validates and resolves one piece of feedback -> (kind, event_id, record bytes); raises Invalid."""
         validate.check(f, self.limits, resolved=False)
-        self._resolve(f)
+        self._resolve(f, budget)
         kind = f.WhichOneof("kind")
         msg = getattr(f, kind)
         if not msg.event_id:
@@ -112,7 +152,7 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
 
     def _unary(self, f: fb.Feedback, context):
         """The same path as the batch RPCs; a failed item becomes the call's status."""
-        r = self._resolve_pending(self._send_one(f))
+        r = self._resolve_pending(self._send_one(f, self._budget(context)))
         if r.code:
             context.abort(_STATUS_BY_CODE[r.code], r.message)
         return r
@@ -131,7 +171,7 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         metrics.REJECTED.labels("invalid" if code == grpc.StatusCode.INVALID_ARGUMENT else "unavailable").inc()
         return fb.SubmitResult(event_id=event_id, code=code.value[0], message=str(e))
 
-    def _send_one(self, f: fb.Feedback):
+    def _send_one(self, f: fb.Feedback, budget: LookupBudget):
         """Validates and queues one item -> a finished SubmitResult (bad input, Kafka down) or a
         pending (f, kind, event_id, future, t0) to be resolved by _resolve_pending."""
         eid = validate.event_id(f)
@@ -141,7 +181,7 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             metrics.REJECTED.labels("permission").inc()
             return fb.SubmitResult(event_id=eid, code=grpc.StatusCode.PERMISSION_DENIED.value[0], message=str(e))
         try:
-            kind, eid, value = self._prepare(f)
+            kind, eid, value = self._prepare(f, budget)
             t0 = time.perf_counter()
             return (f, kind, eid, self.producer.send_async(topics.FEEDBACK, eid.encode(), value), t0)
         except validate.Invalid as e:
@@ -164,7 +204,8 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"items: {len(request.items)} in one batch, at most {self.cfg.max_batch_items}")
         t0 = time.perf_counter()
-        pending = [self._send_one(f) for f in request.items]   # all queued before any wait: Kafka batches them
+        budget = self._budget(context)
+        pending = [self._send_one(f, budget) for f in request.items]   # all queued before any wait: Kafka batches them
         results = [self._resolve_pending(p, count=False) for p in pending]
         # metrics once per batch: per-item label lookups cost as much as the validation
         counts: dict[tuple[str, str], int] = {}
@@ -182,11 +223,12 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         """Pipelined: a reader thread validates and sends each item as it arrives, while this
         generator yields results in order as Kafka acknowledges them (bounded window in flight)."""
         window: "queue.Queue" = queue.Queue(maxsize=2048)
+        budget = self._budget(context)
 
         def read() -> None:
             try:
                 for f in request_iterator:
-                    window.put(self._send_one(f))
+                    window.put(self._send_one(f, budget))
             except Exception as e:  # the client went away mid-stream
                 log.info("SubmitMany reader ended: %s", e)
             finally:
@@ -233,19 +275,25 @@ def serve(cfg: FeedbackConfig):
         topics.ensure_topics(cfg.bootstrap)
     except Exception as e:  # the service still starts: submissions answer UNAVAILABLE until Kafka is back
         log.warning("could not create topics at %s: %s", cfg.bootstrap, e)
-    producer = AckedProducer(cfg.bootstrap, cfg.kafka_timeout_s, client_id="feedback-service")
+    hs = health.HealthServicer()
+
+    def on_health(up: bool) -> None:   # NOT_SERVING while Kafka is down: balancers send calls elsewhere
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "rlhf.v1.FeedbackService"):
+            hs.set(service, status)
+    producer = AckedProducer(cfg.bootstrap, cfg.kafka_timeout_s, client_id="feedback-service", on_health=on_health,
+                             probe_topic=topics.FEEDBACK)
     index = ResponseIndex(cfg.bootstrap, topics.INTERACTIONS, parse_interaction).start()
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes)]
     from common import auth
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts,
                          interceptors=auth.interceptors(cfg.auth_tokens))
     fb_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(cfg, producer, index), server)
-    hs = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    reflection.enable_server_reflection(("rlhf.v1.FeedbackService", health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = auth.bind(server, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key)
     server.start()
-    hs.set("", health_pb2.HealthCheckResponse.SERVING)
-    hs.set("rlhf.v1.FeedbackService", health_pb2.HealthCheckResponse.SERVING)
+    on_health(producer.healthy)
     return server, port, producer, index
 
 
@@ -259,9 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    server.stop(grace=5).wait()
+    stopped = stop_server(server, grace=5)
     producer.close()
     index.stop()
+    if not stopped:
+        exit_now(0)
 
 
 if __name__ == "__main__":

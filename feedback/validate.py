@@ -28,7 +28,14 @@ def _text(name: str, value: str, lim: Limits, required: bool = True) -> None:
         raise Invalid(f"{name}: {len(value)} characters, more than the limit of {lim.max_text_chars}")
 
 
+def _enum(name: str, value: int, enum) -> None:
+    """proto3 enums are open: a client can send any int32. Only the defined values mean something."""
+    if value not in enum.values():
+        raise Invalid(f"{name}: {value} is not one of {', '.join(f'{n} ({v})' for n, v in enum.items())}")
+
+
 def _source(src: fb.Source, lim: Limits) -> None:
+    _enum("source.kind", src.kind, fb.SourceKind)
     if src.kind == fb.SOURCE_KIND_UNSPECIFIED:
         raise Invalid("source.kind: missing (user or labeler)")
     if not src.id or len(src.id) > lim.max_id_chars:
@@ -80,6 +87,7 @@ def check(f: fb.Feedback, lim: Limits, resolved: bool) -> None:
     for name, r in responses(f):
         _response(name, r, lim, resolved)
     if kind == "comparison":
+        _enum("comparison.preferred", msg.preferred, fb.Comparison.Choice)
         if msg.preferred == fb.Comparison.CHOICE_UNSPECIFIED:
             raise Invalid("comparison.preferred: missing (A, B or TIE)")
         if _same(msg.a, msg.b):

@@ -6,6 +6,7 @@ import signal
 import threading
 
 from common.config_cli import parse_config
+from common.lifecycle import exit_now, stop_server
 from protos.build import ensure_generated
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             path = store.path(store.newest_verified()[0]) / "policy"
         except model_store.CorruptCheckpoint as e:
             raise SystemExit(str(e)) from e
-    policy = load_policy(path, dtype=getattr(torch, cfg.dtype), cpu_pack=cfg.cpu_pack)
+    policy = load_policy(path, dtype=getattr(torch, cfg.dtype), device=cfg.device, cpu_pack=cfg.cpu_pack)
     serve_metrics(cfg.metrics_port, cfg.host)
     server, port, engine, interactions = serve(cfg, policy)
     # machine-readable line: tests and scripts wait for it
@@ -39,13 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
-    logging.info("shutting down: finishing in-flight requests (grace 10s)")
-    server.stop(grace=10).wait()
+    refused = engine.drain()   # queued requests: UNAVAILABLE now; the running batch finishes
+    logging.info("shutting down: %d queued requests refused, finishing the running ones (grace 10s)", refused)
+    stopped = stop_server(server, grace=10)
     if getattr(server, "versions", None) and server.versions[1] is not None:
         server.versions[1].stop()
     engine.stop()
     if interactions is not None:  # deliver what is still buffered for the interactions topic
         interactions.close()
+    if not stopped:
+        exit_now(0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@ FINISH_TO_PB = {
 }
 
 
+MAX_TEMPERATURE = 100.0
+"""Hotter than this is uniform sampling for any model; larger values (inf, 3.4e38) are refused."""
+GREEDY_BELOW = 1e-4
+"""A positive temperature below this is greedy: logits / T would overflow float32 near 1e-38 (NaN
+logprobs, a wrong token), and long before that the softmax is one-hot."""
+
+
 class BadRequest(ValueError):
     """Invalid client input; the message starts with the offending field."""
 
@@ -41,8 +48,10 @@ def prompt_ids(req: pb.GenerateRequest, encode, vocab_size: int, max_context: in
 def sampling_spec(p: pb.SamplingParams, *, default_max_new: int, max_new_limit: int, max_batch: int,
                   max_stops: int) -> SamplingSpec:
     temperature = p.temperature if p.HasField("temperature") else 1.0
-    if not temperature >= 0:  # also catches NaN
-        raise BadRequest(f"params.temperature: must be >= 0, got {temperature}")
+    if not 0 <= temperature <= MAX_TEMPERATURE:  # also catches NaN and inf
+        raise BadRequest(f"params.temperature: must be in [0, {MAX_TEMPERATURE:g}], got {temperature}")
+    if temperature < GREEDY_BELOW:
+        temperature = 0.0
     if p.top_k < 0:
         raise BadRequest(f"params.top_k: must be >= 0, got {p.top_k}")
     top_p = p.top_p if p.HasField("top_p") else 1.0

@@ -34,9 +34,14 @@ class QueueFull(Exception):
     """The waiting queue is at its limit (the server answers RESOURCE_EXHAUSTED)."""
 
 
+class ShuttingDown(Exception):
+    """The engine is draining for shutdown: no new requests (the server answers UNAVAILABLE)."""
+
+
 class Finish:
     LENGTH, EOS, STOP, CONTEXT = "length", "eos", "stop", "context"
     CANCELLED, DEADLINE, ERROR = "cancelled", "deadline", "error"
+    SHUTDOWN = "shutdown"   # still waiting when the server began to shut down
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ class Engine:
         self.cv = threading.Condition()
         self.on_step = on_step or (lambda stats: None)
         self._stop = False
+        self._draining = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- client side (any thread) ----
@@ -149,11 +155,27 @@ class Engine:
             self.cv.notify_all()
         self._thread.join(timeout=30)
 
+    def drain(self) -> int:
+        """Shutdown, first step: admit nothing more and fail every waiting request at once with
+        Finish.SHUTDOWN (clients retry elsewhere instead of waiting out the grace period); the
+        running batch goes on to its end. Returns how many requests were refused."""
+        with self.cv:
+            self._draining = True
+            refused, self.waiting = list(self.waiting), deque()
+            self.cv.notify_all()
+        for r in refused:
+            for s in r.seqs:
+                s.finish = Finish.SHUTDOWN
+                r.events.put(("done", s.index, Finish.SHUTDOWN))
+        return len(refused)
+
     def submit(self, req: Request) -> Request:
         if req.spec.n > self.cfg.max_batch_size:
             raise ValueError(f"n={req.spec.n} is above max_batch_size={self.cfg.max_batch_size}")
         req.seqs = [Sequence(req, i, (req.spec.seed + i) % (1 << 64)) for i in range(req.spec.n)]
         with self.cv:
+            if self._draining:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
             if len(self.waiting) >= self.cfg.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting (max_queue={self.cfg.max_queue})")
             self.waiting.append(req)

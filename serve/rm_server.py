@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from common.auth_options import AuthOptions
 from common.config_cli import parse_config
+from common.lifecycle import exit_now, stop_server
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     done.wait()
     if watcher:
         watcher.stop()
-    server.stop(grace=5).wait()
+    if not stop_server(server, grace=5):
+        exit_now(0)
 
 
 if __name__ == "__main__":

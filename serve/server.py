@@ -22,7 +22,7 @@ from rlhf.v1 import policy_pb2_grpc as pb_grpc
 
 from . import convert, metrics
 from .config import ServerConfig
-from .engine import Engine, EngineConfig, Finish, QueueFull, Request
+from .engine import Engine, EngineConfig, Finish, QueueFull, Request, ShuttingDown
 from .loader import LoadedPolicy
 from .model import num_parameters
 
@@ -104,6 +104,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             self.engine.submit(req)
         except QueueFull as e:
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ShuttingDown as e:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         if not context.add_callback(self._on_done(req)):
             req.cancel()
         metrics.PROMPT_TOKENS.inc(len(ids) * spec.n)
@@ -144,6 +146,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                 if ev[2] == Finish.CANCELLED:
                     _abort(context, grpc.StatusCode.CANCELLED, "cancelled")
+                if ev[2] == Finish.SHUTDOWN:
+                    _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
             yield ev
 
     def _log_interactions(self, req: Request, prompt: str | None = None, texts: list[str] | None = None) -> None:
@@ -155,7 +159,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         for s, text in zip(req.seqs, texts):
             if self.interactions is not None:
                 self.interactions.record(prompt, req.prompt, s, text, req.model_version)
-            if self.scorer is not None and s.finish not in (Finish.CANCELLED, Finish.DEADLINE, Finish.ERROR):
+            if self.scorer is not None and s.finish not in (Finish.CANCELLED, Finish.DEADLINE, Finish.ERROR,
+                                                             Finish.SHUTDOWN):
                 from .served_scoring import Sample
                 self.scorer.offer(Sample(req.model_version, req.served_by or self.policy, list(req.prompt),
                                          list(s.out), prompt, text, truncated=s.finish in ("length", "context")))
@@ -255,12 +260,13 @@ def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
     p = next(cand.model.parameters())
     cache = KVCache(cand.model.args, 1, len(ids) + 5, p.dtype, p.device)
     out, lay = list(ids), StepLayout.build(0, [len(ids)], [0], p.device)
-    logits = cand.model(torch.tensor(ids, device=p.device), lay, cache, logits_for=torch.tensor([len(ids) - 1]))
+    logits = cand.model(torch.tensor(ids, device=p.device), lay, cache,
+                        logits_for=torch.tensor([len(ids) - 1], device=p.device))
     for step in range(4):
         if not torch.isfinite(logits).all():
             raise Refused(f"{cand.version}: non-finite logits on the canary prompt")
         nxt = int(logits[0].argmax())
-        lp = kernels.token_logprobs(logits.float(), torch.tensor([nxt]))
+        lp = kernels.token_logprobs(logits.float(), torch.tensor([nxt], device=p.device))
         if not torch.isfinite(lp).all() or not 0 <= nxt < cand.model.args.vocab_size:
             raise Refused(f"{cand.version}: bad logprob or token on the canary prompt")
         lay = StepLayout.build_decode(0, [len(out)], p.device)
@@ -283,7 +289,7 @@ def follow_store(cfg: ServerConfig, engine: Engine, server) -> object:
 
     mgr = VersionManager(
         store=store, load=lambda v: load_policy(store.path(v) / "policy", dtype=getattr(torch, cfg.dtype),
-                                                cpu_pack=cfg.cpu_pack),
+                                                device=cfg.device, cpu_pack=cfg.cpu_pack),
         canary=policy_canary, apply=apply, current=ServedModel(engine.model_version, engine.payload),
         on_event=lambda result, v: metrics.VERSION_EVENTS.labels(result).inc())
     add_admin_service(server, mgr)

@@ -5,6 +5,7 @@ import subprocess
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.auth import bearer, channel
 from rlhf.v1 import feedback_pb2 as fb
@@ -86,6 +87,8 @@ def _calls(ports, ca):
             metadata=md, timeout=30),
         "SubmitRanking(labeler)": lambda md: F.SubmitRanking(fb.Ranking(
             source=_user(fb.SOURCE_KIND_LABELER), prompt="p", responses=[resp, resp2]), metadata=md, timeout=30),
+        "Reflection": lambda md: next(reflection_pb2_grpc.ServerReflectionStub(fbc).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=md, timeout=30)),
     }, (pol, rm, fbc)
 
 
@@ -102,6 +105,7 @@ EXPECTED = {
     "SubmitComparison(user)": (UNAUTH, UNAUTH, OK, DENIED, OK),
     "SubmitComparison(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),
     "SubmitRanking(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),
+    "Reflection": (UNAUTH, UNAUTH, OK, OK, OK),   # any token: no data, but a stream anyone could hold open
 }
 
 

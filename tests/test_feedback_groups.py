@@ -31,7 +31,7 @@ def test_comparisons_rankings_and_truncation_mark():
     recs = [comparison("e1", resp("good", "r1", "eos"), resp("cut off mid", "r2", "length"), fb.Comparison.CHOICE_B),
             comparison("e2", resp("x", "r3"), resp("y", "r4"), fb.Comparison.CHOICE_TIE),
             rec("e3", ranking=fb.Ranking(event_id="e3", prompt=P, responses=[resp("1st"), resp("2nd"), resp("3rd")]))]
-    g = groups_from_records(recs)
+    g = groups_from_records(recs + [comparison("e4", resp("p"), resp("q"), 99)])   # out of range: trains nothing
     assert [x.event_id for x in g] == ["e1", "e2", "e3"] and all(x.prompt == P for x in g)
     # B preferred: best first; the response cut at max_new_tokens is marked for the RM
     assert g[0].texts == (rm_text(P, "cut off mid", truncated=True), rm_text(P, "good"))

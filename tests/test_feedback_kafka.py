@@ -124,8 +124,14 @@ def test_kill_9_consumer_then_restart_loses_nothing(feedback_service, kafka_brok
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 30 <= stored < len(acked_event_ids), "the kill must land part-way"
+    t0 = time.monotonic()
     out = subprocess.run(args + ["--idle-exit-s", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    # static membership: the restarted consumer takes its partitions back at once (before: ~41 s waiting
+    # for the killed member's session to expire, then 4 s idle)
+    took = time.monotonic() - t0
+    print(f"restarted consumer: caught up and idle 4 s after {took:.1f} s")
+    assert "assigned" in out.stdout and took < 25, (took, out.stdout[-500:])
     ids = set(FeedbackStore(db).event_ids())
     assert acked_event_ids <= ids
     assert FeedbackStore(db).count() == len(ids)
@@ -143,6 +149,10 @@ BAD = [
     ("SubmitRanking", lambda: ranking(1, k=10), "K=10"),
     ("SubmitRanking", lambda: ranking(1, responses=[_resp("same"), _resp("same"), _resp("other")]), "duplicates"),
     ("SubmitRating", lambda: rating(1, likert=9), "likert"),
+    # proto3 enums are open: out-of-range values must not pass (99 would have trained as "B preferred")
+    ("SubmitComparison", lambda: comparison(1, preferred=99), "comparison.preferred: 99"),
+    ("SubmitComparison", lambda: comparison(1, preferred=-1), "comparison.preferred: -1"),
+    ("SubmitComparison", lambda: comparison(1, source=fb.Source(kind=99, id="u1")), "source.kind: 99"),
     ("SubmitRating", lambda: fb.Rating(event_id="e", source=USER, prompt="p", response=_resp("r")), "score"),
 ]
 
@@ -266,6 +276,15 @@ def test_broker_down_gives_unavailable_and_nothing_acked_is_lost(tmp_path):
         stop(cfg)
 
 
+def test_the_consumer_refuses_out_of_range_enums_too():
+    """The consumer re-validates every record (resolved=True) and dead-letters what fails."""
+    from feedback import validate
+    rec = fb.Feedback(comparison=comparison(1, preferred=7, event_id="e7"))
+    rec.comparison.a.model_version = rec.comparison.b.model_version = "v0001"
+    with pytest.raises(validate.Invalid, match="comparison.preferred: 7"):
+        validate.check(rec, validate.Limits(), resolved=True)
+
+
 def test_a_served_empty_response_referenced_by_id_is_valid_feedback():
     """A model may stop at once: its (empty) response, resolved by id, must not be dead-lettered."""
     from feedback import validate
@@ -293,3 +312,45 @@ def test_cluster_id_never_starts_with_a_dash(monkeypatch):
     monkeypatch.setattr(broker.uuid, "uuid4", lambda: next(draws))
     cid = broker.new_cluster_id()
     assert cid == base64.urlsafe_b64encode(good.bytes).decode().rstrip("=") and len(cid) == 22
+
+
+def test_unknown_response_ids_cannot_starve_the_service(kafka_broker, acked_event_ids):
+    """One wait budget per call (bounded by its deadline) and a few lookup slots: batches full of
+    unknown ids neither take n x the wait nor hold every worker (before: 10 ids x 2 s = 20 s a
+    batch, and 32 such batches made valid calls and the health check time out for 40 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    proc, port = start_feedback_service(kafka_broker, response_lookup_wait_s=2.0, workers=8)
+    bad = lambda i: fb.Feedback(comparison=comparison(i, a=fb.Response(response_id=f"nope-{uuid.uuid4().hex}")))  # noqa: E731
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = fb_grpc.FeedbackServiceStub(ch)
+            t0 = time.monotonic()
+            res = stub.SubmitBatch(fb.FeedbackBatch(items=[bad(i) for i in range(10)]), timeout=30)
+            one_batch = time.monotonic() - t0
+            assert all(r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for r in res.results)
+            assert one_batch < 3.0, one_batch                       # one 2 s budget for the call, not 10
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:                 # the caller's deadline bounds the wait
+                stub.SubmitComparison(bad(0).comparison, timeout=0.8)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and time.monotonic() - t0 < 0.8
+
+            def flood(i):
+                try:
+                    stub.SubmitBatch(fb.FeedbackBatch(items=[bad(i * 10 + j) for j in range(10)]), timeout=3)
+                except grpc.RpcError:
+                    pass
+            with ThreadPoolExecutor(32) as ex:
+                futs = [ex.submit(flood, i) for i in range(32)]
+                time.sleep(0.5)                                     # the flood holds what it can
+                t0 = time.monotonic()
+                ok = stub.SubmitComparison(comparison(1), timeout=5)
+                health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                took = time.monotonic() - t0
+                for f in futs:
+                    f.result()
+            assert ok.code == 0 and health.status == health_pb2.HealthCheckResponse.SERVING
+            assert took < 2.0, took
+            acked_event_ids.add(ok.event_id)
+    finally:
+        proc.stop()

@@ -1,6 +1,8 @@
 """The policy server over a real gRPC socket, checked against transformers."""
 from __future__ import annotations
 
+import math
+
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +102,16 @@ def test_response_fields_and_stop_sequences(policy_server):
         assert stop not in s.completions[0].text
 
 
+def test_a_tiny_positive_temperature_is_greedy(policy_server):
+    """logits / 1e-40 overflows float32: the answer must be the greedy one, with finite logprobs."""
+    with PolicyClient(policy_server[0]) as c:
+        greedy = c.generate("Human: hi", temperature=0.0, max_new_tokens=8, return_logprobs=True).completions[0]
+        for t in (1e-40, 1e-30, 1e-6):
+            tiny = c.generate("Human: hi", temperature=t, max_new_tokens=8, return_logprobs=True, seed=5).completions[0]
+            assert list(tiny.token_ids) == list(greedy.token_ids), t
+            assert all(math.isfinite(x) for x in tiny.logprobs) and list(tiny.logprobs) == list(greedy.logprobs)
+
+
 BAD = [
     (dict(prompt=""), "prompt"),
     (dict(prompt=list(range(1, 1030))), "prompt"),
@@ -107,6 +119,9 @@ BAD = [
     (dict(max_new_tokens=-3), "max_new_tokens"),
     (dict(max_new_tokens=5000), "max_new_tokens"),
     (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=3.4e38), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),

@@ -52,7 +52,7 @@ def groups_from_records(records: list[bytes]) -> list[Group]:
             a, b = _text(c.prompt, c.a), _text(c.prompt, c.b)
             if c.preferred == fb.Comparison.CHOICE_TIE:
                 out.append(Group((a, b), tie=True, event_id=rec.event_id, prompt=c.prompt))
-            else:
+            elif c.preferred in (fb.Comparison.CHOICE_A, fb.Comparison.CHOICE_B):   # nothing else trains
                 out.append(Group((a, b) if c.preferred == fb.Comparison.CHOICE_A else (b, a),
                                  event_id=rec.event_id, prompt=c.prompt))
         elif kind == "ranking":
@@ -73,6 +73,9 @@ def groups_from_records(records: list[bytes]) -> list[Group]:
     return out
 
 
+_CHOICES = (fb.Comparison.CHOICE_A, fb.Comparison.CHOICE_B, fb.Comparison.CHOICE_TIE)
+
+
 class GroupCounter:
     """How many training groups the records seen so far make, updated one record at a time (the
     trainer's cadence counts these, not raw feedback events: a lone rating trains nothing, and a
@@ -87,7 +90,7 @@ class GroupCounter:
         f = fb.FeedbackRecord.FromString(blob).feedback
         kind = f.WhichOneof("kind")
         new = 0
-        if kind in ("comparison", "ranking"):
+        if kind == "ranking" or (kind == "comparison" and f.comparison.preferred in _CHOICES):
             new = 1
         elif kind == "rating":
             seen = self._rated.setdefault(_rating_key(f.rating), set())
