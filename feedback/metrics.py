@@ -1,7 +1,9 @@
 """Prometheus metrics of the feedback service and the trainer-side consumer."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.metrics_http import serve_metrics  # noqa: F401  (the service and the consumer start it from here)
 
 EVENTS = Counter("rlhf_feedback_events_total", "Feedback accepted and acknowledged by Kafka", ["kind", "source"])
 REJECTED = Counter("rlhf_feedback_rejected_total", "Feedback refused", ["reason"])
@@ -11,8 +13,3 @@ CONSUMED = Counter("rlhf_feedback_consumed_total", "Records stored by the consum
 DUPLICATES = Counter("rlhf_feedback_duplicates_total", "Records skipped as already stored (same event id)")
 DEAD_LETTERS = Counter("rlhf_feedback_dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
 CONSUMER_LAG = Gauge("rlhf_feedback_consumer_lag_records", "Records behind the end of the topic", ["topic"])
-
-
-def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    if port:
-        start_http_server(port, addr=host)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from common.config_cli import parse_config
 from common.data import HH_PAIRS
+from common.net import free_port
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -83,13 +84,6 @@ class OnlineConfig:
             raise ValueError("cycles, users and cycle_comparisons must be >= 1")
         if self.measure_prompts < 2 or self.measure_samples < 1:
             raise ValueError("measure_prompts must be >= 2 and measure_samples >= 1")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Child:

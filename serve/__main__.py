@@ -7,6 +7,7 @@ import threading
 
 from common.config_cli import parse_config
 from common.lifecycle import exit_now, stop_server
+from common.metrics_http import serve_metrics
 from protos.build import ensure_generated
 
 
@@ -18,7 +19,6 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from .loader import load_policy
-    from .metrics import serve_metrics
     from .server import serve
 
     if cfg.threads:
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     refused = engine.drain()   # queued requests: UNAVAILABLE now; the running batch finishes
     logging.info("shutting down: %d queued requests refused, finishing the running ones (grace 10s)", refused)
     stopped = stop_server(server, grace=10)
-    if getattr(server, "versions", None) and server.versions[1] is not None:
-        server.versions[1].stop()
+    if server.versions is not None and server.versions.watcher is not None:   # a StoreFollower, with --store
+        server.versions.watcher.stop()
     engine.stop()
     if interactions is not None:  # deliver what is still buffered for the interactions topic
         interactions.close()

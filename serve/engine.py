@@ -76,6 +76,32 @@ class EngineConfig:
                 raise ValueError(f"{k} must be >= 1")
 
 
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """Sequence `seq_index` sampled `token_id`; it then had `tokens_so_far` tokens (seq.out may already be longer)."""
+    seq_index: int
+    token_id: int
+    logprob: float
+    tokens_so_far: int
+
+
+@dataclass(frozen=True, slots=True)
+class DoneEvent:
+    """Sequence `seq_index` ended for `finish` (a Finish value)."""
+    seq_index: int
+    finish: str
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """Generation of sequence `seq_index` failed (the server answers INTERNAL)."""
+    seq_index: int
+    message: str
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
 @dataclass(eq=False)
 class Sequence:
     """One sample being generated."""
@@ -93,18 +119,17 @@ class Sequence:
 
 @dataclass(eq=False)
 class Request:
-    """One client call: n sequences sharing a prompt. Events go to `events`:
-    ("token", seq_index, token_id, logprob, tokens_so_far), ("done", seq_index, finish_reason),
-    ("error", seq_index, message)."""
+    """One client call: n sequences sharing a prompt. Events (TokenEvent, DoneEvent, ErrorEvent) go
+    to `events`; each sequence ends with one DoneEvent or ErrorEvent."""
     prompt: list[int]
     spec: SamplingSpec
     deadline: float | None = None   # time.monotonic() seconds
-    events: "queue.Queue[tuple]" = field(default_factory=queue.Queue)
+    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     model_version: str = ""
     seqs: list[Sequence] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
-    stream: bool = True             # False: no per-token events (a unary call only needs "done")
+    stream: bool = True             # False: no per-token events (a unary call only needs the DoneEvent)
     first_token_at: float | None = None
     served_by: object = None        # the engine's `payload` of the version that ran it (e.g. its tokenizer)
 
@@ -166,7 +191,7 @@ class Engine:
         for r in refused:
             for s in r.seqs:
                 s.finish = Finish.SHUTDOWN
-                r.events.put(("done", s.index, Finish.SHUTDOWN))
+                r.events.put(DoneEvent(s.index, Finish.SHUTDOWN))
         return len(refused)
 
     def submit(self, req: Request) -> Request:
@@ -234,7 +259,7 @@ class Engine:
             self._finish(s, Finish.CANCELLED)
         for r in self.waiting:
             for s in r.seqs:
-                r.events.put(("done", s.index, Finish.CANCELLED))
+                r.events.put(DoneEvent(s.index, Finish.CANCELLED))
 
     def _admit(self) -> list[Sequence]:
         """Moves waiting requests into free slots (whole requests only), FIFO. Caller holds cv."""
@@ -247,7 +272,7 @@ class Engine:
                 self.waiting.popleft()
                 reason = Finish.CANCELLED if req.cancelled.is_set() else Finish.DEADLINE
                 for s in req.seqs:
-                    req.events.put(("done", s.index, reason))
+                    req.events.put(DoneEvent(s.index, reason))
                 continue
             need = len(req.prompt) * req.spec.n
             free = self.cfg.max_batch_size - len(self.active) - len(admitted)
@@ -306,7 +331,7 @@ class Engine:
             if r.first_token_at is None:
                 r.first_token_at = time.monotonic()
             if r.stream:
-                r.events.put(("token", s.index, t, lp, len(s.out)))
+                r.events.put(TokenEvent(s.index, t, lp, len(s.out)))
             reason = self._finish_reason(s)
             if reason:
                 self._finish(s, reason)
@@ -337,4 +362,4 @@ class Engine:
             last.slot = i
             self.active[i] = last
         s.slot = -1
-        s.request.events.put(("done", s.index, reason) if error is None else ("error", s.index, error))
+        s.request.events.put(DoneEvent(s.index, reason) if error is None else ErrorEvent(s.index, error))

@@ -1,7 +1,7 @@
 """Prometheus metrics of the policy server (the only module here that imports prometheus_client)."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -34,8 +34,3 @@ def on_step(stats: dict) -> None:
     KV_SLOTS.set(stats["batch"])
     QUEUE_DEPTH.set(stats["waiting"])
     ENGINE_STEPS.inc()
-
-
-def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    if port:
-        start_http_server(port, addr=host)

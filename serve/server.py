@@ -11,6 +11,7 @@ from pathlib import Path
 import queue
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -22,9 +23,11 @@ from rlhf.v1 import policy_pb2_grpc as pb_grpc
 
 from . import convert, metrics
 from .config import ServerConfig
-from .engine import Engine, EngineConfig, Finish, QueueFull, Request, ShuttingDown
+from .engine import (DoneEvent, Engine, EngineConfig, ErrorEvent, Finish, QueueFull, Request, ShuttingDown,
+                     TokenEvent)
 from .loader import LoadedPolicy
 from .model import num_parameters
+from .versions import Refused, ServedModel, UpdateWatcher, VersionManager, add_admin_service
 
 log = logging.getLogger(__name__)
 SERVICE = "rlhf.v1.PolicyService"
@@ -129,24 +132,24 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 if not context.is_active():
                     return
                 continue
-            if ev[0] == "token":
+            if isinstance(ev, TokenEvent):
                 now = time.monotonic()
                 if first:
                     metrics.TTFT.observe(now - req.submitted)
                     first = False
-                if ev[1] in last_t:
-                    metrics.ITL.observe(now - last_t[ev[1]])
-                last_t[ev[1]] = now
+                if ev.seq_index in last_t:
+                    metrics.ITL.observe(now - last_t[ev.seq_index])
+                last_t[ev.seq_index] = now
                 metrics.GENERATED_TOKENS.inc()
-            elif ev[0] == "error":
-                _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {ev[2]}")
-            elif ev[0] == "done":
+            elif isinstance(ev, ErrorEvent):
+                _abort(context, grpc.StatusCode.INTERNAL, f"generation failed: {ev.message}")
+            elif isinstance(ev, DoneEvent):
                 pending -= 1
-                if ev[2] == Finish.DEADLINE:
+                if ev.finish == Finish.DEADLINE:
                     _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-                if ev[2] == Finish.CANCELLED:
+                if ev.finish == Finish.CANCELLED:
                     _abort(context, grpc.StatusCode.CANCELLED, "cancelled")
-                if ev[2] == Finish.SHUTDOWN:
+                if ev.finish == Finish.SHUTDOWN:
                     _abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica")
             yield ev
 
@@ -212,24 +215,25 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         req = self._start(request, context, "GenerateStream", stream=True)
         trackers = [TextTracker(self.policy.decode, req.spec.stop) for _ in req.seqs]
         for ev in self._events(req, context, "GenerateStream"):
-            seq = req.seqs[ev[1]]
-            if ev[0] == "token":
-                yield pb.GenerateStreamChunk(index=ev[1], response_id=seq.response_id, token_ids=[ev[2]],
-                                             logprobs=[ev[3]] if req.spec.logprobs else [],
-                                             text_delta=self._delta(trackers[ev[1]], seq, ev),
+            i = ev.seq_index
+            seq = req.seqs[i]
+            if isinstance(ev, TokenEvent):
+                yield pb.GenerateStreamChunk(index=i, response_id=seq.response_id, token_ids=[ev.token_id],
+                                             logprobs=[ev.logprob] if req.spec.logprobs else [],
+                                             text_delta=self._delta(trackers[i], seq, ev),
                                              model_version=req.model_version)
-            elif ev[0] == "done":
+            elif isinstance(ev, DoneEvent):
                 yield pb.GenerateStreamChunk(
-                    index=ev[1], response_id=seq.response_id, model_version=req.model_version,
-                    text_delta=trackers[ev[1]].delta(seq.out, final=True, text_end=seq.text_end),
-                    finish_reason=convert.FINISH_TO_PB.get(ev[2], pb.FINISH_REASON_UNSPECIFIED),
+                    index=i, response_id=seq.response_id, model_version=req.model_version,
+                    text_delta=trackers[i].delta(seq.out, final=True, text_end=seq.text_end),
+                    finish_reason=convert.FINISH_TO_PB.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED),
                     usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)))
         self._log_interactions(req)
 
     @staticmethod
-    def _delta(tracker: TextTracker, seq, ev) -> str:
+    def _delta(tracker: TextTracker, seq, ev: TokenEvent) -> str:
         # the engine may already have appended later tokens; decode only up to this event's token
-        return tracker.delta(seq.out[:ev[4]], final=False)
+        return tracker.delta(seq.out[:ev.tokens_so_far], final=False)
 
     def GetModelInfo(self, request, context):
         a = self.policy.model.args
@@ -253,7 +257,6 @@ def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
     a request knows its version) or whose outputs on a fixed prompt are not finite and in range."""
     from . import kernels
     from .model import KVCache, StepLayout
-    from .versions import Refused
     if current is not None and cand.tokenizer.get_vocab() != current.tokenizer.get_vocab():
         raise Refused(f"{cand.version}: tokenizer differs from the served version's (incompatible)")
     ids = cand.encode("\n\nHuman: Hello, how are you?\n\nAssistant:")[-32:] or [0]
@@ -274,12 +277,18 @@ def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
         logits = cand.model(torch.tensor([nxt], device=p.device), lay, cache)
 
 
-def follow_store(cfg: ServerConfig, engine: Engine, server) -> object:
+@dataclass(frozen=True)
+class StoreFollower:
+    """What follow_store started; the watcher is stopped at shutdown."""
+    manager: VersionManager
+    watcher: UpdateWatcher | None   # None without Kafka: versions change only through the admin RPCs
+
+
+def follow_store(cfg: ServerConfig, engine: Engine, server) -> StoreFollower:
     """Hot-swap from the model store: VersionManager + (with Kafka) the model-updates watcher + admin RPCs."""
     from common.model_store import ModelStore
 
     from .loader import load_policy
-    from .versions import ServedModel, UpdateWatcher, VersionManager, add_admin_service
     store = ModelStore(cfg.store)
 
     def apply(new: ServedModel) -> None:
@@ -294,7 +303,7 @@ def follow_store(cfg: ServerConfig, engine: Engine, server) -> object:
         on_event=lambda result, v: metrics.VERSION_EVENTS.labels(result).inc())
     add_admin_service(server, mgr)
     watcher = UpdateWatcher(cfg.kafka_bootstrap, mgr, "policy-server").start() if cfg.kafka_bootstrap else None
-    return mgr, watcher
+    return StoreFollower(mgr, watcher)
 
 
 def build_scorer(cfg: ServerConfig):

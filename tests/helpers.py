@@ -1,22 +1,18 @@
 """Test helpers: real server processes on free loopback ports, and /metrics scraping."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from common.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProc:
@@ -64,11 +60,19 @@ def scrape(port: int) -> str:
         return r.read().decode()
 
 
-def metric(port: int, name: str, labels: str = "") -> float:
-    """Value of one sample in a /metrics scrape (0.0 if absent)."""
-    pat = re.compile(rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''}\s+(\S+)$", re.M)
-    m = pat.search(scrape(port))
-    return float(m.group(1)) if m else 0.0
+def metric(port: int, name: str, labels: str = "", default: float | None = None) -> float:
+    """Value of one sample in a /metrics scrape. A missing series raises (a renamed metric must not read as 0);
+    pass `default=` only where the series legitimately does not exist yet (a labelled counter before its first inc)."""
+    key = name + ("{" + labels + "}" if labels else "")
+    text = scrape(port)
+    m = re.search(rf"^{re.escape(key)}\s+(\S+)$", text, re.M)
+    if m:
+        return float(m.group(1))
+    if default is not None:
+        return default
+    present = [ln.rsplit(None, 1)[0] for ln in text.splitlines() if ln and not ln.startswith("#")]
+    close = difflib.get_close_matches(key, present, n=5, cutoff=0.5) or [k for k in present if k.startswith(name)]
+    raise LookupError(f"no series {key} on :{port}/metrics; similar: {close}")
 
 
 def start_feedback_service(bootstrap: str, **flags) -> tuple[ServerProc, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.engine import Engine, EngineConfig, Finish, Request, SamplingSpec, ShuttingDown
+from serve.engine import DoneEvent, Engine, EngineConfig, Finish, Request, SamplingSpec, ShuttingDown, TokenEvent
 from serve.loader import load_policy
 
 
@@ -16,17 +16,17 @@ def test_drain_refuses_waiting_requests_at_once_and_running_ones_finish(tiny_gpt
     spec = SamplingSpec(temperature=0.0, max_new_tokens=120, ignore_eos=True)
     try:
         running = engine.submit(Request(prompt=[5, 17, 33], spec=spec))
-        assert running.events.get(timeout=60)[0] == "token"          # it holds the only slot
+        assert isinstance(running.events.get(timeout=60), TokenEvent)   # it holds the only slot
         waiting = [engine.submit(Request(prompt=[7, i], spec=spec)) for i in range(3)]
         assert engine.drain() == 3
         for r in waiting:                                            # refused now, not after the grace
-            assert r.events.get(timeout=1) == ("done", 0, Finish.SHUTDOWN)
+            assert r.events.get(timeout=1) == DoneEvent(0, Finish.SHUTDOWN)
             assert r.seqs[0].out == []
         with pytest.raises(ShuttingDown):
             engine.submit(Request(prompt=[1, 2], spec=spec))
         ev = running.events.get(timeout=60)
-        while ev[0] == "token":
+        while isinstance(ev, TokenEvent):
             ev = running.events.get(timeout=60)
-        assert ev == ("done", 0, Finish.LENGTH) and len(running.seqs[0].out) == 120
+        assert ev == DoneEvent(0, Finish.LENGTH) and len(running.seqs[0].out) == 120
     finally:
         engine.stop()

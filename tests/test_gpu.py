@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.engine import Engine, EngineConfig, Finish, Request, SamplingSpec
+from serve.engine import DoneEvent, Engine, EngineConfig, Finish, Request, SamplingSpec
 from serve.loader import load_policy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -27,7 +27,7 @@ def engine_greedy(path, dtype: torch.dtype, device: str, prompts=PROMPTS, n_new:
             temperature=0.0, max_new_tokens=n_new, logprobs=True))) for p in prompts]
         for r in reqs:
             ev = r.events.get(timeout=120)
-            assert ev[0] == "done" and ev[2] in (Finish.LENGTH, Finish.EOS), ev
+            assert isinstance(ev, DoneEvent) and ev.finish in (Finish.LENGTH, Finish.EOS), ev
     finally:
         engine.stop()
     return [(r.seqs[0].out, r.seqs[0].logprobs) for r in reqs]

@@ -118,7 +118,8 @@ def test_trainer_kill_9_loses_no_feedback_and_corrupt_checkpoint_is_refused(kafk
         w = next((store / bad / "policy").glob("*.safetensors"))
         w.write_bytes(w.read_bytes()[:-100] + b"\0" * 100)
         _announce(kafka_broker, store, bad)
-        _wait(lambda: metric(mport, "rlhf_policy_version_events_total", 'result="refused"') >= 1, 60,
+        # the refused series exists only after the first refusal
+        _wait(lambda: metric(mport, "rlhf_policy_version_events_total", 'result="refused"', default=0.0) >= 1, 60,
               "the refusal metric")
         with PolicyClient(f"127.0.0.1:{pport}") as c:   # still nxt (or a newer real one the trainer published)
             assert c.info().model_version != bad and ms.version_number(c.info().model_version) >= ms.version_number(nxt)

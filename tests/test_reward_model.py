@@ -150,6 +150,8 @@ def test_eval_command_prints_json_last(tiny_bert, tmp_path):
     tr, te = split(synthetic_pairs(60, seed=1), 0.5, seed=0)
     rm, tok, _ = train(RMTrainConfig(out=tmp_path / "rm", backbone=str(tiny_bert), max_length=32, epochs=1,
                                      batch_pairs=8), tr, te, progress=False)
+    want = evaluate(rm, tok, te)
+    assert want["accuracy"] > 0.6, want     # above chance: a swapped chosen/rejected would read below 0.5
     reward_model.save(rm, tok, tmp_path / "rm")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in te))
@@ -157,7 +159,9 @@ def test_eval_command_prints_json_last(tiny_bert, tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["pairs"] == len(te) and 0 <= res["accuracy"] <= 1
+    # the command, reading the saved RM and the file, reports what evaluate() computed in process
+    assert res["pairs"] == len(te) and res["accuracy"] == pytest.approx(want["accuracy"]), (res, want)
+    assert res["mean_margin"] == pytest.approx(want["mean_margin"], abs=1e-5)
     assert len(read_pairs(data)) == len(te)
 
 

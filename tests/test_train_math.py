@@ -86,11 +86,13 @@ def test_padding_does_not_change_losses():
     va, _ = P.value_loss(lp, olp, adv, m)
     vb, _ = P.value_loss(pad(lp, 1.0), pad(olp, 2.0), pad(adv, 3.0), mp)
     assert torch.allclose(va, vb)
-    rewards = torch.tensor([[0.0, 0.0, 1.0]])
-    ra, _ = P.kl_penalized_rewards(torch.tensor([1.0]), lp[:1], olp[:1], m[:1], 0.1)
-    rb, _ = P.kl_penalized_rewards(torch.tensor([1.0]), pad(lp, 4.0)[:1], pad(olp)[:1], mp[:1], 0.1)
-    assert torch.allclose(ra, rb[:, :3]) and (rb[:, 3:] == 0).all()
-    assert rewards.shape == ra.shape
+    # KL-penalised rewards: -0.1 (logp - ref) per token, score 1.0 added on the last real token
+    klp, klref = torch.tensor([[-1.0, -0.5, -2.0]]), torch.tensor([[-1.5, -0.5, -1.0]])   # logp - ref = [0.5, 0, -1]
+    ra, _ = P.kl_penalized_rewards(torch.tensor([1.0]), klp, klref, m[:1], 0.1)
+    assert torch.allclose(ra, torch.tensor([[-0.05, 0.0, 0.1 + 1.0]]))
+    klp_pad, klref_pad = torch.tensor([[-1.0, -0.5, -2.0, 4.0, 4.0]]), torch.tensor([[-1.5, -0.5, -1.0, 0.0, 0.0]])
+    rb, _ = P.kl_penalized_rewards(torch.tensor([1.0]), klp_pad, klref_pad, mp[:1], 0.1)
+    assert torch.allclose(rb, torch.tensor([[-0.05, 0.0, 1.1, 0.0, 0.0]]))
 
 
 def test_kl_penalty_puts_the_score_on_the_last_real_token():
@@ -112,17 +114,36 @@ def test_clipped_policy_loss_hand_computed():
     assert st["clipfrac"].item() == 1.0
 
 
-def test_micro_batches_with_accumulation_equal_one_batch():
+def test_unequal_ragged_micro_batches_with_denom_sum_to_one_batch():
+    """Shards of unequal size and token count, each trimmed to its own longest row (as `_trimmed`
+    does), with denom = the batch's token count: their losses and gradients add up to the token
+    mean of the whole batch. A per-shard token mean would weigh the 1-token row like 6 tokens."""
     torch.manual_seed(1)
     w = torch.randn(4, requires_grad=True)
     x, adv, olp = torch.randn(8, 6, 4), torch.randn(8, 6), torch.randn(8, 6) * 0.1
-    mask = torch.ones(8, 6)
-    def loss_of(sl):
-        lp = (x[sl] @ w) * 0.1
-        return P.policy_loss(lp, olp[sl], adv[sl], mask[sl])[0]
-    g_full, = torch.autograd.grad(loss_of(slice(0, 8)), w)
-    g_acc = sum(torch.autograd.grad(loss_of(slice(i, i + 2)), w)[0] / 4 for i in range(0, 8, 2))
+    old_v, ret = torch.randn(8, 6), torch.randn(8, 6)
+    lens = torch.tensor([6, 2, 5, 1, 3, 6, 4, 2])
+    mask = (torch.arange(6)[None, :] < lens[:, None]).float()           # (8, 6) right-padded
+    n_tok = float(mask.sum())
+
+    def loss_of(lo, hi, denom):
+        T = int(lens[lo:hi].max())
+        sl = (slice(lo, hi), slice(0, T))
+        lp = (x[sl] @ w) * 0.1                                           # (hi - lo, T)
+        pg, _ = P.policy_loss(lp, olp[sl], adv[sl], mask[sl], denom=denom)
+        vf, _ = P.value_loss(lp * 10, old_v[sl], ret[sl], mask[sl], denom=denom)
+        return pg + vf
+
+    full = loss_of(0, 8, None)
+    g_full, = torch.autograd.grad(full, w)
+    shards = [(0, 3), (3, 4), (4, 8)]
+    parts = [loss_of(lo, hi, n_tok) for lo, hi in shards]
+    assert torch.allclose(sum(parts), full, atol=1e-6)
+    g_acc = sum(torch.autograd.grad(p, w)[0] for p in parts)
     assert torch.allclose(g_full, g_acc, atol=1e-6)
+    # without denom the shards' mean is not the batch's: the invariance above is not vacuous
+    g_naive = sum(torch.autograd.grad(loss_of(lo, hi, None), w)[0] for lo, hi in shards) / len(shards)
+    assert not torch.allclose(g_full, g_naive, atol=1e-3)
 
 
 def test_whiten_and_explained_variance():

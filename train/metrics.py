@@ -1,7 +1,9 @@
 """Prometheus metrics of the trainer (the only train/ module that imports prometheus_client)."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.metrics_http import serve_metrics  # noqa: F401  (train.loop starts it from here)
 
 RM_LOSS = Gauge("rlhf_trainer_rm_loss", "Reward-model loss at the end of the last RM update")
 RM_ACCURACY = Gauge("rlhf_trainer_rm_heldout_accuracy_ratio", "Held-out pairwise accuracy of the last RM candidate")
@@ -17,11 +19,6 @@ CYCLES = Counter("rlhf_trainer_cycles_total", "Training cycles by outcome", ["re
 PUBLISHED_VERSION = Gauge("rlhf_trainer_published_version", "Number of the newest published version")
 CONSUMER_LAG = Gauge("rlhf_trainer_consumer_lag_records", "Records behind the end of the input topics")
 FEEDBACK_STORED = Gauge("rlhf_trainer_feedback_events", "Feedback events in the trainer's store")
-
-
-def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    if port:
-        start_http_server(port, addr=host)
 
 
 def observe_cycle(rm: dict, ppo: dict) -> None:

@@ -224,7 +224,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def generate(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int | None, seed: int,
              max_context: int) -> list[list[int]]:
     """Samples one response per prompt with serve.engine (the serving code path)."""
-    from serve.engine import Engine, EngineConfig, Request, SamplingSpec
+    from serve.engine import DoneEvent, Engine, EngineConfig, Request, SamplingSpec
     from serve.model import from_hf
     if not prompts:
         return []
@@ -238,7 +238,7 @@ def generate(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int | Non
             for i, p in enumerate(prompts)]
         for r in reqs:
             ev = r.events.get(timeout=600)
-            if ev[0] != "done":
+            if not isinstance(ev, DoneEvent):
                 raise RuntimeError(f"rollout generation failed: {ev}")
     finally:
         engine.stop()
