@@ -1,4 +1,4 @@
-"""Loads a local Hugging Face causal-LM checkpoint folder (GPT-2 or Llama family) for serving.
+"""Loads a local Hugging Face causal-LM checkpoint folder (a serve.model.SUPPORTED family) for serving.
 
 Nothing is downloaded: the folder must hold config.json, the weights (safetensors) and
 the tokenizer files. The model version is read from the folder's manifest.json when the

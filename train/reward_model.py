@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-CAUSAL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "gpt_neox"}
+CAUSAL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
 
 
 def default_backbone() -> Path:
