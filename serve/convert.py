@@ -3,6 +3,7 @@ touches message types. Validation errors name the field (returned as INVALID_ARG
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from rlhf.v1 import policy_pb2 as pb
 
@@ -25,16 +26,36 @@ class BadRequest(ValueError):
     """Invalid client input; the message starts with the offending field."""
 
 
-def prompt_ids(req: pb.GenerateRequest, encode, vocab_size: int, max_context: int) -> list[int]:
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A validated prompt. `rendered` is a conversation's text as the chat template wrote it (None for a
+    text or token-ids prompt): the response and the interactions record carry it, since decoding the ids
+    would drop the template's special tokens."""
+    ids: list[int]
+    rendered: str | None = None
+
+
+def prompt(req: pb.GenerateRequest, policy, max_context: int) -> Prompt:
+    """The prompt of a request; `policy` is a serve.loader.LoadedPolicy (encode, render_chat, ...)."""
     kind = req.WhichOneof("prompt")
-    if kind is None:
-        raise BadRequest("prompt: missing (set text or token_ids)")
-    if kind == "text":
+    rendered = None
+    if req.messages:
+        if kind is not None:
+            raise BadRequest(f"messages: set either messages or {kind}, not both")
+        rendered = render(req.messages, policy)
+        ids = policy.encode(rendered)
+    elif kind is None:
+        raise BadRequest("prompt: missing (set text, token_ids or messages)")
+    elif kind == "text":
         if not req.text:
             raise BadRequest("prompt.text: empty")
-        ids = encode(req.text)
+        ids = policy.encode(req.text)
     else:
         ids = list(req.token_ids.ids)
+        vocab_size = policy.model.args.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise BadRequest(f"prompt.token_ids: id {bad[0]} outside [0, {vocab_size})")
@@ -42,7 +63,27 @@ def prompt_ids(req: pb.GenerateRequest, encode, vocab_size: int, max_context: in
         raise BadRequest("prompt: empty")
     if len(ids) >= max_context:
         raise BadRequest(f"prompt: {len(ids)} tokens, longer than the context allows (at most {max_context - 1})")
-    return ids
+    return Prompt(ids, rendered)
+
+
+def render(messages, policy) -> str:
+    """A conversation through the model's chat template. Roles are checked here; a content may not
+    hold a control token (<|im_end|>, eos, ...), which would let a user write turns of other roles and
+    would not survive the rendered text's round trip through the trainer's tokenizer."""
+    if policy.chat_template is None:
+        raise BadRequest(f"messages: the model {policy.version} has no chat template; send text or token_ids")
+    conv = []
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise BadRequest(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {m.role[:40]!r}")
+        hit = policy.control_tokens.search(m.content) if policy.control_tokens is not None else None
+        if hit:
+            raise BadRequest(f"messages[{i}].content: holds the control token {hit.group()!r}")
+        conv.append({"role": m.role, "content": m.content})
+    try:
+        return policy.render_chat(conv)
+    except Exception as e:  # jinja's raise_exception (roles must alternate, ...) or a template error
+        raise BadRequest(f"messages: the chat template refused them: {e}") from None
 
 
 def sampling_spec(p: pb.SamplingParams, *, default_max_new: int, max_new_limit: int, max_batch: int,

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -39,7 +39,7 @@ class ShuttingDown(Exception):
 
 
 class Finish:
-    LENGTH, EOS, STOP, CONTEXT = "length", "eos", "stop", "context"
+    LENGTH, EOS, STOP, CONTEXT = "length", "eos", "stop", "context"   # EOS: any of the engine's end ids
     CANCELLED, DEADLINE, ERROR = "cancelled", "deadline", "error"
     SHUTDOWN = "shutdown"   # still waiting when the server began to shut down
 
@@ -137,11 +137,17 @@ class Request:
         self.cancelled.set()
 
 
+def end_id_set(eos: int | Iterable[int] | None) -> frozenset[int]:
+    """The ids a sequence ends at: one end-of-sequence id, several (a chat model's end-of-turn tokens
+    besides its eos), or none."""
+    return frozenset() if eos is None else frozenset((eos,) if isinstance(eos, int) else eos)
+
+
 @dataclass
 class _Swap:
     model: CausalLM
     version: str
-    eos_id: int | None
+    eos_id: int | Iterable[int] | None
     decode: Callable[[list[int]], str]
     payload: object
     done: threading.Event = field(default_factory=threading.Event)
@@ -152,10 +158,10 @@ class Engine:
     the version it started with, then the new weights take over, so no batch mixes versions and every
     request is served start to end by one version (Request.model_version / served_by)."""
 
-    def __init__(self, model: CausalLM, cfg: EngineConfig, eos_id: int | None,
+    def __init__(self, model: CausalLM, cfg: EngineConfig, eos_id: int | Iterable[int] | None,
                  decode: Callable[[list[int]], str], model_version: str,
                  on_step: Callable[[dict], None] | None = None, payload: object = None):
-        self.model, self.cfg, self.eos_id, self.decode = model, cfg, eos_id, decode
+        self.model, self.cfg, self.end_ids, self.decode = model, cfg, end_id_set(eos_id), decode
         self.model_version, self.payload = model_version, payload
         self._swap: _Swap | None = None
         p = next(model.parameters())
@@ -207,8 +213,8 @@ class Engine:
             self.cv.notify_all()
         return req
 
-    def swap(self, model: CausalLM, version: str, eos_id: int | None, decode: Callable[[list[int]], str],
-             payload: object = None, timeout: float | None = None) -> bool:
+    def swap(self, model: CausalLM, version: str, eos_id: int | Iterable[int] | None,
+             decode: Callable[[list[int]], str], payload: object = None, timeout: float | None = None) -> bool:
         """Serve `model` as `version` once the running batch has drained. Blocks until swapped
         (True) or timeout (False; the swap still happens later)."""
         sw = _Swap(model, version, eos_id, decode, payload)
@@ -224,8 +230,8 @@ class Engine:
             p = next(sw.model.parameters())
             self.device, self.dtype = p.device, p.dtype
             self.cache = KVCache(sw.model.args, self.cfg.max_batch_size, self.cfg.max_context, self.dtype, self.device)
-        self.model, self.model_version, self.eos_id, self.decode, self.payload = (
-            sw.model, sw.version, sw.eos_id, sw.decode, sw.payload)
+        self.model, self.model_version, self.end_ids, self.decode, self.payload = (
+            sw.model, sw.version, end_id_set(sw.eos_id), sw.decode, sw.payload)
         log.info("now serving %s", sw.version)
         sw.done.set()
 
@@ -338,7 +344,7 @@ class Engine:
 
     def _finish_reason(self, s: Sequence) -> str | None:
         spec = s.request.spec
-        if self.eos_id is not None and s.out[-1] == self.eos_id and not spec.ignore_eos:
+        if s.out[-1] in self.end_ids and not spec.ignore_eos:
             return Finish.EOS
         if spec.stop:
             text = self.decode(s.out)

@@ -2,13 +2,16 @@
 
 Nothing is downloaded: the folder must hold config.json, the weights (safetensors) and
 the tokenizer files. The model version is read from the folder's manifest.json when the
-trainer wrote one, else derived from the folder name.
+trainer wrote one, else derived from the folder name. A chat template in the tokenizer files
+(tokenizer_config.json or chat_template.jinja) renders `messages` requests, and generation ends
+at the template's end-of-turn token as well as at eos.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,12 +26,30 @@ class LoadedPolicy:
     version: str
     path: Path
     eos_id: int | None
+    end_ids: tuple[int, ...] = ()
+    """Generation ends at any of these: eos and the chat template's end-of-turn token(s) (end_of_turn_ids)."""
+    control_tokens: re.Pattern | None = field(default=None, repr=False)
+    """Matches any special token of the tokenizer (chat message contents may not hold one)."""
+
+    def __post_init__(self) -> None:
+        if not self.end_ids and self.eos_id is not None:
+            self.end_ids = (self.eos_id,)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) or None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text of a conversation: the chat template with the generation prompt. Its tokens
+        (`encode`) are apply_chat_template(messages, add_generation_prompt=True, tokenize=True)'s, which
+        also tokenises the rendered text without adding special tokens."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def read_version(path: Path) -> str:
@@ -52,10 +73,48 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     model = pack_for_cpu(from_hf(hf).to(device), cpu_pack)
     del hf
     eos = tok.eos_token_id if tok.eos_token_id is not None else model_eos(path)
-    return LoadedPolicy(model=model, tokenizer=tok, version=read_version(path), path=path, eos_id=eos)
+    specials = special_tokens(tok)
+    return LoadedPolicy(model=model, tokenizer=tok, version=read_version(path), path=path, eos_id=eos,
+                        end_ids=end_of_turn_ids(tok, path, eos),
+                        control_tokens=re.compile("|".join(map(re.escape, specials))) if specials else None)
 
 
 def model_eos(path: Path) -> int | None:
-    cfg = json.loads((path / "config.json").read_text())
-    eos = cfg.get("eos_token_id")
+    eos = _json(path / "config.json").get("eos_token_id")
     return eos[0] if isinstance(eos, list) else eos
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def special_tokens(tok) -> list[str]:
+    """Every special (control) token's text, longest first."""
+    found = {t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens)
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+TURN_PROBE = "\x00turn-end-probe\x00"
+
+
+def end_of_turn_ids(tok, path: Path, eos: int | None) -> tuple[int, ...]:
+    """The ids generation ends at, as transformers' `generate` would for this folder and more:
+    eos; every eos_token_id of generation_config.json and config.json (an int or a list: Llama 3
+    lists <|eot_id|>, Qwen2 chat models <|im_end|>); and the special token the chat template writes
+    right after an assistant message's content (<|im_end|> in ChatML also for a Qwen base model,
+    whose generation config names only <|endoftext|>)."""
+    ids = {eos} if eos is not None else set()
+    for cfg in (_json(path / "generation_config.json"), _json(path / "config.json")):
+        e = cfg.get("eos_token_id")
+        ids.update(e if isinstance(e, list) else [e] if e is not None else [])
+    if getattr(tok, "chat_template", None):
+        try:
+            text = tok.apply_chat_template([{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": TURN_PROBE}], tokenize=False)
+        except Exception:  # a template that refuses this conversation: no end-of-turn token from it
+            text = ""
+        after = text.rsplit(TURN_PROBE, 1)[-1].lstrip() if TURN_PROBE in text else ""
+        end = next((t for t in special_tokens(tok) if after.startswith(t)), None)
+        if end is not None:
+            ids.add(tok.convert_tokens_to_ids(end))
+    return tuple(sorted(ids))

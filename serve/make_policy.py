@@ -1,6 +1,7 @@
 """Creates a small policy checkpoint locally, with no download: a byte-level BPE tokenizer
 trained on a text corpus, and a GPT-2 or Llama model built from a config (random init,
-seeded). The result is an ordinary Hugging Face folder that `serve` and `train` load.
+seeded). The result is an ordinary Hugging Face folder that `serve` and `train` load; its tokenizer
+carries HH_CHAT_TEMPLATE, so the server renders `messages` requests in the hh format it is trained on.
 
     python -m serve.make_policy --out models/policy-v0            # the default small policy
     python -m serve.make_policy --out /tmp/tiny --size tiny       # what the tests use
@@ -21,6 +22,19 @@ SIZES = {
     "small": (4, 256, 4, 512),
     "gpt2-small": (12, 768, 12, 1024),
 }
+
+HH_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '\\n\\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + m['content'] }}"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+"""The chat template of the default policy: Anthropic's hh-rlhf dialogue format (Bai et al. 2022), the
+text the simulator asks and SFT, the RM and PPO train on: "\\n\\nHuman: {user}\\n\\nAssistant: {assistant}"
+turns, then "\\n\\nAssistant:" as the generation prompt; a system message is written as it is, first.
+No special tokens: a turn ends with eos, which SFT teaches (train/sft.py) and the engine stops at."""
 
 FALLBACK_CORPUS = """Human: What is the capital of France? Assistant: The capital of France is Paris.
 Human: Can you help me write a poem about the sea? Assistant: Of course. The sea is wide and blue.
@@ -85,8 +99,10 @@ def train_tokenizer(lines: list[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((re.sub(r"\n+", "\n", x) for x in lines), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    out.chat_template = HH_CHAT_TEMPLATE  # saved as chat_template.jinja by transformers 5
+    return out
 
 
 def build(spec: PolicySpec) -> Path:

@@ -92,9 +92,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         return self.engine.payload
 
     def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext, rpc: str,
-               stream: bool) -> Request:
+               stream: bool) -> tuple[Request, str | None]:
+        """Validates and submits a request: (the engine request, the rendered prompt of a `messages` one)."""
         try:
-            ids = convert.prompt_ids(request, self.policy.encode, self.policy.model.args.vocab_size, self.max_context)
+            prompt = convert.prompt(request, self.policy, self.max_context)
             spec = convert.sampling_spec(request.params, default_max_new=self.cfg.default_max_new_tokens,
                                          max_new_limit=self.cfg.max_new_tokens_limit,
                                          max_batch=self.cfg.max_batch_size, max_stops=self.cfg.max_stop_sequences)
@@ -102,7 +103,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
-        req = Request(prompt=ids, spec=spec, deadline=deadline, stream=stream)
+        req = Request(prompt=prompt.ids, spec=spec, deadline=deadline, stream=stream)
         try:
             self.engine.submit(req)
         except QueueFull as e:
@@ -111,8 +112,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         if not context.add_callback(self._on_done(req)):
             req.cancel()
-        metrics.PROMPT_TOKENS.inc(len(ids) * spec.n)
-        return req
+        metrics.PROMPT_TOKENS.inc(len(prompt.ids) * spec.n)
+        return req, prompt.rendered
 
     def _on_done(self, req: Request):
         def cb() -> None:  # runs when the RPC ends for any reason: cancel whatever is still live
@@ -154,7 +155,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             yield ev
 
     def _log_interactions(self, req: Request, prompt: str | None = None, texts: list[str] | None = None) -> None:
-        """After a request: the interactions topic, and a sample for served reward/KL scoring."""
+        """After a request: the interactions topic, and a sample for served reward/KL scoring. `prompt` is
+        the text served (a conversation's rendered prompt, chat template markup included), so the feedback
+        service, the RM and PPO see what the policy saw; None: the prompt ids decoded."""
         if self.interactions is None and self.scorer is None:
             return
         prompt = self.policy.decode(req.prompt) if prompt is None else prompt
@@ -196,7 +199,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             recorded.close()
 
     def _generate(self, request, context):
-        req = self._start(request, context, "Generate", stream=False)
+        req, rendered = self._start(request, context, "Generate", stream=False)
         for _ in self._events(req, context, "Generate"):
             pass
         if req.first_token_at is not None:
@@ -204,7 +207,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         metrics.GENERATED_TOKENS.inc(sum(len(s.out) for s in req.seqs))
         if not context.is_active():
             return pb.GenerateResponse()
-        prompt, texts = self.policy.decode(req.prompt), [self._text(s) for s in req.seqs]  # decoded once
+        prompt = rendered if rendered is not None else self.policy.decode(req.prompt)
+        texts = [self._text(s) for s in req.seqs]  # decoded once
         self._log_interactions(req, prompt, texts)
         return pb.GenerateResponse(
             completions=[convert.completion(s, t) for s, t in zip(req.seqs, texts)],
@@ -212,7 +216,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             model_version=req.model_version, prompt_text=prompt, prompt_token_ids=req.prompt)
 
     def _generate_stream(self, request, context):
-        req = self._start(request, context, "GenerateStream", stream=True)
+        req, rendered = self._start(request, context, "GenerateStream", stream=True)
         trackers = [TextTracker(self.policy.decode, req.spec.stop) for _ in req.seqs]
         for ev in self._events(req, context, "GenerateStream"):
             i = ev.seq_index
@@ -228,7 +232,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     text_delta=trackers[i].delta(seq.out, final=True, text_end=seq.text_end),
                     finish_reason=convert.FINISH_TO_PB.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED),
                     usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)))
-        self._log_interactions(req)
+        self._log_interactions(req, rendered)
 
     @staticmethod
     def _delta(tracker: TextTracker, seq, ev: TokenEvent) -> str:
@@ -247,18 +251,21 @@ def build_engine(cfg: ServerConfig, policy: LoadedPolicy) -> Engine:
     max_ctx = min(cfg.max_context, policy.model.args.max_position)
     ecfg = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, max_context=max_ctx,
                         max_prefill_tokens=cfg.max_prefill_tokens)
-    return Engine(policy.model, ecfg, policy.eos_id, policy.decode, policy.version, on_step=metrics.on_step,
+    return Engine(policy.model, ecfg, policy.end_ids, policy.decode, policy.version, on_step=metrics.on_step,
                   payload=policy)
 
 
 @torch.no_grad()
 def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
-    """Refuses a candidate whose tokenizer differs from the served one (prompts are encoded before
-    a request knows its version) or whose outputs on a fixed prompt are not finite and in range."""
+    """Refuses a candidate whose tokenizer or chat template differs from the served one (prompts are
+    encoded and rendered before a request knows its version) or whose outputs on a fixed prompt are not
+    finite and in range."""
     from . import kernels
     from .model import KVCache, StepLayout
     if current is not None and cand.tokenizer.get_vocab() != current.tokenizer.get_vocab():
         raise Refused(f"{cand.version}: tokenizer differs from the served version's (incompatible)")
+    if current is not None and cand.chat_template != current.chat_template:
+        raise Refused(f"{cand.version}: chat template differs from the served version's (incompatible)")
     ids = cand.encode("\n\nHuman: Hello, how are you?\n\nAssistant:")[-32:] or [0]
     p = next(cand.model.parameters())
     cache = KVCache(cand.model.args, 1, len(ids) + 5, p.dtype, p.device)
@@ -293,7 +300,7 @@ def follow_store(cfg: ServerConfig, engine: Engine, server) -> StoreFollower:
 
     def apply(new: ServedModel) -> None:
         pol = new.obj
-        engine.swap(pol.model, new.version, pol.eos_id, pol.decode, payload=pol)
+        engine.swap(pol.model, new.version, pol.end_ids, pol.decode, payload=pol)
         metrics.MODEL_VERSION.info({"version": new.version, "path": str(pol.path)})
 
     mgr = VersionManager(

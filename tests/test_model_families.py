@@ -14,7 +14,8 @@ import transformers as tf
 from transformers import AutoModelForCausalLM
 
 from serve.engine import DoneEvent, Engine, EngineConfig, Finish, Request, SamplingSpec
-from serve.model import SUPPORTED, KVCache, StepLayout, args_from_hf_config, from_hf, num_parameters, pack_for_cpu
+from serve.model import (SUPPORTED, KVCache, StepLayout, args_from_hf_config, from_hf, num_parameters, pack_for_cpu,
+                         sequence_logits)
 
 # prompt lengths 1..64 of the 16 concurrent requests
 PROMPT_LENS = (1, 2, 3, 5, 8, 11, 16, 19, 24, 29, 33, 40, 47, 53, 60, 64)
@@ -155,9 +156,11 @@ def test_engine_greedy_equals_transformers_generate(family):
         torch.testing.assert_close(torch.tensor(lps), ref, atol=1e-4, rtol=0)
 
 
-def test_one_ppo_iteration_runs(family):
+def test_one_ppo_iteration_runs_and_the_result_loads_in_plain_transformers(family, tmp_path):
     """(c) Rollouts through the engine (serve.model.from_hf of the live policy), then a PPO update
-    of the transformers policy and critic: finite statistics and weights that moved."""
+    of the transformers policy and critic: finite statistics and weights that moved. The updated
+    policy, saved as the trainer publishes it (save_pretrained, safetensors), loads with plain
+    `from_pretrained` and gives the same logits, in transformers and in our model."""
     from train.ppo import PPOConfig, PPOTrainer, build_critic
     _, hf, _ = family
     policy = copy.deepcopy(hf).train(False)
@@ -171,6 +174,14 @@ def test_one_ppo_iteration_runs(family):
     assert "nan" not in stats and stats["response_tokens"] > 0, stats
     moved = sum(not torch.equal(b, p) for b, p in zip(before, policy.parameters()))
     assert moved == len(before), f"{moved} of {len(before)} parameters changed"
+    policy.save_pretrained(tmp_path / "policy", safe_serialization=True)
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype=torch.float32, local_files_only=True).eval()
+    ids = prompts[7]
+    with torch.no_grad():
+        want = _hf_logits(policy.eval(), ids)
+        torch.testing.assert_close(_hf_logits(out, ids), want, atol=1e-5, rtol=0)
+        ours = sequence_logits(from_hf(out), ids, 1)               # (len - 1, V): positions 0 .. len-2
+        torch.testing.assert_close(ours, want[:-1], atol=1e-4, rtol=0)
 
 
 def test_unsupported_model_types_are_refused_by_name():

@@ -5,7 +5,8 @@
 A freshly built policy (serve.make_policy) has random weights and emits noise; a few minutes of
 next-token training on the hh dialogues' preferred answers gives it English words and the
 "Human: ... Assistant: ..." format, so the online loop has something to improve. Trains in place:
-the folder is rewritten atomically (temp folder, fsync, rename) with the same tokenizer.
+the folder is rewritten atomically (temp folder, fsync, rename) with the same tokenizer, given the hh
+chat template (serve.make_policy.HH_CHAT_TEMPLATE) when it has none, since that is the format it learns.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 from common.config_cli import parse_config
 from common.data import HH_PAIRS, require
+from serve.make_policy import HH_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    if not tok.chat_template:  # a policy built before the template shipped
+        tok.chat_template = HH_CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=torch.float32)
     texts = corpus(require(cfg.data, "sft data"))
     random.Random(cfg.seed).shuffle(texts)
