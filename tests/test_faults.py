@@ -59,6 +59,7 @@ def test_undecodable_messages_are_invalid_argument_logged_once_and_sigterm_still
         proc.stop()
 
 
+@pytest.mark.slow
 def test_feedback_service_recovers_by_itself_after_a_broker_kill_9(tmp_path):
     """Steady submissions, the broker killed with SIGKILL and restarted on its data dir: the service
     goes NOT_SERVING, answers UNAVAILABLE meanwhile (not a stuck worker per call), is OK again within

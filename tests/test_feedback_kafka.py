@@ -104,6 +104,7 @@ def test_events_arrive_exactly_once(feedback_service, kafka_broker, acked_event_
     assert all(getattr(r.feedback, r.feedback.WhichOneof("kind")).created_unix_ms > 0 for r in recs)
 
 
+@pytest.mark.slow
 def test_kill_9_consumer_then_restart_loses_nothing(feedback_service, kafka_broker, acked_event_ids, tmp_path):
     mine: set[str] = set()
     _submit_mix(feedback_service, 150, mine)
@@ -217,6 +218,7 @@ def test_served_responses_are_logged_and_referenced_by_id(feedback_service, kafk
         c.close()
 
 
+@pytest.mark.slow
 def test_bad_records_go_to_the_dead_letter_topic_with_reason(kafka_broker, tmp_path):
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
     marker = uuid.uuid4().hex
@@ -244,6 +246,7 @@ def test_bad_records_go_to_the_dead_letter_topic_with_reason(kafka_broker, tmp_p
     assert bad[0].source_topic == topics.FEEDBACK and bad[0].source_offset >= 0
 
 
+@pytest.mark.slow
 def test_broker_down_gives_unavailable_and_nothing_acked_is_lost(tmp_path):
     from feedback.broker import BrokerConfig, start, stop
     from feedback.topics import ensure_topics

@@ -146,6 +146,7 @@ def test_top_k_1_and_temperature_0_are_argmax_and_k_eq_v_is_plain_sampling():
     assert plain.tolist() == full.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(temperature=0.8, top_k=5), dict(top_p=0.6), dict(min_p=0.1, temperature=1.2)])
 def test_sampling_kernel_distribution_chi_square(kw):
     V, N = 12, 300  # the interpreter runs ~60 bisection passes per row: keep N small

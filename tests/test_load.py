@@ -5,11 +5,13 @@ from __future__ import annotations
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import grpc
+import pytest
 
 from sim.load import rss_mb, run
 from tests.helpers import start_policy_server
 
 
+@pytest.mark.slow
 def test_200_streams_only_ok_or_resource_exhausted_and_healthy_after(tiny_gpt2):
     proc, port, _ = start_policy_server(tiny_gpt2, threads=1)
     try:

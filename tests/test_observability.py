@@ -94,6 +94,7 @@ def _traffic(services) -> None:
             response=fb.Response(text="t", model_version="v0000"), thumbs_up=True), timeout=30)
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_served_reward_and_kl_and_every_used_metric_exists(services, tmp_path):
     _traffic(services)
     ports = {"policy": services["policy"][1], "rm": services["rm"][1], "feedback": services["feedback"][1],

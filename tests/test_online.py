@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from common import model_store as ms
 from tests.helpers import REPO, ServerProc, free_port, metric, start_feedback_service
 
 
+@pytest.mark.slow
 def test_main_job_tiny_random_policy_fast_ppo_publishes_three_measured_versions(tiny_hh_policy, tmp_path):
     """`python -m online` with a tiny random-init policy (so it runs in CI time): its own broker,
     trainer, servers, feedback service and simulator, the default pretrained MiniLM-L6 RM and the
@@ -78,6 +80,7 @@ def _wait(cond, timeout: float, what: str):
     raise TimeoutError(what)
 
 
+@pytest.mark.slow
 def test_trainer_kill_9_loses_no_feedback_and_corrupt_checkpoint_is_refused(kafka_broker, tiny_hh_policy, tiny_bert,
                                                                             tmp_path):
     from serve.client import PolicyClient

@@ -94,6 +94,7 @@ def test_group_losses_kwise_k2_is_bradley_terry_and_ties():
 
 # ---- PPO ----
 
+@pytest.mark.slow
 def test_ppo_raises_reward_with_kl_under_budget(tiny_hh_policy):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,6 +121,7 @@ def test_ppo_raises_reward_with_kl_under_budget(tiny_hh_policy):
 
 # ---- DDP ----
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_for_the_same_global_batch(tmp_path):
     from train.reward_model import default_backbone
     worker = REPO / "tests" / "workers" / "ddp_equivalence.py"
@@ -200,6 +202,7 @@ def _trainer_args(tmp_path, bootstrap, policy, bert, group, cycles=1):
             "--ppo.iterations", "3", "--ppo.rollouts", "16", "--threads", "2", "--policy-gate-z", "1e9"]
 
 
+@pytest.mark.slow
 def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafka_broker, tiny_hh_policy,
                                                                             tiny_bert, tmp_path):
     group = f"trainer-test-{time.time_ns()}"
@@ -238,6 +241,7 @@ def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafk
     assert cycle["feedback_events"] >= len(sent)
 
 
+@pytest.mark.slow
 def test_pause_training_admin_rpc_holds_cycles_until_resumed(kafka_broker, tiny_hh_policy, tiny_bert, tmp_path):
     import grpc
 
