@@ -26,6 +26,24 @@ def _close_quietly(producer, timeout_s: float) -> None:
         log.info("closing a kafka producer: %s", e)
 
 
+class SentWrite:
+    """A queued write: kafka-python's future and the producer it went through (a failure is
+    blamed on that producer only, not on a fresh one that replaced it meanwhile)."""
+    __slots__ = ("future", "producer")
+
+    def __init__(self, future, producer):
+        self.future, self.producer = future, producer
+
+    def get(self, timeout: float):
+        return self.future.get(timeout=timeout)
+
+    def add_callback(self, fn) -> None:
+        self.future.add_callback(fn)
+
+    def add_errback(self, fn) -> None:
+        self.future.add_errback(fn)
+
+
 class AckedProducer:
     """Writes that return only once Kafka acknowledged them, and a producer that heals itself.
 
@@ -44,6 +62,7 @@ class AckedProducer:
         self.on_health, self.probe_topic, self.probe_s = on_health, probe_topic, probe_s
         self._producer = None
         self._lock = threading.Lock()
+        self._health_lock = threading.Lock()   # health reports in the order of the state changes
         self._down_since: float | None = None
         self._closed = threading.Event()
 
@@ -69,50 +88,77 @@ class AckedProducer:
             if self._down_since is not None:
                 raise Unavailable(f"kafka at {self.bootstrap} is down ({time.monotonic() - self._down_since:.0f}s); "
                                   f"retry later")
-            if self._producer is None:
-                self._producer = self._new()
-            return self._producer
+            if self._producer is not None:
+                return self._producer
+        try:   # built outside the lock: it may block for up to 2 s when Kafka is away
+            p = self._new()
+        except Unavailable as e:
+            self._mark_down(str(e))   # Kafka down at startup: NOT_SERVING and the probe, as after a crash
+            raise
+        with self._lock:
+            if self._producer is None and self._down_since is None and not self._closed.is_set():
+                self._producer, p = p, None
+            current = self._producer
+        if p is not None:   # another caller's producer won, or the state changed meanwhile
+            threading.Thread(target=_close_quietly, args=(p, 1.0), daemon=True).start()
+        if current is None:
+            raise Unavailable(f"kafka at {self.bootstrap} is down; retry later")
+        return current
 
-    def _failed(self, e: Exception, what: str) -> Unavailable:
-        """An Unavailable for e; marks the producer down when e says Kafka is unreachable."""
+    def note_failure(self, e: Exception, producer=None, what: str = "kafka write failed") -> Unavailable:
+        """An Unavailable for e; marks the producer down when e says Kafka is unreachable. `producer`
+        is the one the failed write went through: a late failure of an older producer (a batch
+        expiring after the probe installed a fresh one) must not take the fresh one down."""
         from kafka.errors import KafkaConnectionError, KafkaTimeoutError
         if isinstance(e, Unavailable) or getattr(e, "retriable", False) or \
                 isinstance(e, (KafkaTimeoutError, KafkaConnectionError)):
-            self._mark_down(f"{what}: {e}")
+            self._mark_down(f"{what}: {e}", producer)
         return Unavailable(f"{what}: {e}")
 
-    def _mark_down(self, why: str) -> None:
+    def _report_health(self) -> None:
+        if self.on_health:
+            with self._health_lock:   # reads the state under the lock: the last report is the current state
+                self.on_health(self.healthy)
+
+    def _mark_down(self, why: str, producer=None) -> None:
         with self._lock:
+            if producer is not None and producer is not self._producer:
+                return   # that producer was already replaced
             old, self._producer = self._producer, None
             first = self._down_since is None and not self._closed.is_set()
             if first:
                 self._down_since = time.monotonic()
-        if old is not None:
-            threading.Thread(target=_close_quietly, args=(old, 1.0), name="kafka-producer-close", daemon=True).start()
+        if old is not None:   # long enough for its batches to expire, so its sender thread really stops
+            threading.Thread(target=_close_quietly, args=(old, self.timeout_s + 3), name="kafka-producer-close",
+                             daemon=True).start()
         if first:
             log.warning("kafka producer down (%s); probing every %.1fs", why, self.probe_s)
-            if self.on_health:
-                self.on_health(False)
             threading.Thread(target=self._probe, name="kafka-producer-probe", daemon=True).start()
+            self._report_health()
 
     def _probe(self) -> None:
         while not self._closed.wait(self.probe_s):
+            p, ok = None, False
             try:
                 p = self._new()
-            except Unavailable:
-                continue
-            try:   # a metadata round trip (raises after max_block_ms)
-                ok = p.partitions_for(self.probe_topic) if self.probe_topic else p.bootstrap_connected()
-            except Exception:
-                ok = False
+                # a metadata round trip (raises after max_block_ms)
+                ok = bool(p.partitions_for(self.probe_topic) if self.probe_topic else p.bootstrap_connected())
+            except Exception as e:   # anything: the probe must outlive every failure
+                log.debug("kafka probe: %s", e)
             if not ok:
-                _close_quietly(p, 1.0)
+                if p is not None:
+                    _close_quietly(p, 1.0)
                 continue
             with self._lock:
-                down, self._down_since, self._producer = self._down_since, None, p
+                if self._closed.is_set():
+                    installed = False
+                else:
+                    down, self._down_since, self._producer, installed = self._down_since, None, p, True
+            if not installed:
+                _close_quietly(p, 1.0)
+                return
             log.warning("kafka producer back after %.1fs (a new producer)", time.monotonic() - (down or 0))
-            if self.on_health:
-                self.on_health(True)
+            self._report_health()
             return
 
     def send_async(self, topic: str, key: bytes | None, value: bytes, headers=None):
@@ -120,24 +166,30 @@ class AckedProducer:
         from kafka.errors import KafkaError
         producer = self._get()
         try:
-            return producer.send(topic, key=key, value=value, headers=headers or [])
+            fut = producer.send(topic, key=key, value=value, headers=headers or [])
         except KafkaError as e:
-            raise self._failed(e, "kafka send failed") from e
+            raise self.note_failure(e, producer, "kafka send failed") from e
+        return SentWrite(fut, producer)
 
     def wait(self, future):
         from kafka.errors import KafkaError
         try:
             return future.get(timeout=self.timeout_s + 3)
         except KafkaError as e:
-            raise self._failed(e, "kafka did not acknowledge the write") from e
+            raise self.note_failure(e, future.producer, "kafka did not acknowledge the write") from e
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers=None):
         """Writes one record and waits for the broker's acknowledgement -> RecordMetadata."""
         return self.wait(self.send_async(topic, key, value, headers))
 
     def flush(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(timeout=self.timeout_s)
+        """Sends what is buffered, within the timeout; never raises (shutdown with Kafka away)."""
+        p = self._producer
+        if p is not None:
+            try:
+                p.flush(timeout=self.timeout_s)
+            except Exception as e:
+                log.info("kafka flush: %s", e)
 
     def close(self) -> None:
         """Flushes what it can within the timeout and closes; never raises (a broker that is gone

@@ -89,15 +89,17 @@ class LookupBudget:
         self.deadline, self.waits_left, self.slots = time.monotonic() + left, max_waits, slots
 
     def lookup(self, index, response_id: str):
-        """The Interaction, waiting within the budget if it is not indexed yet (None if unknown)."""
+        """The Interaction, waiting within the budget if it is not indexed yet (None if unknown;
+        Unavailable when it would wait but every lookup slot is taken)."""
         found = index.get(response_id, wait_s=0.0)
         left = self.deadline - time.monotonic()
         if found is not None or left <= 0 or self.waits_left <= 0:
             return found
         self.waits_left -= 1
-        if not self.slots.acquire(blocking=False):
+        if not self.slots.acquire(blocking=False):   # the id may be fine: a retryable answer, not INVALID_ARGUMENT
             metrics.REJECTED.labels("lookup_busy").inc()
-            return None
+            raise Unavailable(f"response id {response_id!r} is not indexed yet and every lookup slot is busy; "
+                              f"retry shortly")
         try:
             return index.get(response_id, wait_s=left)
         finally:
@@ -223,12 +225,11 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         """Pipelined: a reader thread validates and sends each item as it arrives, while this
         generator yields results in order as Kafka acknowledges them (bounded window in flight)."""
         window: "queue.Queue" = queue.Queue(maxsize=2048)
-        budget = self._budget(context)
 
         def read() -> None:
             try:
-                for f in request_iterator:
-                    window.put(self._send_one(f, budget))
+                for f in request_iterator:   # a budget per item: a long stream's late items get their wait too
+                    window.put(self._send_one(f, self._budget(context)))
             except Exception as e:  # the client went away mid-stream
                 log.info("SubmitMany reader ended: %s", e)
             finally:
@@ -254,8 +255,10 @@ def _check_role(f: fb.Feedback) -> None:
     if kind is None:
         return
     src = getattr(f, kind).source.kind
+    if src not in _SOURCE_LABELS:
+        return   # not a defined kind at all: validation answers INVALID_ARGUMENT naming the field
     if src != _ROLE_SOURCES[role]:
-        raise PermissionError(f"role {role} may not submit {fb.SourceKind.Name(src)} feedback")
+        raise PermissionError(f"role {role} may not submit {_SOURCE_LABELS.get(src, f'source kind {src}')} feedback")
     if (role, kind) in (("client", "ranking"), ("labeler", "rating")):
         raise PermissionError(f"role {role} may not submit a {kind}")
 _SOURCE_LABELS = {v: fb.SourceKind.Name(v).removeprefix("SOURCE_KIND_").lower() for v in fb.SourceKind.values()}

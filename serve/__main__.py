@@ -43,13 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     refused = engine.drain()   # queued requests: UNAVAILABLE now; the running batch finishes
     logging.info("shutting down: %d queued requests refused, finishing the running ones (grace 10s)", refused)
     stopped = stop_server(server, grace=10)
-    if server.versions is not None and server.versions.watcher is not None:   # a StoreFollower, with --store
-        server.versions.watcher.stop()
-    engine.stop()
-    if interactions is not None:  # deliver what is still buffered for the interactions topic
-        interactions.close()
-    if not stopped:
-        exit_now(0)
+    try:
+        if server.versions is not None and server.versions.watcher is not None:   # a StoreFollower, with --store
+            server.versions.watcher.stop()
+        engine.stop()
+        if interactions is not None:  # deliver what is still buffered for the interactions topic
+            interactions.close()
+    finally:   # a handler thread grpcio could not stop must not keep the process alive
+        if not stopped:
+            exit_now(0)
 
 
 if __name__ == "__main__":

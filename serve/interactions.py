@@ -27,7 +27,7 @@ class InteractionLog:
             ensure_topics(bootstrap)
         except Exception as e:
             log.warning("could not create topics at %s: %s", bootstrap, e)
-        self.producer = AckedProducer(bootstrap, client_id="policy-server")
+        self.producer = AckedProducer(bootstrap, client_id="policy-server", probe_topic=INTERACTIONS)
 
     def record(self, prompt: str, prompt_ids: list[int], seq, text: str, version: str) -> None:
         rec = fb.Interaction(response_id=seq.response_id, prompt=prompt, response=text, model_version=version,
@@ -40,7 +40,12 @@ class InteractionLog:
             log.warning("interaction not logged: %s", e)
             return
         fut.add_callback(lambda _md: LOGGED.inc())
-        fut.add_errback(lambda e: (FAILED.inc(), log.warning("interaction not logged: %s", e)))
+        fut.add_errback(lambda e: self._failed(e, fut))
+
+    def _failed(self, e: Exception, fut) -> None:
+        FAILED.inc()
+        log.warning("interaction not logged: %s", e)
+        self.producer.note_failure(e, fut.producer)   # a lost producer id heals, as in the feedback service
 
     def close(self) -> None:
         self.producer.flush()

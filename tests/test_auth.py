@@ -18,7 +18,7 @@ from tests.helpers import ServerProc, free_port
 
 TOKENS = {"client": "tok-client-Zq9", "labeler": "tok-labeler-Xw1", "admin": "tok-admin-Pp4"}
 SECRET_PROMPT = "my-very-private-prompt-4471"
-OK, UNAUTH, DENIED = "OK", "UNAUTHENTICATED", "PERMISSION_DENIED"
+OK, UNAUTH, DENIED, BAD = "OK", "UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"
 
 
 @pytest.fixture(scope="module", params=["plaintext", "tls"])
@@ -80,6 +80,8 @@ def _calls(ports, ca):
         "RM.Rollback": lambda md: RA.Rollback(mpb.RollbackRequest(), metadata=md, timeout=30),
         "SubmitRating(user)": lambda md: F.SubmitRating(fb.Rating(source=_user(), prompt=SECRET_PROMPT, response=resp,
                                                                   thumbs_up=True), metadata=md, timeout=30),
+        "SubmitRating(kind=99)": lambda md: F.SubmitRating(fb.Rating(source=_user(99), prompt="p", response=resp,
+                                                                     thumbs_up=True), metadata=md, timeout=30),
         "SubmitComparison(user)": lambda md: F.SubmitComparison(fb.Comparison(
             source=_user(), prompt="p", a=resp, b=resp2, preferred=fb.Comparison.CHOICE_A), metadata=md, timeout=30),
         "SubmitComparison(labeler)": lambda md: F.SubmitComparison(fb.Comparison(
@@ -102,6 +104,7 @@ EXPECTED = {
     "RM.Score": (UNAUTH, UNAUTH, OK, DENIED, OK),
     "RM.Rollback": (UNAUTH, UNAUTH, DENIED, DENIED, "FAILED_PRECONDITION"),  # admin: allowed, nothing to roll back to
     "SubmitRating(user)": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "SubmitRating(kind=99)": (UNAUTH, UNAUTH, BAD, DENIED, BAD),   # labelers may not rate; else bad input (was INTERNAL)
     "SubmitComparison(user)": (UNAUTH, UNAUTH, OK, DENIED, OK),
     "SubmitComparison(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),
     "SubmitRanking(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),

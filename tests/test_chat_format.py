@@ -197,7 +197,7 @@ class _Producer:
     """Stands in for feedback.kafka_io.AckedProducer: keeps what InteractionLog sends."""
     sent: list[tuple[str, bytes]] = []
 
-    def __init__(self, bootstrap, client_id=""):
+    def __init__(self, bootstrap, client_id="", **kw):   # probe_topic, on_health: not needed here
         pass
 
     def send_async(self, topic, key, value):

@@ -357,3 +357,34 @@ def test_unknown_response_ids_cannot_starve_the_service(kafka_broker, acked_even
             acked_event_ids.add(ok.event_id)
     finally:
         proc.stop()
+
+
+def test_a_late_failure_of_a_replaced_producer_does_not_take_the_new_one_down():
+    """AckedProducer without a broker: a write failing on the current producer marks it down
+    (NOT_SERVING, fail fast); a failure reported for a producer that was already replaced (a batch
+    of the old one expiring after the probe installed a fresh one) changes nothing."""
+    from kafka.errors import KafkaTimeoutError
+
+    from feedback.kafka_io import AckedProducer, Unavailable
+
+    class Dummy:
+        closed = False
+
+        def close(self, timeout=None):
+            self.closed = True
+
+    health: list[bool] = []
+    p = AckedProducer("127.0.0.1:1", timeout_s=0.5, on_health=health.append, probe_s=3600)
+    try:
+        old, new = Dummy(), Dummy()
+        p._producer = new
+        assert isinstance(p.note_failure(KafkaTimeoutError("expired"), old), Unavailable)
+        assert p.healthy and p._producer is new and health == []
+        p.note_failure(KafkaTimeoutError("expired"), new)
+        assert not p.healthy and health == [False] and p._producer is None
+        with pytest.raises(Unavailable, match="is down"):
+            p.send_async("t", b"k", b"v")   # at once, not after a timeout
+        p.note_failure(ValueError("not an availability error"), None)
+        assert health == [False]
+    finally:
+        p.close()
