@@ -81,3 +81,21 @@ def start_feedback_service(bootstrap: str, **flags) -> tuple[ServerProc, int]:
     for k, v in flags.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return ServerProc("feedback.service", args, r"feedback service listening on \S+:(\d+)"), port
+
+
+def engine_greedy(model, prompts: list[list[int]], eos_id, n_new: int, max_batch_size: int = 16,
+                  max_context: int = 256) -> list[tuple[list[int], list[float]]]:
+    """Every prompt submitted at once to a serve.engine.Engine over `model`, greedy with logprobs:
+    [(tokens, logprobs)] per prompt. Each must end by length or EOS."""
+    from serve.engine import DoneEvent, Engine, EngineConfig, Finish, Request, SamplingSpec   # torch: only when used
+    engine = Engine(model, EngineConfig(max_batch_size=max_batch_size, max_queue=max(16, len(prompts)),
+                                        max_context=max_context), eos_id, lambda ids: "", "test").start()
+    try:
+        reqs = [engine.submit(Request(prompt=p, stream=False, spec=SamplingSpec(
+            temperature=0.0, max_new_tokens=n_new, logprobs=True))) for p in prompts]
+        for r in reqs:
+            ev = r.events.get(timeout=120)
+            assert isinstance(ev, DoneEvent) and ev.finish in (Finish.LENGTH, Finish.EOS), ev
+    finally:
+        engine.stop()
+    return [(r.seqs[0].out, r.seqs[0].logprobs) for r in reqs]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.engine import DoneEvent, Engine, EngineConfig, Finish, Request, SamplingSpec
 from serve.loader import load_policy
+from tests import helpers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda"
@@ -20,17 +20,7 @@ N_NEW = 24
 def engine_greedy(path, dtype: torch.dtype, device: str, prompts=PROMPTS, n_new: int = N_NEW):
     """Every prompt submitted at once (one batch): [(tokens, logprobs)] per prompt."""
     pol = load_policy(path, dtype=dtype, device=device)
-    engine = Engine(pol.model, EngineConfig(max_batch_size=8, max_queue=16, max_context=256), pol.eos_id,
-                    pol.decode, pol.version).start()
-    try:
-        reqs = [engine.submit(Request(prompt=p, stream=False, spec=SamplingSpec(
-            temperature=0.0, max_new_tokens=n_new, logprobs=True))) for p in prompts]
-        for r in reqs:
-            ev = r.events.get(timeout=120)
-            assert isinstance(ev, DoneEvent) and ev.finish in (Finish.LENGTH, Finish.EOS), ev
-    finally:
-        engine.stop()
-    return [(r.seqs[0].out, r.seqs[0].logprobs) for r in reqs]
+    return helpers.engine_greedy(pol.model, prompts, pol.eos_id, n_new, max_batch_size=8)
 
 
 def hf_model(path, dtype: torch.dtype, device: str):

@@ -13,9 +13,9 @@ import torch
 import transformers as tf
 from transformers import AutoModelForCausalLM
 
-from serve.engine import DoneEvent, Engine, EngineConfig, Finish, Request, SamplingSpec
 from serve.model import (SUPPORTED, KVCache, StepLayout, args_from_hf_config, from_hf, num_parameters, pack_for_cpu,
                          sequence_logits)
+from tests.helpers import engine_greedy
 
 # prompt lengths 1..64 of the 16 concurrent requests
 PROMPT_LENS = (1, 2, 3, 5, 8, 11, 16, 19, 24, 29, 33, 40, 47, 53, 60, 64)
@@ -125,17 +125,7 @@ def test_packed_prefill_and_decode_logits_match_transformers(family):
 
 
 def _engine_greedy(m, prompts: list[list[int]], eos_id: int) -> list[tuple[list[int], list[float]]]:
-    engine = Engine(m, EngineConfig(max_batch_size=16, max_queue=16, max_context=128), eos_id,
-                    lambda ids: "", "test").start()
-    try:
-        reqs = [engine.submit(Request(prompt=p, stream=False, spec=SamplingSpec(
-            temperature=0.0, max_new_tokens=N_NEW, logprobs=True))) for p in prompts]
-        for r in reqs:
-            ev = r.events.get(timeout=120)
-            assert isinstance(ev, DoneEvent) and ev.finish in (Finish.LENGTH, Finish.EOS), ev
-    finally:
-        engine.stop()
-    return [(r.seqs[0].out, r.seqs[0].logprobs) for r in reqs]
+    return engine_greedy(m, prompts, eos_id, N_NEW, max_batch_size=16, max_context=128)
 
 
 def test_engine_greedy_equals_transformers_generate(family):
