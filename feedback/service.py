@@ -258,7 +258,7 @@ def _check_role(f: fb.Feedback) -> None:
     if src not in _SOURCE_LABELS:
         return   # not a defined kind at all: validation answers INVALID_ARGUMENT naming the field
     if src != _ROLE_SOURCES[role]:
-        raise PermissionError(f"role {role} may not submit {_SOURCE_LABELS.get(src, f'source kind {src}')} feedback")
+        raise PermissionError(f"role {role} may not submit {_SOURCE_LABELS[src]} feedback")
     if (role, kind) in (("client", "ranking"), ("labeler", "rating")):
         raise PermissionError(f"role {role} may not submit a {kind}")
 _SOURCE_LABELS = {v: fb.SourceKind.Name(v).removeprefix("SOURCE_KIND_").lower() for v in fb.SourceKind.values()}

@@ -38,6 +38,10 @@ def _response_key(r: fb.Response) -> str:
     return r.response_id or r.text
 
 
+_CHOICES = (fb.Comparison.CHOICE_A, fb.Comparison.CHOICE_B, fb.Comparison.CHOICE_TIE)
+"""The comparison outcomes that train (proto3 enums are open: anything else is ignored)."""
+
+
 def groups_from_records(records: list[bytes]) -> list[Group]:
     """Serialized FeedbackRecords, in stored order -> training groups. Comparisons and rankings in
     order, then the pairs from ratings (by rating group, in order of first appearance)."""
@@ -52,7 +56,7 @@ def groups_from_records(records: list[bytes]) -> list[Group]:
             a, b = _text(c.prompt, c.a), _text(c.prompt, c.b)
             if c.preferred == fb.Comparison.CHOICE_TIE:
                 out.append(Group((a, b), tie=True, event_id=rec.event_id, prompt=c.prompt))
-            elif c.preferred in (fb.Comparison.CHOICE_A, fb.Comparison.CHOICE_B):   # nothing else trains
+            elif c.preferred in _CHOICES:   # A or B here; an undefined value trains nothing
                 out.append(Group((a, b) if c.preferred == fb.Comparison.CHOICE_A else (b, a),
                                  event_id=rec.event_id, prompt=c.prompt))
         elif kind == "ranking":
@@ -71,9 +75,6 @@ def groups_from_records(records: list[bytes]) -> list[Group]:
             else:
                 out.append(Group((a, b) if va > vb else (b, a), event_id=f"{ea}+{eb}", prompt=prompt))
     return out
-
-
-_CHOICES = (fb.Comparison.CHOICE_A, fb.Comparison.CHOICE_B, fb.Comparison.CHOICE_TIE)
 
 
 class GroupCounter:
