@@ -46,6 +46,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 folds, a quarter epoch each")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--save-diffs", type=Path, default=None,
+                    help="write each pair's held-out score difference (chosen - rejected), in file order, "
+                         "as a JSON list: lets ensembles of runs be scored afterwards")
     ap.add_argument("rm_flags", nargs="*", help="flags for train.rm_train's config (after --)")
     a = ap.parse_args()
     import torch
@@ -60,6 +63,7 @@ def main() -> None:
         cfg = replace(cfg, epochs=0.25)
     pairs = read_pairs(cfg.data if cfg.data else HH_PAIRS)
     right, per_fold, minutes = [], [], []
+    diffs = [0.0] * len(pairs)
     for f, test_idx in enumerate(folds_by_prompt(pairs, k)):
         held = set(test_idx)
         tr = [p for i, p in enumerate(pairs) if i not in held]
@@ -70,12 +74,16 @@ def main() -> None:
         from train.rm_eval import score_texts
         s = score_texts(rm, tok, [t for p in te for t in p])
         r = ((s[0::2] > s[1::2]).float() + 0.5 * (s[0::2] == s[1::2]).float()).tolist()
+        for i, d in zip(test_idx, (s[0::2] - s[1::2]).tolist()):
+            diffs[i] = d
         right += r
         per_fold.append(sum(r) / len(r))
         print(f"[rm_cv] fold {f + 1}/{k}: {per_fold[-1]:.3f} on {len(te)} pairs ({minutes[-1]:.1f} min)",
               file=sys.stderr, flush=True)
         del rm
         torch.manual_seed(0)
+    if a.save_diffs:
+        a.save_diffs.write_text(json.dumps(diffs))
     acc = sum(right) / len(right)
     se = math.sqrt(acc * (1 - acc) / len(right))
     print(json.dumps({"bench": "rm_cv", "quick": a.quick, "folds": k, "pairs": len(right), "accuracy": acc, "se": se,

@@ -56,6 +56,17 @@ def test_fit_bt_scale_hand_computed():
     assert R.fit_bt_scale(torch.tensor([1.0, -1.0]), l2=0.0) == 0.0     # no signal: no weight
 
 
+def test_fit_bt_two_features_hand_computed():
+    # each feature is non-zero on its own rows, so the fit splits into two one-feature fits; each
+    # has 2 margins of +1 and 1 of -1: sigmoid(w) = 2/3, w = log 2 (mean over all rows: same zero)
+    d = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, -1.0]])
+    assert torch.allclose(R.fit_bt(d, l2=0.0), torch.full((2,), math.log(2), dtype=torch.float64), atol=1e-9)
+    d = torch.tensor([[1.0, 1.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -2.0]])   # correlated: the fit's gradient is 0
+    w = R.fit_bt(d, l2=0.1)
+    grad = d.double().T @ (1 - torch.sigmoid(d.double() @ w)) / 4 - 0.1 * w
+    assert grad.abs().max() < 1e-9
+
+
 def test_gae_with_gamma_lambda_1_is_reward_to_go_minus_value():
     rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
     values = torch.tensor([[0.3, 0.2, 0.1, 9.0], [1.0, 2.0, 7.0, 7.0]])

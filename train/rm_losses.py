@@ -54,18 +54,25 @@ def expected_calibration_error(r_w: torch.Tensor, r_l: torch.Tensor, bins: int =
     return ece
 
 
-def fit_bt_scale(d: torch.Tensor, l2: float = 1e-3, iters: int = 50) -> float:
-    """The w maximising mean(log sigmoid(w * d)) - l2/2 * w^2 for (N,) feature margins d
-    (chosen minus rejected): a one-feature Bradley-Terry model, fitted by Newton's method
-    (the objective is concave). Used to start the RM's relevance weight where the data says."""
+def fit_bt(d: torch.Tensor, l2: float = 1e-3, iters: int = 50) -> torch.Tensor:
+    """The (F,) w maximising mean(log sigmoid(d @ w)) - l2/2 * |w|^2 for (N, F) feature margins d
+    (chosen minus rejected): a linear Bradley-Terry model (ridge-regularised logistic regression
+    without intercept), fitted by Newton's method (the objective is concave; F is small enough for
+    an (F, F) Hessian). Used to start the RM's frozen-feature prior where the data says."""
     d = d.double()
-    w = torch.zeros((), dtype=torch.float64)
+    w = torch.zeros(d.shape[1], dtype=torch.float64)
+    eye = torch.eye(d.shape[1], dtype=torch.float64)
     for _ in range(iters):
-        p = torch.sigmoid(w * d)
-        grad = (d * (1 - p)).mean() - l2 * w
-        hess = -(d * d * p * (1 - p)).mean() - l2
-        step = grad / hess
+        p = torch.sigmoid(d @ w)                                            # (N,)
+        grad = d.T @ (1 - p) / len(d) - l2 * w                              # (F,)
+        hess = -(d.T * (p * (1 - p))) @ d / len(d) - l2 * eye               # (F, F)
+        step = torch.linalg.solve(hess, grad)
         w = w - step
-        if step.abs() < 1e-10:
+        if step.abs().max() < 1e-10:
             break
-    return float(w)
+    return w
+
+
+def fit_bt_scale(d: torch.Tensor, l2: float = 1e-3, iters: int = 50) -> float:
+    """fit_bt for one (N,) feature margin: the scalar w."""
+    return float(fit_bt(d[:, None], l2, iters)[0])
