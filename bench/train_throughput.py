@@ -136,7 +136,7 @@ def ours_ppo(iterations: int, rollouts: int) -> dict:
     policy, ref = GPT2LMHeadModel(cfg).eval(), GPT2LMHeadModel(cfg).eval()
     ref.load_state_dict(policy.state_dict())
     pcfg = PPOConfig(rollouts=rollouts, minibatch=8, ppo_epochs=4, max_new_tokens=24, lr=1e-5)
-    tr = PPOTrainer(policy, ref, build_critic(policy), pcfg, pad_id=0, eos_id=None)
+    tr = PPOTrainer(policy, ref, build_critic(policy), pcfg, pad_id=0, end_ids=None)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 4096, (32,), generator=g).tolist() for _ in range(64)]
     score = lambda ps, rs: torch.tensor([float(sum(t % 7 == 0 for t in r)) / len(r) for r in rs])  # noqa: E731

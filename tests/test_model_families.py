@@ -156,7 +156,7 @@ def test_one_ppo_iteration_runs_and_the_result_loads_in_plain_transformers(famil
     policy = copy.deepcopy(hf).train(False)
     ref = copy.deepcopy(hf)
     tr = PPOTrainer(policy, ref, build_critic(policy), PPOConfig(minibatch=4, ppo_epochs=1, max_new_tokens=5,
-                    value_warmup_epochs=0, lr=1e-3), pad_id=0, eos_id=hf.config.eos_token_id)
+                    value_warmup_epochs=0, lr=1e-3), pad_id=0, end_ids=hf.config.eos_token_id)
     before = [p.detach().clone() for p in policy.parameters()]
     prompts = _prompts(hf.config.vocab_size, (3, 9, 1, 17, 5, 12, 2, 30))
     score = lambda ps, rs: torch.tensor([float(len(r)) for r in rs])  # noqa: E731

@@ -26,7 +26,7 @@ def tiny(seed=1):
 
 def trainer(cfg: PPOConfig, ptx=None):
     policy, ref = tiny()
-    return PPOTrainer(policy, ref, build_critic(policy), cfg, pad_id=EOS, eos_id=EOS, ptx=ptx)
+    return PPOTrainer(policy, ref, build_critic(policy), cfg, pad_id=EOS, end_ids=EOS, ptx=ptx)
 
 
 def batch(n=8, seed=3):
@@ -63,6 +63,21 @@ def test_missing_eos_penalty_lowers_unfinished_responses_only(monkeypatch):
     s = tr.sample([[1, 2], [3, 4]], zeros, seed=0)          # the gates see the RM score and the stop apart
     assert s["scores"].tolist() == [0.0, 0.0] and s["ended"].tolist() == [1.0, 0.0]
     assert ppo_mod.ended([[EOS], [], [3, EOS, 4]], EOS).tolist() == [1.0, 0.0, 0.0]
+    assert ppo_mod.ended([[5, 7], [5, 9], [7, 5], [EOS]], (7, 9)).tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_rollouts_stop_at_any_end_of_turn_id_as_the_server_does():
+    """A chat model's turn ends at its template's end-of-turn token (Llama 3's <|eot_id|>, ChatML's
+    <|im_end|>) as well as at eos: rollouts stop there, and `ended` counts them as finished."""
+    policy, _ = tiny()
+    cfg = PPOConfig(max_new_tokens=12)
+    prompts = [[3, 4, 5], [6, 7, 8, 9]]
+    free = ppo_mod.generate(policy, prompts, cfg, None, seed=3, max_context=32)   # no stop at all
+    assert all(len(r) == 12 for r in free)
+    stop = [free[0][4], free[1][6]]       # same seed, same draws: each stops at its first such token
+    got = ppo_mod.generate(policy, prompts, cfg, stop, seed=3, max_context=32)
+    want = [r[:next(i for i, t in enumerate(r) if t in stop) + 1] for r in free]
+    assert got == want and ppo_mod.ended(got, stop).tolist() == [1.0, 1.0]
 
 
 def test_critic_has_its_own_optimiser_and_the_warmup_fits_the_returns():

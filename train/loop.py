@@ -52,7 +52,7 @@ from rlhf.v1 import models_pb2  # noqa: E402
 from . import dist, reward_model, rules  # noqa: E402
 from . import metrics as M  # noqa: E402
 from .feedback_groups import GroupCounter, groups_from_records  # noqa: E402
-from .ppo import PPOConfig, PPOTrainer, PtxBatches, build_critic, generate, load_ppo_state, ptx_sequences  # noqa: E402
+from .ppo import PPOConfig, PPOTrainer, PtxBatches, build_critic, ended, generate, load_ppo_state, ptx_sequences  # noqa: E402
 from .ppo import run as run_ppo  # noqa: E402
 from .ppo import save_ppo_state  # noqa: E402
 from .rm_eval import score_texts  # noqa: E402
@@ -150,6 +150,7 @@ class Models:
     rm_tok: object
     groups_seen: int = 0      # training groups when this version was trained (cadence bookkeeping)
     rm_best: str = ""         # the version whose RM was the best so far on held-out pairs
+    end_ids: tuple[int, ...] = ()   # a response ends at any of these: eos and the chat template's end of turn
 
 
 def load_policy_hf(path: Path):
@@ -159,6 +160,13 @@ def load_policy_hf(path: Path):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return policy.eval(), tok
+
+
+def policy_end_ids(path: Path, tok) -> tuple[int, ...]:
+    """Where the policy server stops a response for this folder (serve.loader.end_of_turn_ids):
+    rollouts stop, and count as ended, at the same tokens."""
+    from serve.loader import end_of_turn_ids
+    return end_of_turn_ids(tok, path, tok.eos_token_id)
 
 
 def write_version(policy, tok, rm, rm_tok, ppo: PPOTrainer | None = None):
@@ -191,7 +199,7 @@ def load_models(store: model_store.ModelStore, version: str, manifest: dict) -> 
     rm, rm_tok = reward_model.load(store.path(version) / "rm")
     seen = manifest.get("metrics", {})
     return Models(version, policy, tok, ref, rm, rm_tok, int(seen.get("groups_total", seen.get("feedback_events", 0))),
-                  manifest.get("rm_best", version))
+                  manifest.get("rm_best", version), policy_end_ids(store.path(version) / "policy", tok))
 
 
 # ---- data from the store ----
@@ -288,7 +296,7 @@ class Trainer:
         """PPO for the current version: its critic and KL beta come from the version's critic/
         when it has one (after a restart or a refused cycle), else the critic is built new."""
         tr = PPOTrainer(self.m.policy, self.m.ref, build_critic(self.m.policy, self.m.rm), self.cfg.ppo,
-                        self.m.tok.pad_token_id, self.m.tok.eos_token_id, ptx=self.ptx)
+                        self.m.tok.pad_token_id, self.m.end_ids, ptx=self.ptx)
         if load_ppo_state(tr, self.store.path(self.m.version)):
             log.info("critic and KL beta %.4f restored from %s", tr.kl_ctl.value, self.m.version)
         return tr
@@ -456,7 +464,7 @@ class Trainer:
     def _sample_reference(self, probe: list[list[int]]) -> tuple[list, list]:
         """The initial policy's samples on the first cycle's probe prompts: drawn once per trainer
         process (the same on every rank), rescored by each new RM to normalise it."""
-        resp = generate(self.m.ref, probe, self.cfg.ppo, self.m.tok.eos_token_id, self.cfg.seed,
+        resp = generate(self.m.ref, probe, self.cfg.ppo, self.m.end_ids, self.cfg.seed,
                         max(map(len, probe)) + self.cfg.ppo.max_new_tokens + 1)
         return probe, resp
 
@@ -467,9 +475,9 @@ class Trainer:
 
     def _texts(self, prompts: list[list[int]], responses: list[list[int]]) -> list[str]:
         """The RM's texts of token-level samples; a response without its EOS is marked truncated."""
-        tok, eos = self.m.tok, self.m.tok.eos_token_id
+        tok, done = self.m.tok, ended(responses, self.m.end_ids)
         return [rm_text(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True),
-                        truncated=not (r and r[-1] == eos)) for p, r in zip(prompts, responses)]
+                        truncated=not d) for p, r, d in zip(prompts, responses, done.tolist())]
 
     def _raw_scorer(self, rm):
         return lambda prompts, responses: score_texts(rm, self.m.rm_tok, self._texts(prompts, responses))

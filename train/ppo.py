@@ -38,7 +38,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -221,9 +221,10 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int | None, seed: int,
+def generate(policy, prompts: list[list[int]], cfg: PPOConfig, end_ids: Iterable[int] | int | None, seed: int,
              max_context: int) -> list[list[int]]:
-    """Samples one response per prompt with serve.engine (the serving code path)."""
+    """Samples one response per prompt with serve.engine (the serving code path); a response stops
+    at any of end_ids (eos and the chat template's end-of-turn tokens, as the policy server's)."""
     from serve.engine import DoneEvent, Engine, EngineConfig, Request, SamplingSpec
     from serve.model import from_hf
     if not prompts:
@@ -231,7 +232,7 @@ def generate(policy, prompts: list[list[int]], cfg: PPOConfig, eos_id: int | Non
     model = from_hf(dist.unwrap(policy))
     ecfg = EngineConfig(max_batch_size=min(64, len(prompts)), max_queue=len(prompts) + 1,
                         max_context=max_context)
-    engine = Engine(model, ecfg, eos_id, decode=lambda ids: "", model_version="rollout").start()
+    engine = Engine(model, ecfg, end_ids, decode=lambda ids: "", model_version="rollout").start()
     try:
         reqs = [engine.submit(Request(prompt=p, stream=False, spec=SamplingSpec(
             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed * 100_003 + i)))
@@ -280,17 +281,19 @@ def ptx_sequences(texts: list[str], tok, length: int) -> list[list[int]]:
     return [ids[:length] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
 
-def ended(responses: list[list[int]], eos_id: int | None) -> torch.Tensor:
-    """(B,) 1.0 where a response ended with the EOS token (the engine stops there), else 0."""
-    return torch.tensor([float(eos_id is not None and len(r) > 0 and r[-1] == eos_id) for r in responses])
+def ended(responses: list[list[int]], end_ids: Iterable[int] | int | None) -> torch.Tensor:
+    """(B,) 1.0 where a response ended with one of end_ids (the engine stops there), else 0."""
+    from serve.engine import end_id_set
+    ends = end_id_set(end_ids)
+    return torch.tensor([float(len(r) > 0 and r[-1] in ends) for r in responses])
 
 
 class PPOTrainer:
     """Holds policy, reference, critic, their optimisers and the KL controller across iterations."""
 
-    def __init__(self, policy, ref, critic: ValueModel, cfg: PPOConfig, pad_id: int, eos_id: int | None,
-                 ptx: PtxBatches | None = None):
-        self.cfg, self.pad_id, self.eos_id, self.ptx = cfg, pad_id, eos_id, ptx
+    def __init__(self, policy, ref, critic: ValueModel, cfg: PPOConfig, pad_id: int,
+                 end_ids: Iterable[int] | int | None, ptx: PtxBatches | None = None):
+        self.cfg, self.pad_id, self.end_ids, self.ptx = cfg, pad_id, end_ids, ptx
         self.policy, self.ref, self.critic = policy, ref.eval(), critic
         for p in self.ref.parameters():
             p.requires_grad_(False)
@@ -307,11 +310,11 @@ class PPOTrainer:
         missing-EOS penalty is taken off the scores here."""
         mine = dist.shard(prompts)
         max_ctx = max(len(p) for p in prompts) + self.cfg.max_new_tokens + 1
-        resp = generate(self.policy, mine, self.cfg, self.eos_id, seed * 1000 + dist.rank(), max_ctx)
+        resp = generate(self.policy, mine, self.cfg, self.end_ids, seed * 1000 + dist.rank(), max_ctx)
         scores = score_fn(mine, resp).float().tolist() if mine else []
         rows = dist.all_gather_list(list(zip(mine, resp, scores)))
         ro = pack([r[0] for r in rows], [r[1] for r in rows], self.pad_id)
-        done = ended(ro.responses, self.eos_id)
+        done = ended(ro.responses, self.end_ids)
         ro.scores = torch.tensor([r[2] for r in rows]) - self.cfg.missing_eos_penalty * (1 - done)
         return ro
 
@@ -429,7 +432,7 @@ class PPOTrainer:
         self.kl_ctl.update(kl, len(prompts))
         out = {"reward": float(ro.scores.mean()), "kl": kl, "kl_exact": float(a["kl_exact_seq"].mean()),
                "entropy": float(a["entropy"]), "kl_coef": beta, "explained_variance": ev,
-               "eos_rate": float(ended(ro.responses, self.eos_id).mean()),
+               "eos_rate": float(ended(ro.responses, self.end_ids).mean()),
                "response_tokens": float(ro.mask.sum(1).mean()), **extra, **up}
         if not all(math.isfinite(v) for v in out.values()):
             out["nan"] = 1.0
@@ -442,7 +445,7 @@ class PPOTrainer:
         each ended with EOS. For the trainer's normalisation and its gates."""
         ro = self.rollout(prompts, score_fn, seed)
         lp = self.logprobs_and_kl(ro)
-        done = ended(ro.responses, self.eos_id)
+        done = ended(ro.responses, self.end_ids)
         return {"scores": ro.scores + self.cfg.missing_eos_penalty * (1 - done), "kl": lp["kl_exact"].sum(1),
                 "ended": done, "responses": ro.responses}
 
