@@ -66,15 +66,44 @@ def _submit_mix(stub, n, acked):
         acked.add(r.event_id)
 
 
-def _consume_all(bootstrap, db, group, expect, timeout=60.0):
+def _consume_all(bootstrap, db, group, expect, timeout=60.0, to_the_end=False):
+    """A consumer in a new group until `expect` is stored (and, with to_the_end, nothing is left
+    unread in the topics)."""
     c = FeedbackConsumer(ConsumerConfig(db=db, bootstrap=bootstrap, group=group, max_batch=50))
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and not expect <= set(c.store.event_ids()):
+        while time.monotonic() < deadline and not (expect <= set(c.store.event_ids())
+                                                   and (not to_the_end or c.lag() == 0)):
             c.poll_once()
         return set(c.store.event_ids()), c.store.count()
     finally:
         c.close()
+
+
+def _keys_in_topic(bootstrap, topic) -> list[bytes]:
+    """Every record key in the topic, read from the start by a consumer outside any group."""
+    from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
+    try:
+        parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
+        c.assign(parts)
+        c.seek_to_beginning(*parts)
+        ends = c.end_offsets(parts)
+        keys = []
+        while any(c.position(tp) < ends[tp] for tp in parts):
+            for recs in c.poll(timeout_ms=1000).values():
+                keys += [r.key for r in recs]
+        return keys
+    finally:
+        c.close()
+
+
+def _duplicates_counted() -> float:
+    from prometheus_client import REGISTRY
+    v = REGISTRY.get_sample_value("rlhf_feedback_duplicates_total")
+    if v is None:
+        raise KeyError("rlhf_feedback_duplicates_total is not registered")
+    return v
 
 
 def test_events_arrive_exactly_once(feedback_service, kafka_broker, acked_event_ids, tmp_path):
@@ -93,10 +122,19 @@ def test_events_arrive_exactly_once(feedback_service, kafka_broker, acked_event_
     assert all(r.code == 0 for r in results)
     mine |= {r.event_id for r in results}
     acked_event_ids |= mine
-    ids, count = _consume_all(kafka_broker, tmp_path / "store.db", f"g-{uuid.uuid4().hex}", acked_event_ids)
+    keys = _keys_in_topic(kafka_broker, topics.FEEDBACK)
+    assert keys.count(dup.event_id.encode()) == 2           # at least once: the retry reached the topic
+    dups_before = _duplicates_counted()
+    ids, count = _consume_all(kafka_broker, tmp_path / "store.db", f"g-{uuid.uuid4().hex}", acked_event_ids,
+                              to_the_end=True)
     assert acked_event_ids <= ids
     assert count == len(ids)   # one row per event id
     assert len(mine) == 81
+    # exactly once in the store: the consumer saw every repeated key of the topic and skipped it
+    # (over the stored ids: a record that was dead-lettered is no duplicate)
+    stored_keys = [k for k in keys if k is not None and k.decode() in ids]
+    repeats = len(stored_keys) - len(set(stored_keys))
+    assert repeats >= 1 and _duplicates_counted() - dups_before == repeats
     # the stored records are complete FeedbackRecords
     store = FeedbackStore(tmp_path / "store.db")
     recs = [fb.FeedbackRecord.FromString(b) for _, b in store.records()]
