@@ -1,5 +1,5 @@
-"""Protobuf <-> engine conversions and request validation: the one place the policy server
-touches message types. Validation errors name the field (returned as INVALID_ARGUMENT)."""
+"""Protobuf -> engine conversions and request validation for the policy server (the replies are
+built where they are streamed, in server.py). Validation errors name the field (returned as INVALID_ARGUMENT)."""
 from __future__ import annotations
 
 import random

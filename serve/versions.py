@@ -7,7 +7,7 @@ The model-updates topic only says "a version exists"; the model store is the tru
      and compatibility with what is served (e.g. the same tokenizer);
   4. swap: the server's `apply` (the policy engine drains its batch and swaps between steps; the
      RM server swaps a reference between requests).
-A version that fails 1-3 is refused (a log line, rlhf_<server>_versions_refused_total) and the
+A version that fails 1-3 is refused (a log line, rlhf_<server>_version_events_total{result="refused"}) and the
 current one keeps serving. Admin: list, pin (serve this version, ignore updates), unpin, roll back.
 """
 from __future__ import annotations
@@ -122,11 +122,18 @@ class VersionManager:
         return self.current
 
     def rollback(self) -> ServedModel:
-        """Back to the version served before the current one, pinned (so updates do not undo it)."""
-        prev = [v for v in self.history if v != self.current.version]
-        if not prev:
+        """Back to the version served before the current one, pinned (so updates do not undo it).
+        The version rolled back from leaves the history: a second rollback goes one further back
+        (v0 v1 v2 -> v1 -> v0), not forth again to v2."""
+        back = list(self.history)
+        while back and back[-1] == self.current.version:
+            back.pop()
+        if not back:
             raise Refused(f"nothing to roll back to: {self.current.version} is the only version served")
-        return self.pin(prev[-1])
+        new = self.pin(back[-1])
+        with self.lock:
+            self.history = back     # ends with the version now served
+        return new
 
     def list(self) -> list[dict]:
         out = []

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m train.loop ...      (gloo for CPU tensors, nccl for CUDA tensors)
 
 Data parallelism only (DDP): each rank takes its shard of every global batch, gradients are
-averaged by DDP. Losses are sums over the shard divided by the *global* count (see `global_count`),
+averaged by DDP. Losses are sums over the shard divided by the *global* count (the callers divide by the global batch size, `global_sum` for a count that varies by rank),
 so the averaged gradient equals the single-process gradient of the same global batch.
 """
 from __future__ import annotations
