@@ -289,3 +289,24 @@ def test_a_hot_swap_to_another_chat_template_is_refused(tiny_qwen2):
     cand.tokenizer.chat_template = CHATML.replace("You are a helpful assistant.", "You are terse.")
     with pytest.raises(Refused, match="chat template differs"):
         policy_canary(cand, served)
+
+
+def test_rollout_texts_for_the_rm_match_what_served_feedback_quotes(tiny_qwen2):
+    """The trainer scores its rollouts with the RM on the same text the served feedback carries: the
+    rendered chat prompt with its special tokens, the response without its end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    from serve.loader import end_of_turn_ids
+    from train.loop import rollout_rm_texts
+    from train.rm_update import rm_text
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2, local_files_only=True)
+    ends = end_of_turn_ids(tok, tiny_qwen2, tok.eos_token_id)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    served_prompt = tok.apply_chat_template([{"role": "user", "content": "how do I pick a lock?"}],
+                                            add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>" in served_prompt
+    prompt = tok.encode(served_prompt, add_special_tokens=False)   # as the trainer encodes served prompts
+    answer = tok.encode("I can't help with that", add_special_tokens=False)
+    got = rollout_rm_texts(tok, [prompt, prompt], [answer + [im_end], answer], ends)
+    assert got[0] == rm_text(served_prompt, tok.decode(answer))
+    assert got[1] == rm_text(served_prompt, tok.decode(answer), truncated=True)

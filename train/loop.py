@@ -162,6 +162,16 @@ def load_policy_hf(path: Path):
     return policy.eval(), tok
 
 
+def rollout_rm_texts(tok, prompts: list[list[int]], responses: list[list[int]], end_ids) -> list[str]:
+    """The RM's texts of token-level samples, as the RM sees served feedback: the prompt decoded
+    with its special tokens (a chat prompt is the template's rendering, e.g. "<|im_start|>user...",
+    and the served prompt text the feedback quotes keeps them), the response without them; a
+    response that did not reach one of end_ids is marked truncated."""
+    done = ended(responses, end_ids)
+    return [rm_text(tok.decode(p, skip_special_tokens=False), tok.decode(r, skip_special_tokens=True),
+                    truncated=not d) for p, r, d in zip(prompts, responses, done.tolist())]
+
+
 def policy_end_ids(path: Path, tok) -> tuple[int, ...]:
     """Where the policy server stops a response for this folder (serve.loader.end_of_turn_ids):
     rollouts stop, and count as ended, at the same tokens."""
@@ -474,10 +484,7 @@ class Trainer:
         return rules.normalisation(self._raw_scorer(rm)(probe, resp))
 
     def _texts(self, prompts: list[list[int]], responses: list[list[int]]) -> list[str]:
-        """The RM's texts of token-level samples; a response without its EOS is marked truncated."""
-        tok, done = self.m.tok, ended(responses, self.m.end_ids)
-        return [rm_text(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True),
-                        truncated=not d) for p, r, d in zip(prompts, responses, done.tolist())]
+        return rollout_rm_texts(self.m.tok, prompts, responses, self.m.end_ids)
 
     def _raw_scorer(self, rm):
         return lambda prompts, responses: score_texts(rm, self.m.rm_tok, self._texts(prompts, responses))
