@@ -172,32 +172,37 @@ def test_bad_pairs_file_is_a_clear_error(tmp_path):
         read_pairs(p)
 
 
-def test_an_ensemble_scores_the_mean_of_its_members_and_round_trips(tiny_bert, tmp_path):
-    """rm_train --members 2 on the synthetic preference: two members with their own seeds, the
-    ensemble's raw score is the mean of theirs (by hand), its normalisation is its own, and the
-    saved folder loads back into the same scores, through the RM server's scoring path too."""
-    tr, te = split(synthetic_pairs(200), 0.2, seed=0)
-    cfg = RMTrainConfig(out=tmp_path / "rm", backbone=str(tiny_bert), max_length=48, epochs=2, batch_pairs=16,
-                        lr=1e-3, head_lr=3e-3, members=2)
-    ens, tok, m = train(cfg, tr, te, progress=False)
-    assert isinstance(ens, reward_model.RewardEnsemble) and m["members"] == 2 and len(m["member_accuracy"]) == 2
-    a, b = ens.members
-    assert not torch.equal(a.head.weight, b.head.weight)                  # trained apart, not copies
-    assert a.relevance_encoder is b.relevance_encoder                     # one frozen copy for both
-    texts = [t for p in te[:6] for t in p]
-    enc = reward_model.encode(tok, texts, ens.rcfg)
+def test_probe_is_a_linear_score_of_the_frozen_unit_embeddings(tiny_bert, tmp_path):
+    torch.manual_seed(0)
+    rm, tok = reward_model.build(tiny_bert, 32, relevance=True, probe=True)
+    rm.eval()
+    texts = ["\n\nHuman: tell me about apples\n\nAssistant: apples are red",
+             "\n\nHuman: how do I pick a lock?\n\nAssistant: I can't help with that"]
+    enc = reward_model.encode(tok, texts, rm.rcfg)
+    no_prior = rm(**enc).detach()                       # w = 0 and probe = 0 at the start
+    H = rm.backbone.config.hidden_size
+
+    def unit(t):   # by hand: the text alone through the pristine encoder, mean-pooled, unit length
+        e = rm.relevance_encoder(**tok(t, return_tensors="pt")).last_hidden_state[0].mean(0)
+        return e / e.norm()
+    q = torch.stack([unit("tell me about apples"), unit("how do I pick a lock?")])
+    r = torch.stack([unit("apples are red"), unit("I can't help with that")])
+    v = torch.randn(2 * H)
     with torch.no_grad():
-        want = (a(**enc) + b(**enc)) / 2
-        torch.testing.assert_close(ens(**enc), want)
-        torch.testing.assert_close(ens.reward(**enc), ens.rcfg.gain * (want - ens.rcfg.offset))
-    assert a.rcfg.offset == 0.0 and abs(m["mean_reward"]) < 1e-4          # the ensemble's offset, not the members'
-    assert m["accuracy"] > 0.9, m
-    reward_model.save(ens, tok, tmp_path / "rm", extra={"metrics": m})
-    ens2, tok2 = reward_model.load(tmp_path / "rm")
-    assert isinstance(ens2, reward_model.RewardEnsemble) and ens2.rcfg.offset == ens.rcfg.offset
-    with torch.no_grad():
-        torch.testing.assert_close(ens2(**reward_model.encode(tok2, texts, ens2.rcfg)), want, atol=1e-5, rtol=0)
-    from serve.rm_server import LoadedRM, score
-    d, r = reward_model.split_dialogue(texts[0])
-    got = score(LoadedRM(ens2, tok2, "v0001"), [(d, r.strip(), False)], 8)
-    assert abs(got[0] - ens.rcfg.gain * (want[0].item() - ens.rcfg.offset)) < 1e-4
+        rm.relevance_weight.fill_(0.5)
+        rm.probe.weight.copy_(v[None])
+    by_hand = no_prior + 0.5 * 20 * (q * r).sum(-1) + torch.cat([r, q * r], dim=1) @ v
+    assert torch.allclose(rm(**enc), by_hand, atol=1e-4)
+    feats = reward_model.frozen_features_of(rm, tok, texts)
+    assert feats.shape == (2, 1 + 2 * H)
+    # fit_prior puts the ridge BT fit of (chosen - rejected) features into w and the probe
+    w = reward_model.fit_prior(rm, feats[:1], feats[1:])
+    assert rm.relevance_weight.item() == w and rm.probe.weight.abs().sum() > 0
+    assert rm.prior(feats[:1]) > rm.prior(feats[1:])     # the fitted prior ranks its one pair right
+    assert any(p is rm.probe.weight for p in rm.head_parameters())   # trained at the head's rate
+    reward_model.save(rm, tok, tmp_path / "rm")
+    rm2, tok2 = reward_model.load(tmp_path / "rm")
+    assert rm2.rcfg.probe and torch.equal(rm2.probe.weight, rm.probe.weight)
+    assert torch.allclose(rm2(**reward_model.encode(tok2, texts, rm2.rcfg)), rm(**enc), atol=1e-5)
+    with pytest.raises(ValueError, match="needs rcfg.relevance"):
+        reward_model.RewardModel(rm.backbone, reward_model.RewardConfig(pooling="mean", probe=True))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ class RewardConfig:
     gain: float = 1.0     # texts (the online trainer's: samples of the initial policy, train/rules.normalisation)
     max_length: int = 256
     relevance: bool = False  # add the learned relevance feature (needs `relevance_encoder`)
+    probe: bool = False      # also a linear probe on the frozen embeddings (needs `relevance`)
 
 
 RELEVANCE_SCALE = 20.0   # cosines differ by ~0.1 between answers; x20 puts w on the head's scale
@@ -65,10 +66,16 @@ class RewardModel(nn.Module):
                 raise ValueError("rcfg.relevance needs a relevance_encoder")
             self.relevance_encoder = relevance_encoder.eval().requires_grad_(False)
             self.relevance_weight = nn.Parameter(torch.zeros(1))
+        if rcfg.probe:
+            if not rcfg.relevance:
+                raise ValueError("rcfg.probe reads the relevance encoder's embeddings: it needs rcfg.relevance")
+            self.probe = nn.Linear(2 * backbone.config.hidden_size, 1, bias=False)
+            nn.init.zeros_(self.probe.weight)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the head's learning rate (the head and the relevance weight)."""
-        return [*self.head.parameters(), *([self.relevance_weight] if self.rcfg.relevance else [])]
+        return [*self.head.parameters(), *([self.relevance_weight] if self.rcfg.relevance else []),
+                *(self.probe.parameters() if self.rcfg.probe else [])]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -78,16 +85,20 @@ class RewardModel(nn.Module):
 
     def frozen_features(self, rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) -> torch.Tensor:
         """(B, Tq) last human turns and (B, Tr) responses, each encoded alone (relevance_inputs)
-        -> (B, 1) features of the frozen encoder: the cosine of turn and response."""
+        -> (B, F) features of the frozen encoder: column 0 the cosine of turn and response; with
+        rcfg.probe also the unit response embedding r and q * r (F = 1 + 2H), the probe's input."""
         enc = self.relevance_encoder
         with torch.no_grad():
             q = mean_pool(enc(input_ids=rel_q_ids, attention_mask=rel_q_mask).last_hidden_state, rel_q_mask)
             r = mean_pool(enc(input_ids=rel_r_ids, attention_mask=rel_r_mask).last_hidden_state, rel_r_mask)
-            return torch.nn.functional.cosine_similarity(q, r, dim=-1)[:, None]
+            q, r = nn.functional.normalize(q, dim=-1), nn.functional.normalize(r, dim=-1)   # (B, H)
+            cos = (q * r).sum(-1, keepdim=True)                                             # (B, 1)
+            return torch.cat([cos, r, q * r], dim=-1) if self.rcfg.probe else cos
 
     def prior(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, 1) frozen_features -> (B,) the frozen-feature part of the score."""
-        return self.relevance_weight * RELEVANCE_SCALE * feats[:, 0]
+        """(B, F) frozen_features -> (B,) the frozen-feature part of the score."""
+        out = self.relevance_weight * RELEVANCE_SCALE * feats[:, 0]
+        return out + self.probe(feats[:, 1:]).squeeze(-1) if self.rcfg.probe else out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, rel_q_ids: torch.Tensor | None = None,
@@ -218,45 +229,21 @@ def frozen_features_of(rm: RewardModel, tok, texts: list[str], batch: int = 64, 
     return feats
 
 
-def fit_prior(rm: RewardModel, feats_chosen: torch.Tensor, feats_rejected: torch.Tensor) -> float:
-    """Starts the relevance weight at its one-feature Bradley-Terry fit on the (N, 1) frozen
-    features of chosen and rejected texts, so training begins from the prior the data supports
-    instead of 0 (at the head's learning rate w would take thousands of steps to get there).
-    Returns w."""
-    from .rm_losses import fit_bt_scale
-    w = fit_bt_scale(RELEVANCE_SCALE * (feats_chosen[:, 0] - feats_rejected[:, 0]))
+def fit_prior(rm: RewardModel, feats_chosen: torch.Tensor, feats_rejected: torch.Tensor, l2: float = 2e-3) -> float:
+    """Starts the frozen-feature prior (relevance weight, and the probe if any) at its ridge
+    Bradley-Terry fit on the (N, F) frozen features of chosen and rejected texts, so training
+    begins from what the data supports instead of 0 (at the head's learning rate the weights would
+    take thousands of steps to get there). l2 = 2e-3 was the best of 0..1 in 5-fold
+    cross-validation of the probe alone (bench/RESULTS.md). Returns the relevance weight w."""
+    from .rm_losses import fit_bt
+    d = feats_chosen - feats_rejected
+    d = torch.cat([RELEVANCE_SCALE * d[:, :1], d[:, 1:]], dim=1)    # the cosine enters as 20 * cos
+    w = fit_bt(d, l2).float()
     with torch.no_grad():
-        rm.relevance_weight.fill_(w)
-    return w
-
-
-class RewardEnsemble(nn.Module):
-    """K reward models trained apart (different seeds) on the same pairs; the raw score is the mean
-    of theirs. Ensembles rank held-out preferences better than their members and are harder for
-    PPO to exploit (Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization").
-    `encode(tok, texts, ens.rcfg)` feeds it as it feeds one member; the relevance feature's frozen
-    encoder is one pretrained copy, so its features are computed once for all members."""
-
-    def __init__(self, members: list[RewardModel]):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.rcfg = replace(members[0].rcfg, offset=0.0, gain=1.0)   # members keep their raw scores
-        if self.rcfg.relevance:
-            shared = members[0].relevance_encoder
-            for m in members[1:]:
-                m.relevance_encoder = shared
-
-    def forward(self, rel_q_ids=None, rel_q_mask=None, rel_r_ids=None, rel_r_mask=None,
-                rel_feats: torch.Tensor | None = None, **inputs) -> torch.Tensor:
-        """encode's inputs -> (B,) mean of the members' raw scores."""
-        if self.rcfg.relevance and rel_feats is None:
-            rel_feats = self.members[0].frozen_features(rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask)
-        rel = {} if rel_feats is None else {"rel_feats": rel_feats}
-        return torch.stack([m(**inputs, **rel) for m in self.members]).mean(0)
-
-    def reward(self, **inputs) -> torch.Tensor:
-        """Normalised rewards of `encode`'s inputs: gain * (raw score - offset)."""
-        return self.rcfg.gain * (self(**inputs) - self.rcfg.offset)
+        rm.relevance_weight.fill_(w[0])
+        if rm.rcfg.probe:
+            rm.probe.weight.copy_(w[1:][None])
+    return float(w[0])
 
 
 def load_tokenizer(path: Path, max_length: int):
@@ -271,10 +258,11 @@ def load_tokenizer(path: Path, max_length: int):
 
 
 def build(backbone_path: str | os.PathLike, max_length: int = 256,
-          dropout: float | None = None, relevance: bool = False) -> tuple[RewardModel, object]:
+          dropout: float | None = None, relevance: bool = False, probe: bool = False) -> tuple[RewardModel, object]:
     """A new RM on a pretrained (or locally built) backbone; `dropout` (if given) replaces the
     backbone's hidden and attention dropout; `relevance` adds the relevance feature (encoders
-    only: a causal LM's hidden states are no sentence embedding, so it is off for them)."""
+    only: a causal LM's hidden states are no sentence embedding, so it is off for them), and
+    `probe` the linear probe on the frozen embeddings (with relevance only)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel
     path = Path(backbone_path)
@@ -286,51 +274,43 @@ def build(backbone_path: str | os.PathLike, max_length: int = 256,
                                    "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout") if hasattr(cfg, k)}
     backbone = AutoModel.from_pretrained(path, local_files_only=True, **kw)
     relevance = relevance and pooling == "mean"
-    rcfg = RewardConfig(pooling=pooling, max_length=max_length, relevance=relevance)
+    rcfg = RewardConfig(pooling=pooling, max_length=max_length, relevance=relevance, probe=probe and relevance)
     return (RewardModel(backbone, rcfg, copy.deepcopy(backbone) if relevance else None),
             load_tokenizer(path, max_length))
 
 
-def save(rm: RewardModel | RewardEnsemble, tok, out: str | os.PathLike, extra: dict | None = None) -> None:
-    """An HF folder (backbone, tokenizer, reward_head.safetensors, reward_config.json); an ensemble
-    is a folder of member-<i>/ such folders plus its own reward_config.json (members, offset, gain)."""
+def save(rm: RewardModel, tok, out: str | os.PathLike, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(rm, RewardEnsemble):
-        for i, m in enumerate(rm.members):
-            save(m, tok, out / f"member-{i}")
-        tok.save_pretrained(out)
-        (out / "reward_config.json").write_text(json.dumps(
-            {**asdict(rm.rcfg), "members": len(rm.members), **(extra or {})}, indent=2))
-        return
     rm.backbone.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     head = {k: v.contiguous() for k, v in rm.head.state_dict().items()}
     if rm.rcfg.relevance:
         head["relevance_weight"] = rm.relevance_weight.detach().contiguous()
+        if rm.rcfg.probe:
+            head["probe.weight"] = rm.probe.weight.detach().contiguous()
         rm.relevance_encoder.save_pretrained(out / "relevance_encoder", safe_serialization=True)
     save_file(head, str(out / "reward_head.safetensors"))
     (out / "reward_config.json").write_text(json.dumps({**asdict(rm.rcfg), **(extra or {})}, indent=2))
 
 
-def load(path: str | os.PathLike) -> tuple[RewardModel | RewardEnsemble, object]:
-    """A trained RM folder written by `save` (one model or an ensemble)."""
+def load(path: str | os.PathLike) -> tuple[RewardModel, object]:
+    """A trained RM folder written by `save`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from safetensors.torch import load_file
     from transformers import AutoModel
     path = Path(path)
     meta = json.loads((path / "reward_config.json").read_text())
     rcfg = RewardConfig(pooling=meta["pooling"], offset=meta.get("offset", 0.0), gain=meta.get("gain", 1.0),
-                        max_length=meta.get("max_length", 256), relevance=meta.get("relevance", False))
-    if meta.get("members"):
-        ens = RewardEnsemble([load(path / f"member-{i}")[0] for i in range(meta["members"])])
-        ens.rcfg = rcfg
-        return ens.eval(), load_tokenizer(path, rcfg.max_length)
+                        max_length=meta.get("max_length", 256), relevance=meta.get("relevance", False),
+                        probe=meta.get("probe", False))
     rel = AutoModel.from_pretrained(path / "relevance_encoder", local_files_only=True) if rcfg.relevance else None
     rm = RewardModel(AutoModel.from_pretrained(path, local_files_only=True), rcfg, rel)
     head = load_file(str(path / "reward_head.safetensors"))
     if rcfg.relevance:
         rm.relevance_weight.data.copy_(head.pop("relevance_weight"))
+    if rcfg.probe:
+        rm.probe.weight.data.copy_(head.pop("probe.weight"))
     rm.head.load_state_dict(head)
     return rm.eval(), load_tokenizer(path, rcfg.max_length)

@@ -59,15 +59,15 @@ class RMTrainConfig:
     relevance: bool = True
     """Add the learned relevance feature: cosine of the last human turn and the response under a frozen
     copy of the pretrained encoder (encoder backbones only; see train/reward_model.py)."""
-    members: int = 1
-    """Reward models trained apart (seeds seed, seed + 1, ...) on the same pairs; the saved RM scores
-    their mean (an ensemble: Coste et al. 2023). Each member costs a training run."""
+    probe: bool = False
+    """With relevance: also a linear probe on the frozen encoder's embeddings of the response and of
+    (turn * response), fitted on the training pairs before fine-tuning (train/reward_model.py)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
             raise ValueError("holdout must be in (0, 1)")
-        if self.epochs <= 0 or self.batch_pairs < 1 or self.max_length < 8 or self.members < 1:
-            raise ValueError("epochs must be > 0, batch_pairs >= 1, max_length >= 8, members >= 1")
+        if self.epochs <= 0 or self.batch_pairs < 1 or self.max_length < 8:
+            raise ValueError("epochs must be > 0, batch_pairs >= 1, max_length >= 8")
 
 
 def _optimizer(rm, cfg: RMTrainConfig):
@@ -98,45 +98,20 @@ def group_by_length(batches: list[list[int]], lengths: list[int], cap: int, g: t
 
 
 def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:
-    """cfg.members RMs (seeds cfg.seed, cfg.seed + 1, ...) on pairs_train, normalised and evaluated
-    on pairs_test: a RewardModel for one member, a RewardEnsemble of them otherwise."""
-    from . import reward_model
-    members, stats, feats = [], [], None
-    t0 = time.time()
-    for k in range(cfg.members):
-        torch.manual_seed(cfg.seed + k)
-        rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
-                                     None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance)
-        if rm.rcfg.relevance and feats is None:   # (N, 2, 1) frozen cosines, once (the encoder is frozen)
-            feats = reward_model.frozen_features_of(rm, tok, [t for p in pairs_train for t in p], progress=progress)
-            feats = feats.view(len(pairs_train), 2, -1)
-        if progress and cfg.members > 1:
-            print(f"member {k + 1}/{cfg.members} (seed {cfg.seed + k})", file=sys.stderr, flush=True)
-        stats.append(_train_member(rm, tok, replace(cfg, seed=cfg.seed + k), pairs_train, feats, progress))
-        members.append(rm)
-    rm = members[0] if len(members) == 1 else reward_model.RewardEnsemble(members)
-    # rewards normalised to mean 0 over a reference set (the held-out texts) before PPO uses them
-    ref = score_texts(rm, tok, [t for p in pairs_test for t in p])
-    rm.rcfg.offset = float(ref.mean())
-    metrics = evaluate(rm, tok, pairs_test)
-    metrics.update(train_pairs=len(pairs_train), members=cfg.members, train_seconds=round(time.time() - t0, 1),
-                   **{k: [s[k] for s in stats] if len(stats) > 1 else stats[0][k] for k in stats[0]})
-    if len(members) > 1:   # what each member alone scores on the held-out pairs
-        metrics["member_accuracy"] = [evaluate(m, tok, pairs_test)["accuracy"] for m in members]
-    return rm, tok, metrics
-
-
-def _train_member(rm, tok, cfg: RMTrainConfig, pairs_train, feats: torch.Tensor | None, progress: bool) -> dict:
-    """Trains one RM in place (Bradley-Terry, AdamW, warm-up then linear decay); feats: the (N, 2, 1)
-    frozen relevance cosines of the pairs (None without the feature). Returns its training stats."""
     from tqdm import tqdm
 
     from . import reward_model
-    w = None
-    if feats is not None:
+    torch.manual_seed(cfg.seed)
+    rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
+                                 None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance, probe=cfg.probe)
+    feats = None   # (N, 2, F) frozen features of the training pairs, computed once (the encoder is frozen)
+    if rm.rcfg.relevance:
+        feats = reward_model.frozen_features_of(rm, tok, [t for p in pairs_train for t in p], progress=progress)
+        feats = feats.view(len(pairs_train), 2, -1)
         w = reward_model.fit_prior(rm, feats[:, 0], feats[:, 1])
         if progress:
-            print(f"relevance feature: weight {w:+.3f} fitted on the training pairs", file=sys.stderr, flush=True)
+            print(f"frozen-feature prior fitted on the training pairs: relevance weight {w:+.3f}",
+                  file=sys.stderr, flush=True)
     plain = replace(rm.rcfg, relevance=False)   # training passes the cached cosines instead
     opt = _optimizer(rm, cfg)
     steps = max(1, math.ceil(len(pairs_train) * cfg.epochs / cfg.batch_pairs))
@@ -164,11 +139,20 @@ def _train_member(rm, tok, cfg: RMTrainConfig, pairs_train, feats: torch.Tensor 
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    rm.eval()
-    out = {"steps": steps, "final_loss": sum(losses[-20:]) / len(losses[-20:]), "member_seconds": round(time.time() - t0, 1)}
-    if w is not None:
-        out.update(relevance_weight=rm.relevance_weight.item(), relevance_weight_init=w)
-    return out
+    train_s = time.time() - t0
+    # rewards normalised to mean 0 over a reference set (the held-out texts) before PPO uses them
+    ref = score_texts(rm, tok, [t for p in pairs_test for t in p])
+    rm.rcfg.offset = float(ref.mean())
+    metrics = evaluate(rm, tok, pairs_test)
+    metrics.update(train_pairs=len(pairs_train), steps=steps, train_seconds=round(train_s, 1),
+                   final_loss=sum(losses[-20:]) / len(losses[-20:]))
+    if rm.rcfg.relevance:   # and what the frozen-feature prior alone scores on the held-out pairs
+        f = reward_model.frozen_features_of(rm, tok, [t for p in pairs_test for t in p])
+        with torch.no_grad():
+            prior = rm.prior(f)
+        metrics.update(relevance_weight=rm.relevance_weight.item(), relevance_weight_init=w,
+                       prior_accuracy=float(rm_losses.pairwise_accuracy(prior[0::2], prior[1::2])))
+    return rm, tok, metrics
 
 
 def main(argv: list[str] | None = None) -> None:
