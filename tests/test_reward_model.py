@@ -98,10 +98,10 @@ def test_relevance_feature_is_the_frozen_encoders_cosine(tiny_bert, tmp_path):
         rm.relevance_weight.fill_(0.5)
     assert torch.allclose(rm(**enc), base + 0.5 * 20 * cos, atol=1e-5)
     # the cached path (rm_train computes the frozen cosines once) gives the same
-    cached = reward_model.frozen_features_of(rm, tok, texts[::-1] + texts, batch=3)   # length-sorted batches
-    assert cached.shape == (4, 1) and torch.allclose(cached[:, 0], torch.cat([cos.flip(0), cos]), atol=1e-5)
+    cached = reward_model.relevance_cosines(rm, tok, texts[::-1] + texts, batch=3)   # length-sorted batches
+    assert torch.allclose(cached, torch.cat([cos.flip(0), cos]), atol=1e-5)
     plain_enc = reward_model.encode(tok, texts, reward_model.RewardConfig(pooling="mean", max_length=32))
-    assert torch.allclose(rm(**plain_enc, rel_feats=cached[2:]), rm(**enc), atol=1e-5)
+    assert torch.allclose(rm(**plain_enc, rel_cos=cached[2:]), rm(**enc), atol=1e-5)
     # training moves the backbone and w, never the frozen copy; save/load keeps all of it
     frozen = {k: v.clone() for k, v in rm.relevance_encoder.state_dict().items()}
     opt = torch.optim.SGD([*rm.backbone.parameters(), *rm.head_parameters()], lr=0.1)
@@ -170,39 +170,3 @@ def test_bad_pairs_file_is_a_clear_error(tmp_path):
     p.write_text('{"chosen": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_pairs(p)
-
-
-def test_probe_is_a_linear_score_of_the_frozen_unit_embeddings(tiny_bert, tmp_path):
-    torch.manual_seed(0)
-    rm, tok = reward_model.build(tiny_bert, 32, relevance=True, probe=True)
-    rm.eval()
-    texts = ["\n\nHuman: tell me about apples\n\nAssistant: apples are red",
-             "\n\nHuman: how do I pick a lock?\n\nAssistant: I can't help with that"]
-    enc = reward_model.encode(tok, texts, rm.rcfg)
-    no_prior = rm(**enc).detach()                       # w = 0 and probe = 0 at the start
-    H = rm.backbone.config.hidden_size
-
-    def unit(t):   # by hand: the text alone through the pristine encoder, mean-pooled, unit length
-        e = rm.relevance_encoder(**tok(t, return_tensors="pt")).last_hidden_state[0].mean(0)
-        return e / e.norm()
-    q = torch.stack([unit("tell me about apples"), unit("how do I pick a lock?")])
-    r = torch.stack([unit("apples are red"), unit("I can't help with that")])
-    v = torch.randn(2 * H)
-    with torch.no_grad():
-        rm.relevance_weight.fill_(0.5)
-        rm.probe.weight.copy_(v[None])
-    by_hand = no_prior + 0.5 * 20 * (q * r).sum(-1) + torch.cat([r, q * r], dim=1) @ v
-    assert torch.allclose(rm(**enc), by_hand, atol=1e-4)
-    feats = reward_model.frozen_features_of(rm, tok, texts)
-    assert feats.shape == (2, 1 + 2 * H)
-    # fit_prior puts the ridge BT fit of (chosen - rejected) features into w and the probe
-    w = reward_model.fit_prior(rm, feats[:1], feats[1:])
-    assert rm.relevance_weight.item() == w and rm.probe.weight.abs().sum() > 0
-    assert rm.prior(feats[:1]) > rm.prior(feats[1:])     # the fitted prior ranks its one pair right
-    assert any(p is rm.probe.weight for p in rm.head_parameters())   # trained at the head's rate
-    reward_model.save(rm, tok, tmp_path / "rm")
-    rm2, tok2 = reward_model.load(tmp_path / "rm")
-    assert rm2.rcfg.probe and torch.equal(rm2.probe.weight, rm.probe.weight)
-    assert torch.allclose(rm2(**reward_model.encode(tok2, texts, rm2.rcfg)), rm(**enc), atol=1e-5)
-    with pytest.raises(ValueError, match="needs rcfg.relevance"):
-        reward_model.RewardModel(rm.backbone, reward_model.RewardConfig(pooling="mean", probe=True))

@@ -42,7 +42,6 @@ class RewardConfig:
     gain: float = 1.0     # texts (the online trainer's: samples of the initial policy, train/rules.normalisation)
     max_length: int = 256
     relevance: bool = False  # add the learned relevance feature (needs `relevance_encoder`)
-    probe: bool = False      # also a linear probe on the frozen embeddings (needs `relevance`)
 
 
 RELEVANCE_SCALE = 20.0   # cosines differ by ~0.1 between answers; x20 puts w on the head's scale
@@ -66,16 +65,10 @@ class RewardModel(nn.Module):
                 raise ValueError("rcfg.relevance needs a relevance_encoder")
             self.relevance_encoder = relevance_encoder.eval().requires_grad_(False)
             self.relevance_weight = nn.Parameter(torch.zeros(1))
-        if rcfg.probe:
-            if not rcfg.relevance:
-                raise ValueError("rcfg.probe reads the relevance encoder's embeddings: it needs rcfg.relevance")
-            self.probe = nn.Linear(2 * backbone.config.hidden_size, 1, bias=False)
-            nn.init.zeros_(self.probe.weight)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the head's learning rate (the head and the relevance weight)."""
-        return [*self.head.parameters(), *([self.relevance_weight] if self.rcfg.relevance else []),
-                *(self.probe.parameters() if self.rcfg.probe else [])]
+        return [*self.head.parameters(), *([self.relevance_weight] if self.rcfg.relevance else [])]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -83,33 +76,25 @@ class RewardModel(nn.Module):
             self.relevance_encoder.eval()   # frozen: no dropout, ever
         return self
 
-    def frozen_features(self, rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) -> torch.Tensor:
+    def relevance(self, rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) -> torch.Tensor:
         """(B, Tq) last human turns and (B, Tr) responses, each encoded alone (relevance_inputs)
-        -> (B, F) features of the frozen encoder: column 0 the cosine of turn and response; with
-        rcfg.probe also the unit response embedding r and q * r (F = 1 + 2H), the probe's input."""
+        -> (B,) cosines."""
         enc = self.relevance_encoder
         with torch.no_grad():
             q = mean_pool(enc(input_ids=rel_q_ids, attention_mask=rel_q_mask).last_hidden_state, rel_q_mask)
             r = mean_pool(enc(input_ids=rel_r_ids, attention_mask=rel_r_mask).last_hidden_state, rel_r_mask)
-            q, r = nn.functional.normalize(q, dim=-1), nn.functional.normalize(r, dim=-1)   # (B, H)
-            cos = (q * r).sum(-1, keepdim=True)                                             # (B, 1)
-            return torch.cat([cos, r, q * r], dim=-1) if self.rcfg.probe else cos
-
-    def prior(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, F) frozen_features -> (B,) the frozen-feature part of the score."""
-        out = self.relevance_weight * RELEVANCE_SCALE * feats[:, 0]
-        return out + self.probe(feats[:, 1:]).squeeze(-1) if self.rcfg.probe else out
+            return torch.nn.functional.cosine_similarity(q, r, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, rel_q_ids: torch.Tensor | None = None,
                 rel_q_mask: torch.Tensor | None = None, rel_r_ids: torch.Tensor | None = None,
-                rel_r_mask: torch.Tensor | None = None, rel_feats: torch.Tensor | None = None) -> torch.Tensor:
+                rel_r_mask: torch.Tensor | None = None, rel_cos: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids and mask -> (B,) raw scores (normalisation offset not applied).
         Encoders get (prompt, response) as a sentence pair and mean-pool over the response's
         tokens (segment 1): chosen and rejected share the dialogue, and pooling over it would
         drown the one turn that differs. With rcfg.relevance, `encode` also gives the last human
         turn and the response tokenised alone (rel_*) for the relevance feature, unless their
-        (B, F) frozen features are given as rel_feats (frozen_features_of)."""
+        (B,) cosines are given as rel_cos (relevance_cosines)."""
         kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state  # (B, T, H)
         m = attention_mask.to(h.dtype)
@@ -123,11 +108,11 @@ class RewardModel(nn.Module):
             pooled = h[torch.arange(h.shape[0]), idx]
         score = self.head(pooled).squeeze(-1)
         if self.rcfg.relevance:
-            if rel_feats is None and rel_q_ids is None:
+            if rel_cos is None and rel_q_ids is None:
                 raise ValueError("this RM has the relevance feature: build its inputs with encode(tok, texts, rcfg)")
-            if rel_feats is None:
-                rel_feats = self.frozen_features(rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask)
-            score = score + self.prior(rel_feats.to(score.dtype))
+            rel = (self.relevance(rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) if rel_cos is None else rel_cos)
+            rel = rel.to(score.dtype)
+            score = score + self.relevance_weight * RELEVANCE_SCALE * rel
         return score
 
     def reward(self, **inputs) -> torch.Tensor:
@@ -213,37 +198,30 @@ def relevance_inputs(tok, texts: list[str], max_length: int) -> dict:
     return {"rel_q_ids": q_ids, "rel_q_mask": q_mask, "rel_r_ids": r_ids, "rel_r_mask": r_mask}
 
 
-def frozen_features_of(rm: RewardModel, tok, texts: list[str], batch: int = 64, progress: bool = False) -> torch.Tensor:
-    """(N, F) frozen_features of texts, batched by length (less padding). The frozen encoder is a
-    fixed function of the text, so these can be computed once and passed to forward as rel_feats."""
+def relevance_cosines(rm: RewardModel, tok, texts: list[str], batch: int = 64, progress: bool = False) -> torch.Tensor:
+    """(N,) relevance cosines of texts under the frozen encoder, batched by length (less padding).
+    The frozen encoder is a fixed function of the text, so these can be computed once and passed
+    to forward as rel_cos."""
     import sys
 
     from tqdm import tqdm
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]) - texts[i].rfind(ASSISTANT))  # by response length
-    feats = None
-    for i in tqdm(range(0, len(texts), batch), desc="frozen features", disable=not progress, file=sys.stderr):
+    cos = torch.empty(len(texts))
+    for i in tqdm(range(0, len(texts), batch), desc="relevance feature", disable=not progress, file=sys.stderr):
         idx = order[i:i + batch]
-        f = rm.frozen_features(**relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)).float()
-        feats = torch.empty(len(texts), f.shape[1]) if feats is None else feats
-        feats[idx] = f
-    return feats
+        cos[idx] = rm.relevance(**relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)).float()
+    return cos
 
 
-def fit_prior(rm: RewardModel, feats_chosen: torch.Tensor, feats_rejected: torch.Tensor, l2: float = 2e-3) -> float:
-    """Starts the frozen-feature prior (relevance weight, and the probe if any) at its ridge
-    Bradley-Terry fit on the (N, F) frozen features of chosen and rejected texts, so training
-    begins from what the data supports instead of 0 (at the head's learning rate the weights would
-    take thousands of steps to get there). l2 = 2e-3 was the best of 0..1 in 5-fold
-    cross-validation of the probe alone (bench/RESULTS.md). Returns the relevance weight w."""
-    from .rm_losses import fit_bt
-    d = feats_chosen - feats_rejected
-    d = torch.cat([RELEVANCE_SCALE * d[:, :1], d[:, 1:]], dim=1)    # the cosine enters as 20 * cos
-    w = fit_bt(d, l2).float()
+def fit_relevance_weight(rm: RewardModel, cos_chosen: torch.Tensor, cos_rejected: torch.Tensor) -> float:
+    """Starts the relevance weight at its one-feature Bradley-Terry fit on the (N,) cosines of
+    chosen and rejected texts, so training begins from the prior the data supports instead of 0
+    (at the head's learning rate w would take thousands of steps to get there). Returns w."""
+    from .rm_losses import fit_bt_scale
+    w = fit_bt_scale(RELEVANCE_SCALE * (cos_chosen - cos_rejected))
     with torch.no_grad():
-        rm.relevance_weight.fill_(w[0])
-        if rm.rcfg.probe:
-            rm.probe.weight.copy_(w[1:][None])
-    return float(w[0])
+        rm.relevance_weight.fill_(w)
+    return w
 
 
 def load_tokenizer(path: Path, max_length: int):
@@ -258,11 +236,10 @@ def load_tokenizer(path: Path, max_length: int):
 
 
 def build(backbone_path: str | os.PathLike, max_length: int = 256,
-          dropout: float | None = None, relevance: bool = False, probe: bool = False) -> tuple[RewardModel, object]:
+          dropout: float | None = None, relevance: bool = False) -> tuple[RewardModel, object]:
     """A new RM on a pretrained (or locally built) backbone; `dropout` (if given) replaces the
     backbone's hidden and attention dropout; `relevance` adds the relevance feature (encoders
-    only: a causal LM's hidden states are no sentence embedding, so it is off for them), and
-    `probe` the linear probe on the frozen embeddings (with relevance only)."""
+    only: a causal LM's hidden states are no sentence embedding, so it is off for them)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel
     path = Path(backbone_path)
@@ -274,7 +251,7 @@ def build(backbone_path: str | os.PathLike, max_length: int = 256,
                                    "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout") if hasattr(cfg, k)}
     backbone = AutoModel.from_pretrained(path, local_files_only=True, **kw)
     relevance = relevance and pooling == "mean"
-    rcfg = RewardConfig(pooling=pooling, max_length=max_length, relevance=relevance, probe=probe and relevance)
+    rcfg = RewardConfig(pooling=pooling, max_length=max_length, relevance=relevance)
     return (RewardModel(backbone, rcfg, copy.deepcopy(backbone) if relevance else None),
             load_tokenizer(path, max_length))
 
@@ -288,8 +265,6 @@ def save(rm: RewardModel, tok, out: str | os.PathLike, extra: dict | None = None
     head = {k: v.contiguous() for k, v in rm.head.state_dict().items()}
     if rm.rcfg.relevance:
         head["relevance_weight"] = rm.relevance_weight.detach().contiguous()
-        if rm.rcfg.probe:
-            head["probe.weight"] = rm.probe.weight.detach().contiguous()
         rm.relevance_encoder.save_pretrained(out / "relevance_encoder", safe_serialization=True)
     save_file(head, str(out / "reward_head.safetensors"))
     (out / "reward_config.json").write_text(json.dumps({**asdict(rm.rcfg), **(extra or {})}, indent=2))
@@ -303,14 +278,11 @@ def load(path: str | os.PathLike) -> tuple[RewardModel, object]:
     path = Path(path)
     meta = json.loads((path / "reward_config.json").read_text())
     rcfg = RewardConfig(pooling=meta["pooling"], offset=meta.get("offset", 0.0), gain=meta.get("gain", 1.0),
-                        max_length=meta.get("max_length", 256), relevance=meta.get("relevance", False),
-                        probe=meta.get("probe", False))
+                        max_length=meta.get("max_length", 256), relevance=meta.get("relevance", False))
     rel = AutoModel.from_pretrained(path / "relevance_encoder", local_files_only=True) if rcfg.relevance else None
     rm = RewardModel(AutoModel.from_pretrained(path, local_files_only=True), rcfg, rel)
     head = load_file(str(path / "reward_head.safetensors"))
     if rcfg.relevance:
         rm.relevance_weight.data.copy_(head.pop("relevance_weight"))
-    if rcfg.probe:
-        rm.probe.weight.data.copy_(head.pop("probe.weight"))
     rm.head.load_state_dict(head)
     return rm.eval(), load_tokenizer(path, rcfg.max_length)

@@ -59,9 +59,6 @@ class RMTrainConfig:
     relevance: bool = True
     """Add the learned relevance feature: cosine of the last human turn and the response under a frozen
     copy of the pretrained encoder (encoder backbones only; see train/reward_model.py)."""
-    probe: bool = False
-    """With relevance: also a linear probe on the frozen encoder's embeddings of the response and of
-    (turn * response), fitted on the training pairs before fine-tuning (train/reward_model.py)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
@@ -103,15 +100,13 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     from . import reward_model
     torch.manual_seed(cfg.seed)
     rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
-                                 None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance, probe=cfg.probe)
-    feats = None   # (N, 2, F) frozen features of the training pairs, computed once (the encoder is frozen)
+                                 None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance)
+    cos = None   # (N, 2) relevance cosines of the training pairs, computed once (the encoder is frozen)
     if rm.rcfg.relevance:
-        feats = reward_model.frozen_features_of(rm, tok, [t for p in pairs_train for t in p], progress=progress)
-        feats = feats.view(len(pairs_train), 2, -1)
-        w = reward_model.fit_prior(rm, feats[:, 0], feats[:, 1])
+        cos = reward_model.relevance_cosines(rm, tok, [t for p in pairs_train for t in p], progress=progress).view(-1, 2)
+        w = reward_model.fit_relevance_weight(rm, cos[:, 0], cos[:, 1])
         if progress:
-            print(f"frozen-feature prior fitted on the training pairs: relevance weight {w:+.3f}",
-                  file=sys.stderr, flush=True)
+            print(f"relevance feature: weight {w:+.3f} fitted on the training pairs", file=sys.stderr, flush=True)
     plain = replace(rm.rcfg, relevance=False)   # training passes the cached cosines instead
     opt = _optimizer(rm, cfg)
     steps = max(1, math.ceil(len(pairs_train) * cfg.epochs / cfg.batch_pairs))
@@ -129,7 +124,7 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     for step in bar:
         idx = batches[step]
         texts = [t for i in idx for t in pairs_train[i]]       # chosen, rejected interleaved
-        rel = {} if feats is None else {"rel_feats": feats[idx].flatten(0, 1)}   # chosen, rejected interleaved
+        rel = {} if cos is None else {"rel_cos": cos[idx].reshape(-1)}   # chosen, rejected interleaved
         s = rm(**reward_model.encode(tok, texts, plain), **rel)
         loss = rm_losses.pairwise_loss(s[0::2], s[1::2], torch.ones(len(idx)))
         loss.backward()
@@ -146,12 +141,11 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     metrics = evaluate(rm, tok, pairs_test)
     metrics.update(train_pairs=len(pairs_train), steps=steps, train_seconds=round(train_s, 1),
                    final_loss=sum(losses[-20:]) / len(losses[-20:]))
-    if rm.rcfg.relevance:   # and what the frozen-feature prior alone scores on the held-out pairs
-        f = reward_model.frozen_features_of(rm, tok, [t for p in pairs_test for t in p])
-        with torch.no_grad():
-            prior = rm.prior(f)
+    if rm.rcfg.relevance:   # and what the fitted prior alone would score on the held-out pairs
+        c = reward_model.relevance_cosines(rm, tok, [t for p in pairs_test for t in p])
+        prior = w * (c[0::2] - c[1::2])
         metrics.update(relevance_weight=rm.relevance_weight.item(), relevance_weight_init=w,
-                       prior_accuracy=float(rm_losses.pairwise_accuracy(prior[0::2], prior[1::2])))
+                       relevance_prior_accuracy=float(rm_losses.pairwise_accuracy(prior, torch.zeros_like(prior))))
     return rm, tok, metrics
 
 
