@@ -5,7 +5,11 @@ padded batch of all prompts; (c) this server (a separate process, over gRPC) wit
 32 concurrent clients. (a), (b) and (c) at 32 clients run in interleaved rounds (--repeats);
 the ratios are taken within each round and their median is reported. Same model (GPT-2-small-sized config, random init), same prompts
 (random token ids, 8-40 tokens), same number of new tokens (EOS ignored so every request
-produces exactly that many). Prints tokens/s and the ratios; the last line is one JSON object.
+produces exactly that many). Each round also streams the first 16 prompts from 16 clients at once
+as n=1 and as n=2 requests (the comparisons the RLHF loop asks for; sampled, temperature 1):
+a request's time to first token is until every one of its samples has its first token, and
+`ttft_n2_over_n1` is the median over rounds of the ratio of the two medians (one prefill per
+request makes it ~1). Prints tokens/s and the ratios; the last line is one JSON object.
 
     python bench/serve_throughput.py            # full: 32 prompts x 32 new tokens
     python bench/serve_throughput.py --prompts 64   # two waves per client
@@ -83,6 +87,26 @@ def server_clients(target, prompts, n_new, clients) -> float:
     return total / dt
 
 
+def server_ttft(target, prompts, n_new, n) -> tuple[float, float]:
+    """One streamed request of n samples per prompt, all at once (one client each): (median time
+    until every sample of a request has its first token in s, generated tokens/s over the run)."""
+    def one(c, p, t0):
+        first: dict[int, float] = {}
+        toks = 0
+        for ch in c.stream(p, n=n, max_new_tokens=n_new, temperature=1.0, seed=0, ignore_eos=True):
+            first.setdefault(ch.index, time.perf_counter() - t0)
+            toks += len(ch.token_ids)
+        assert len(first) == n and toks == n * n_new
+        return max(first.values())
+
+    with PolicyClient(target, timeout=600) as c, ThreadPoolExecutor(len(prompts)) as ex:
+        c.generate(prompts[0], max_new_tokens=2, temperature=0.0)  # warm-up
+        t0 = time.perf_counter()
+        ttfts = list(ex.map(lambda p: one(c, p, time.perf_counter()), prompts))
+        dt = time.perf_counter() - t0
+    return statistics.median(ttfts), len(prompts) * n * n_new / dt
+
+
 def check_server_on_gpu(free_before: int) -> float:
     """GPU memory the server process took (its CUDA context, weights and KV cache), in MiB; raises if
     it took none: a server that ignored --device would be timed on the CPU against a GPU baseline."""
@@ -91,6 +115,17 @@ def check_server_on_gpu(free_before: int) -> float:
         raise SystemExit(f"the policy server took {used:.0f} MiB of GPU memory: it is not running on the GPU "
                          "(does `python -m serve` honour --device?)")
     return round(used)
+
+
+def n_runs(target, prompts, n_new, runs: dict[str, list[float]]) -> None:
+    """One round of the n=1 vs n=2 comparison at len(prompts) clients, appended to runs."""
+    ttft1, _ = server_ttft(target, prompts, n_new, 1)
+    ttft2, tok2 = server_ttft(target, prompts, n_new, 2)
+    runs["ttft1"].append(ttft1)
+    runs["ttft2"].append(ttft2)
+    runs["tok2"].append(tok2)
+    print(f"  {len(prompts)} clients, median time to first token: n=1 {ttft1 * 1e3:.1f} ms, n=2 {ttft2 * 1e3:.1f} ms "
+          f"({ttft2 / ttft1:.2f}x); n=2 {tok2:.1f} tok/s", flush=True)
 
 
 def main() -> None:
@@ -130,7 +165,7 @@ def main() -> None:
         gpu_free = torch.cuda.mem_get_info()[0] if hf.device.type == "cuda" else 0
         proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024, **flags)
         target = f"127.0.0.1:{port}"
-        runs: dict[str, list[float]] = {"a": [], "b": [], "c32": []}
+        runs: dict[str, list[float]] = {"a": [], "b": [], "c32": [], "ttft1": [], "ttft2": [], "tok2": []}
         res = {}
         try:
             for clients in (1, 8):
@@ -145,6 +180,7 @@ def main() -> None:
                 print(f"round {r + 1}/{rounds}: (a) transformers one at a time {runs['a'][-1]:.1f} tok/s, "
                       f"(b) static batch of {n_prompts} {runs['b'][-1]:.1f} tok/s, "
                       f"(c) server at 32 clients {runs['c32'][-1]:.1f} tok/s", flush=True)
+                n_runs(target, prompts[:16], n_new, runs)
         finally:
             proc.stop()
     for key, name in (("a", "one_at_a_time"), ("b", "static_batch"), ("c32", "server_32_clients")):
@@ -154,11 +190,16 @@ def main() -> None:
         per_round = [c / x for c, x in zip(runs["c32"], runs[key])]
         res[f"ratio_vs_{name}"] = statistics.median(per_round)
         res[f"ratio_vs_{name}_rounds"] = [round(x, 2) for x in per_round]
+    ratios = [t2 / t1 for t1, t2 in zip(runs["ttft1"], runs["ttft2"])]
+    res.update(ttft_n1_ms=statistics.median(runs["ttft1"]) * 1e3, ttft_n2_ms=statistics.median(runs["ttft2"]) * 1e3,
+               ttft_n2_over_n1=statistics.median(ratios), ttft_n2_over_n1_rounds=[round(x, 2) for x in ratios],
+               tok_s_n2=statistics.median(runs["tok2"]), n2_clients=min(16, n_prompts))
     res.update(quick=a.quick, model=a.size, prompts=n_prompts, new_tokens=n_new, device=a.device, dtype=a.dtype)
     if a.device == "cpu":
         res["cpu_pack"] = a.cpu_pack
     print(f"ratios at 32 clients (median over {rounds} rounds): {res['ratio_vs_one_at_a_time']:.2f}x one-at-a-time, "
-          f"{res['ratio_vs_static_batch']:.2f}x static batch")
+          f"{res['ratio_vs_static_batch']:.2f}x static batch; n=2 over n=1 time to first token at "
+          f"{res['n2_clients']} clients {res['ttft_n2_over_n1']:.2f}x")
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
 
 

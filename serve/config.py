@@ -34,6 +34,11 @@ class ServerConfig(AuthOptions):
     """max_new_tokens when a request leaves it unset."""
     max_prefill_tokens: int = 4096
     """Prompt tokens prefilled in one engine step at most."""
+    prefix_reuse_min_tokens: int = 0
+    """Prefix reuse (0: off): a finished response's KV stays in its freed slot, and a new prompt that
+    starts with at least this many of those tokens (the same conversation going on) copies them
+    instead of prefilling them. Off by default: outputs then equal a full prefill's to rounding
+    (~1e-6 in logprobs), not bit for bit (serve/engine.py)."""
     max_stop_sequences: int = 8
     """Stop sequences per request at most."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -55,7 +60,7 @@ class ServerConfig(AuthOptions):
     reference: str = ""
     """Reference (initial) policy for served KL ("": the model store's v0000/policy when --store is set)."""
     rm_target: str = ""
-    """host:port of the RM server, for served reward ("" disables)."""
+    """host:port of the RM server, or of its replicas comma-separated (round robin), for served reward ("" disables)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.served_score_fraction <= 1:

@@ -5,10 +5,11 @@ simplified to one process):
   1. drop cancelled and expired sequences (their slots are free at once),
   2. admit waiting requests into free slots,
   3. one forward: a decode token for every live sequence plus the packed prompts of the
-     admitted ones (prefill rides along with decode, so a new arrival costs no extra weight pass),
+     admitted requests (prefill rides along with decode, so a new arrival costs no extra weight pass);
+     a request's prompt is prefilled once whatever its n: its other samples get a copy of that KV,
   4. hand each new token to its request's queue; finished sequences leave.
 Live sequences always occupy slots [0, B): a finished one is replaced by the last, so
-attention reads the cache through views and nothing is copied per step.
+attention reads the cache through views and nothing is copied per decode step.
 """
 from __future__ import annotations
 
@@ -69,11 +70,18 @@ class EngineConfig:
     """Prompt plus generated tokens per sequence at most (= KV-cache length)."""
     max_prefill_tokens: int = 4096
     """Prompt tokens prefilled in one step at most (bounds the latency of a step)."""
+    prefix_reuse_min_tokens: int = 0
+    """Prefix reuse (0: off): a finished sequence's KV stays in the slot it frees, and a prompt that starts
+    with at least this many of its tokens (the same conversation going on) copies them instead of
+    prefilling them. Off by default: the reused KV was computed in another step, so results then equal a
+    full prefill's to rounding (1e-6), not bit for bit, and depend on what earlier requests left."""
 
     def __post_init__(self) -> None:
         for k in ("max_batch_size", "max_queue", "max_context", "max_prefill_tokens"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1")
+        if self.prefix_reuse_min_tokens < 0:
+            raise ValueError("prefix_reuse_min_tokens must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +177,7 @@ class Engine:
         self.cache = KVCache(model.args, cfg.max_batch_size, cfg.max_context, self.dtype, self.device)
         self.waiting: deque[Request] = deque()
         self.active: list[Sequence] = []       # active[i].slot == i
+        self.kept: dict[int, list[int]] = {}   # free slot -> the tokens whose KV it holds (prefix reuse)
         self.cv = threading.Condition()
         self.on_step = on_step or (lambda stats: None)
         self._stop = False
@@ -230,6 +239,7 @@ class Engine:
             p = next(sw.model.parameters())
             self.device, self.dtype = p.device, p.dtype
             self.cache = KVCache(sw.model.args, self.cfg.max_batch_size, self.cfg.max_context, self.dtype, self.device)
+        self.kept.clear()   # KV of the old weights
         self.model, self.model_version, self.end_ids, self.decode, self.payload = (
             sw.model, sw.version, end_id_set(sw.eos_id), sw.decode, sw.payload)
         log.info("now serving %s", sw.version)
@@ -248,6 +258,7 @@ class Engine:
                     self.cv.wait()
                 if self._stop:
                     break
+            prefilled = 0
             try:
                 self._drop_dead()
                 with self.cv:
@@ -255,12 +266,12 @@ class Engine:
                         self._apply_swap()
                     admitted = self._admit() if self._swap is None else []   # drain before a swap
                 if admitted or self.active:
-                    self._step(admitted)
+                    prefilled = self._step(admitted)
             except Exception as e:  # a bug must not hang clients: fail everything live, keep serving
                 log.exception("engine step failed; failing %d live sequences", len(self.active))
                 for s in list(self.active):
                     self._finish(s, Finish.ERROR, error=repr(e))
-            self.on_step({"batch": len(self.active), "waiting": len(self.waiting)})
+            self.on_step({"batch": len(self.active), "waiting": len(self.waiting), "prefill_tokens": prefilled})
         for s in list(self.active):
             self._finish(s, Finish.CANCELLED)
         for r in self.waiting:
@@ -268,7 +279,8 @@ class Engine:
                 r.events.put(DoneEvent(s.index, Finish.CANCELLED))
 
     def _admit(self) -> list[Sequence]:
-        """Moves waiting requests into free slots (whole requests only), FIFO. Caller holds cv."""
+        """Moves waiting requests into free slots (whole requests only), FIFO. A request takes n slots
+        but one prompt's worth of the step's prefill budget (its samples share one prefill). Caller holds cv."""
         now = time.monotonic()
         admitted: list[Sequence] = []
         budget = self.cfg.max_prefill_tokens
@@ -280,7 +292,7 @@ class Engine:
                 for s in req.seqs:
                     req.events.put(DoneEvent(s.index, reason))
                 continue
-            need = len(req.prompt) * req.spec.n
+            need = len(req.prompt)
             free = self.cfg.max_batch_size - len(self.active) - len(admitted)
             if req.spec.n > free or (admitted and need > budget):
                 break
@@ -299,28 +311,72 @@ class Engine:
             elif r.deadline is not None and now > r.deadline:
                 self._finish(s, Finish.DEADLINE)
 
-    def _step(self, new: list[Sequence]) -> None:
-        """One forward for the whole batch: a decode token for each live sequence and, packed
-        after them, the prompts of the newly admitted ones (prefill shares the weight pass)."""
+    def _step(self, new: list[Sequence]) -> int:
+        """One forward for the whole batch: a decode token for each live sequence and, packed after
+        them, the prompt of each newly admitted request, once. A request's samples 1..n-1 ("forks")
+        are not in the forward: they take the slots after it, get a copy of sample 0's prompt KV and
+        sample from its last-position logits with their own seeds. With prefix reuse a prompt's start
+        may come from a kept slot instead (_reuse_prefix). Returns the prompt tokens prefilled."""
         old = list(self.active)
-        for k, s in enumerate(new):  # new sequences take the slots right after the live ones
+        heads = [s for s in new if s.index == 0]
+        forks = [s for s in new if s.index > 0]
+        for k, s in enumerate(heads + forks):  # new sequences take the slots right after the live ones
             s.slot = len(old) + k
-        seqs = old + new
-        lens = [1] * len(old) + [len(s.request.prompt) for s in new]
-        starts = [s.cached for s in old] + [0] * len(new)
+        self.active.extend(heads + forks)      # before the forward: a failed step fails them too
+        if self.cfg.prefix_reuse_min_tokens:
+            for h in heads:
+                self._reuse_prefix(h)
+            for f in forks:
+                self.kept.pop(f.slot, None)
+        prefilled = sum(len(s.request.prompt) - s.cached for s in heads)
+        logits = self._forward(old, heads)     # (len(old) + len(heads), V), row i = slot i
+        if forks:
+            for f in forks:
+                head = f.request.seqs[0]
+                self.cache.move(head.slot, f.slot, head.cached)
+                f.cached = head.cached
+            rows = torch.tensor([f.request.seqs[0].slot for f in forks], device=self.device)
+            logits = torch.cat((logits, logits.index_select(0, rows)))   # (B, V)
+        self._sample_and_emit(old + heads + forks, logits)
+        return prefilled
+
+    def _reuse_prefix(self, s: Sequence) -> None:
+        """Puts in s's (new) slot the KV of the longest start of its prompt a free slot holds, if it is
+        at least prefix_reuse_min_tokens long, and marks it cached. The prompt's last token is always
+        prefilled (its logits are needed). Kept slots are exchanged, not overwritten, so what s's slot
+        held stays available to the sequences admitted after it."""
+        prompt = s.request.prompt
+        src, n = max(((slot, _common_prefix(toks, prompt)) for slot, toks in self.kept.items()),
+                     key=lambda x: x[1], default=(-1, 0))
+        n = min(n, len(prompt) - 1)
+        mine = self.kept.pop(s.slot, None)     # the slot is s's now
+        if n < self.cfg.prefix_reuse_min_tokens:
+            return
+        if src != s.slot and mine is None:     # the source keeps its content
+            self.cache.move(src, s.slot, n)
+        elif src != s.slot:
+            self.cache.swap(src, s.slot, n, len(mine))
+            self.kept[src] = mine
+        s.cached = n
+
+    def _forward(self, old: list[Sequence], heads: list[Sequence]) -> torch.Tensor:
+        """The model over slots [0, S), S = len(old) + len(heads): the last token of each live
+        sequence, then the uncached prompt of each head -> logits at each one's last token (S, V)."""
+        seqs = old + heads
+        lens = [1] * len(old) + [len(s.request.prompt) - s.cached for s in heads]
+        starts = [s.cached for s in seqs]      # a head's cached: its reused prefix (0 without)
         tokens = torch.tensor([s.out[-1] for s in old] + list(itertools.chain.from_iterable(
-            s.request.prompt for s in new)), device=self.device)
-        if not new:  # decode fast path: one query per sequence
+            s.request.prompt[s.cached:] for s in heads)), device=self.device)
+        if not heads:  # decode fast path: one query per sequence
             lay = StepLayout.build_decode(0, starts, self.device)
-            logits = self.model(tokens, lay, self.cache)                   # (B, V)
+            logits = self.model(tokens, lay, self.cache)                   # (S, V)
         else:
             lay = StepLayout.build(0, lens, starts, self.device)
             last = torch.cumsum(torch.tensor(lens, device=self.device), 0) - 1
-            logits = self.model(tokens, lay, self.cache, logits_for=last)  # (B, V)
+            logits = self.model(tokens, lay, self.cache, logits_for=last)  # (S, V)
         for s, n in zip(seqs, lens):
             s.cached += n
-        self.active.extend(new)
-        self._sample_and_emit(seqs, logits)
+        return logits
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         specs = [s.request.spec for s in seqs]
@@ -359,13 +415,30 @@ class Engine:
         return None
 
     def _finish(self, s: Sequence, reason: str, error: str | None = None) -> None:
-        """Frees s's slot at once by moving the last live sequence into it."""
+        """Frees s's slot at once by moving the last live sequence into it. With prefix reuse the two
+        slots' contents are exchanged instead, so s's KV stays, in the slot freed, for a continuation."""
         s.finish = reason
         i = s.slot
         last = self.active.pop()
+        keep = self.cfg.prefix_reuse_min_tokens > 0 and error is None
         if last is not s:
-            self.cache.move(last.slot, i, last.cached)
+            if keep:
+                self.cache.swap(i, last.slot, s.cached, last.cached)
+            else:
+                self.cache.move(last.slot, i, last.cached)
             last.slot = i
             self.active[i] = last
+        if keep:
+            self.kept[len(self.active)] = (s.request.prompt + s.out)[:s.cached]
         s.slot = -1
         s.request.events.put(DoneEvent(s.index, reason) if error is None else ErrorEvent(s.index, error))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common start of a and b."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the policy server (the only module here that imports prometheus_client)."""
+"""Prometheus metrics of the policy server (the RM server and the interaction logger keep theirs in
+their own modules)."""
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info
@@ -12,6 +13,8 @@ TTFT = Histogram("rlhf_policy_time_to_first_token_seconds", "Submission to first
 ITL = Histogram("rlhf_policy_inter_token_latency_seconds", "Time between consecutive tokens of a sequence",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 PROMPT_TOKENS = Counter("rlhf_policy_prompt_tokens_total", "Prompt tokens admitted")
+PREFILL_TOKENS = Counter("rlhf_policy_prefill_tokens_total",
+                         "Prompt tokens run through the model (once per request, whatever its n)")
 GENERATED_TOKENS = Counter("rlhf_policy_generated_tokens_total", "Tokens generated")
 BATCH_SIZE = Gauge("rlhf_policy_batch_size", "Sequences in the running batch after the last step")
 QUEUE_DEPTH = Gauge("rlhf_policy_queue_depth", "Requests waiting for a slot")
@@ -34,3 +37,4 @@ def on_step(stats: dict) -> None:
     KV_SLOTS.set(stats["batch"])
     QUEUE_DEPTH.set(stats["waiting"])
     ENGINE_STEPS.inc()
+    PREFILL_TOKENS.inc(stats["prefill_tokens"])

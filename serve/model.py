@@ -285,6 +285,13 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def swap(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        """Exchanges two slots: slot a's first len_a positions go to b, slot b's first len_b to a."""
+        for t in (self.k, self.v):
+            tmp = t[:, a, :, :len_a].clone()               # (n_layer, Hkv, len_a, D)
+            t[:, a, :, :len_b] = t[:, b, :, :len_b]
+            t[:, b, :, :len_a] = tmp
+
 
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
@@ -509,8 +516,9 @@ class PackedLinear(nn.Module):
     there is no per-call layout conversion and it serves any number of rows, prefill and decode.
     Why: torch's CPU `F.linear` is MKL sgemm, and MKL runs its AVX2 code on AMD CPUs, while oneDNN
     picks the widest ISA the CPU has. Measured (bench/RESULTS.md, 2 cores): on an AVX-512 AMD EPYC,
-    2.3-4x the GFLOPS of F.linear for every GPT-2-small shape at 1-753 rows (e.g. 768x3072 at 32
-    rows 0.33 vs 1.22 ms); on the AVX2 Intel machines of earlier sessions, decode steps ~5% faster.
+    1.03-5.59x the GFLOPS of F.linear over the GPT-2-small shapes at 1-753 rows (e.g. 768x3072 at 32
+    rows 0.33 vs 1.22 ms; the square 768x768 at 1 row is a tie); on the AVX2 Intel machines of
+    earlier sessions, decode steps ~5% faster.
     Results differ from F.linear by summation order only (<= 1.3e-6 of the output's scale)."""
 
     def __init__(self, lin: nn.Linear):

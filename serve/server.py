@@ -250,7 +250,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 def build_engine(cfg: ServerConfig, policy: LoadedPolicy) -> Engine:
     max_ctx = min(cfg.max_context, policy.model.args.max_position)
     ecfg = EngineConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, max_context=max_ctx,
-                        max_prefill_tokens=cfg.max_prefill_tokens)
+                        max_prefill_tokens=cfg.max_prefill_tokens,
+                        prefix_reuse_min_tokens=cfg.prefix_reuse_min_tokens)
     return Engine(policy.model, ecfg, policy.end_ids, policy.decode, policy.version, on_step=metrics.on_step,
                   payload=policy)
 

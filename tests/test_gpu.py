@@ -75,3 +75,39 @@ def test_cuda_bf16_greedy_follows_transformers(arch, tiny_gpt2, tiny_llama):
         ties = ((top2[:, 0] - top2[:, 1]) <= BF16_TIE).nonzero()
         first_tie = int(ties[0]) if len(ties) else len(toks)
         assert toks[:first_tie] == hf_greedy(hf, p)[:first_tie], f"prompt {p}"
+
+
+def _run(engine, reqs):
+    from serve.engine import DoneEvent
+    for r in reqs:
+        done = 0
+        while done < r.spec.n:
+            done += isinstance(r.events.get(timeout=120), DoneEvent)
+    return reqs
+
+
+def test_cuda_n_samples_share_one_prefill_and_a_kept_prefix_is_reused(tiny_llama):
+    """Issue 20 on CUDA: an n=3 request prefills its prompt once and its samples draw what n=1 requests
+    with seeds seed+i draw; a continued conversation prefills only its new tokens and answers as a
+    full prefill does (greedy)."""
+    from serve.engine import Engine, EngineConfig, Request, SamplingSpec
+    pol = load_policy(tiny_llama, dtype=torch.float32, device=DEVICE)
+    stats: list[dict] = []
+    engine = Engine(pol.model, EngineConfig(max_batch_size=8, max_context=256, prefix_reuse_min_tokens=4),
+                    pol.eos_id, pol.decode, pol.version, on_step=stats.append).start()
+    spec = SamplingSpec(temperature=1.0, top_p=0.95, max_new_tokens=20, seed=7, n=3, ignore_eos=True)
+    try:
+        three = _run(engine, [engine.submit(Request(prompt=PROMPTS[1], spec=spec))])[0]
+        assert sum(s["prefill_tokens"] for s in stats) == len(PROMPTS[1])
+        alone = _run(engine, [engine.submit(Request(prompt=PROMPTS[1], spec=SamplingSpec(
+            temperature=1.0, top_p=0.95, max_new_tokens=20, seed=7 + i, ignore_eos=True))) for i in range(3)])
+        assert [s.out for s in three.seqs] == [r.seqs[0].out for r in alone]
+        greedy = SamplingSpec(temperature=0.0, max_new_tokens=N_NEW, ignore_eos=True)
+        first = _run(engine, [engine.submit(Request(prompt=PROMPTS[4], spec=greedy))])[0]
+        go_on = PROMPTS[4] + first.seqs[0].out + [5, 6, 7]
+        del stats[:]
+        cont = _run(engine, [engine.submit(Request(prompt=go_on, spec=greedy))])[0]
+        assert sum(s["prefill_tokens"] for s in stats) == 4   # first's last token and the 3 new ones
+    finally:
+        engine.stop()
+    assert cont.seqs[0].out == engine_greedy(tiny_llama, torch.float32, DEVICE, prompts=[go_on])[0][0]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf.v1 import policy_pb2 as pb
 from serve.client import PolicyClient
-from tests.helpers import metric, start_policy_server
+from tests.helpers import engine_greedy, metric, start_policy_server
 
 PROMPTS = [[5, 17, 33], [100, 2, 7, 9, 250, 31, 77, 12, 401], [42], [3, 9, 27, 81, 243, 11], list(range(60, 95))]
 
@@ -82,6 +82,40 @@ def test_same_seed_same_sample_whatever_the_batch(policy_server):
         assert list(two.completions[0].token_ids) == list(alone)   # sample i uses seed + i
         assert two.completions[0].seed + 1 == two.completions[1].seed
         assert list(two.completions[1].token_ids) != list(alone)
+
+
+def test_prefill_counter_grows_by_the_prompt_once_per_request(policy_server):
+    """An n-sample request prefills its prompt once: rlhf_policy_prefill_tokens_total grows by the
+    prompt's length whatever n (read after the response: the prefill step was counted before the next step)."""
+    target, mport = policy_server[:2]
+    prompt = [7, 300, 41, 19, 88, 2, 150, 61, 9, 410, 33]
+    with PolicyClient(target) as c:
+        for n in (1, 2, 3):
+            before = metric(mport, "rlhf_policy_prefill_tokens_total")
+            r = c.generate(prompt, n=n, temperature=1.0, seed=n, max_new_tokens=4, ignore_eos=True)
+            assert [len(x.token_ids) for x in r.completions] == [4] * n
+            assert metric(mport, "rlhf_policy_prefill_tokens_total") - before == len(prompt), n
+
+
+def test_a_server_with_prefix_reuse_prefills_only_what_a_conversation_adds(tiny_llama):
+    """--prefix-reuse-min-tokens: the second turn of a conversation (its first turn's prompt and
+    answer, then more) prefills only the new tokens, and answers as a full prefill does (greedy)."""
+    proc, port, mport = start_policy_server(tiny_llama, max_batch_size=4, threads=1, prefix_reuse_min_tokens=4)
+    try:
+        with PolicyClient(f"127.0.0.1:{port}") as c:
+            first = [7, 300, 41, 19, 88, 2, 150, 61, 9, 410, 33]
+            a = c.generate(first, temperature=0.0, max_new_tokens=6, ignore_eos=True).completions[0]
+            second = first + list(a.token_ids) + [12, 13, 14]
+            before = metric(mport, "rlhf_policy_prefill_tokens_total")
+            b = c.generate(second, temperature=0.0, max_new_tokens=6, ignore_eos=True).completions[0]
+            # the first turn's prompt and 5 of its 6 answer tokens were in the cache (the last sampled
+            # token was never fed back): 3 new tokens + that one are prefilled
+            assert metric(mport, "rlhf_policy_prefill_tokens_total") - before == 4
+        from serve.loader import load_policy
+        full, _ = engine_greedy(load_policy(tiny_llama).model, [second], None, 6)[0]
+        assert list(b.token_ids) == full
+    finally:
+        proc.stop()
 
 
 def test_response_fields_and_stop_sequences(policy_server):
