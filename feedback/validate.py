@@ -88,6 +88,7 @@ def check(f: fb.Feedback, lim: Limits, resolved: bool) -> None:
         _response(name, r, lim, resolved)
     if kind == "comparison":
         _enum("comparison.preferred", msg.preferred, fb.Comparison.Choice)
+        _enum("comparison.strength", msg.strength, fb.Comparison.Strength)
         if msg.preferred == fb.Comparison.CHOICE_UNSPECIFIED:
             raise Invalid("comparison.preferred: missing (A, B or TIE)")
         if _same(msg.a, msg.b):

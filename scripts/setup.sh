@@ -20,6 +20,11 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] Chromium from Debian (tests/test_web.py drives the web pages in it headless; no browser download)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 command -v java >/dev/null || { echo "[setup] java is required for the Kafka broker" >&2; exit 1; }
 
 if [ ! -f models/policy-v0/config.json ]; then

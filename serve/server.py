@@ -217,6 +217,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     def _generate_stream(self, request, context):
         req, rendered = self._start(request, context, "GenerateStream", stream=True)
+        prompt_text = rendered if rendered is not None else self.policy.decode(req.prompt)
         trackers = [TextTracker(self.policy.decode, req.spec.stop) for _ in req.seqs]
         for ev in self._events(req, context, "GenerateStream"):
             i = ev.seq_index
@@ -231,8 +232,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     index=i, response_id=seq.response_id, model_version=req.model_version,
                     text_delta=trackers[i].delta(seq.out, final=True, text_end=seq.text_end),
                     finish_reason=convert.FINISH_TO_PB.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED),
-                    usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)))
-        self._log_interactions(req, rendered)
+                    usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)),
+                    prompt_text=prompt_text)
+        self._log_interactions(req, prompt_text)
 
     @staticmethod
     def _delta(tracker: TextTracker, seq, ev: TokenEvent) -> str:

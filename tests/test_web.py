@@ -1,0 +1,344 @@
+"""The web gateway end to end: a real headless Chromium (Debian's, driven by Playwright) on the chat
+and labeling pages, against a real policy server, feedback service, Kafka broker and the trainer's
+consumer. Every check reads what arrived in the consumer's store."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from feedback.consumer import ConsumerConfig, FeedbackConsumer
+from rlhf.v1 import feedback_pb2 as fb
+from tests.helpers import REPO, ServerProc, free_port, start_feedback_service, start_policy_server
+from web.access import pseudonym
+
+CHROMIUM = "/usr/bin/chromium"   # Debian's package (scripts/setup.sh installs it); no browser download
+TOKENS = {"client": "web-client-4Hq8s1", "labeler": "web-labeler-9Rk2w7", "admin": "web-admin-0Tz5m3"}
+PROMPTS = ["What is a good way to learn to cook?", "How do plants make food?", "Can you suggest a name for a cat?"]
+# RLHF_SAVE_SCREENSHOTS=1 refreshes the README's screenshots (docs/img); otherwise they go to the test's tmp dir
+SCREENSHOTS = REPO / "docs" / "img" if os.environ.get("RLHF_SAVE_SCREENSHOTS") else None
+
+
+def _gateway(tmp: Path, policy: str, feedback: str) -> tuple[ServerProc, str]:
+    (tmp / "tokens.txt").write_text("".join(f"{t} {r}\n" for r, t in TOKENS.items()))
+    (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    proc = ServerProc("web", ["--policy", policy, "--feedback", feedback, "--port", str(free_port()),
+                              "--auth-tokens", str(tmp / "tokens.txt"), "--prompts", str(tmp / "prompts.txt"),
+                              "--max-new-tokens", "16", "--label-k", "4"], r"web gateway listening on (\S+)")
+    return proc, proc.match.group(1)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    expect.set_options(timeout=60_000)   # a generation on 2 shared cores can take seconds
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _page(browser):
+    ctx = browser.new_context(viewport={"width": 1180, "height": 820})
+    ctx.set_default_timeout(60_000)
+    return ctx.new_page()
+
+
+def _sign_in(page, base: str, path: str, token: str) -> None:
+    page.goto(base + path)
+    page.fill("input[name=token]", token)
+    page.click("form button.primary")
+    page.wait_for_url(base + path)
+
+
+def _screenshot(page, name: str, tmp: Path) -> None:
+    if SCREENSHOTS is not None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str((SCREENSHOTS or tmp) / name), full_page=True)
+
+
+# ---- sign-in: the gateway alone (nothing behind it is called) ----
+
+def test_missing_or_wrong_token_gets_the_sign_in_page_and_no_token_leaks(browser, tmp_path):
+    proc, base = _gateway(tmp_path, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    try:
+        page = _page(browser)
+        first = page.goto(base + "/chat")
+        assert first.status == 401 and page.locator("input[name=token]").is_visible()
+        page.fill("input[name=token]", "not-a-token")
+        with page.expect_response(base + "/signin") as r:
+            page.click("form button.primary")
+        assert r.value.status == 401
+        assert page.locator("#signin-message").inner_text() == "That token is not valid."
+        page.fill("input[name=token]", TOKENS["labeler"])   # a real token, for the other page
+        page.click("form button.primary")
+        assert "needs a client token" in page.locator("#signin-message").inner_text()
+        assert page.context.cookies() == []   # nothing stored for a refused token
+        api = page.request.post(base + "/api/feedback/chat", data={"items": []})
+        assert api.status == 401 and api.json()["error"] == "sign in"
+        _sign_in(page, base, "/label", TOKENS["labeler"])
+        cookie, = page.context.cookies()
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKENS["labeler"] not in page.url
+        assert page.evaluate("document.cookie") == ""   # the page's scripts cannot read the token
+        body = page.content()
+        assert "Traceback" not in body and "Label" in page.title()
+        page.context.close()
+        assert not any(t in proc.output() for t in [*TOKENS.values(), "not-a-token"]), proc.output()[-2000:]
+    finally:
+        proc.stop()
+
+
+def test_main_job_web_port_starts_an_open_gateway(tmp_path):
+    """python -m online --web-port N: its hook starts the gateway beside the servers (no tokens there)."""
+    import urllib.request
+
+    from online.__main__ import OnlineConfig, start_web
+    (tmp_path / "logs").mkdir()
+    port = free_port()
+    web = start_web(OnlineConfig(web_port=port), tmp_path, {"policy": free_port(), "feedback": free_port()})
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/label", timeout=10) as r:
+            assert r.status == 200 and "rlhf_person=anon-" in r.headers["set-cookie"]
+    finally:
+        web.stop()
+
+
+# ---- end to end: the whole stack ----
+
+@dataclass
+class Stack:
+    base: str
+    broker: object     # feedback.broker.BrokerConfig: the broker-down test stops and restarts it
+    consumer: FeedbackConsumer
+    version: str
+    gateway: ServerProc
+
+    def records(self) -> list[fb.FeedbackRecord]:
+        return [fb.FeedbackRecord.FromString(v) for _, v in self.consumer.store.records()]
+
+    def wait_for(self, pred, n: int, timeout: float = 60.0) -> list[fb.FeedbackRecord]:
+        """The stored records matching pred, once there are n of them and the consumer has read
+        everything in the topics (so a duplicate still in flight would have been counted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.consumer.poll_once(timeout_ms=200)
+            got = [r for r in self.records() if pred(r)]
+            if len(got) >= n and self.consumer.lag() == 0:
+                return got
+        raise TimeoutError(f"{len([r for r in self.records() if pred(r)])} matching records stored, expected {n}")
+
+    def wait_for_interactions(self, response_ids: set[str], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.consumer.poll_once(timeout_ms=200)
+            stored = {fb.Interaction.FromString(v).response_id for _, v in self.consumer.store.records("interactions")}
+            if response_ids <= stored:
+                return
+        raise TimeoutError("the served responses did not reach the interactions topic")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_hh_policy):
+    """Its own broker (the last test stops and restarts it; the session's shared one must stay up),
+    the policy server logging to it, the feedback service, the gateway and the trainer's consumer."""
+    from feedback.broker import BrokerConfig, start, stop
+    from feedback.topics import ensure_topics
+    from serve.client import PolicyClient
+    tmp = tmp_path_factory.mktemp("web")
+    broker = BrokerConfig(data_dir=tmp / "kafka", port=free_port(), controller_port=free_port())
+    start(broker)
+    procs = []
+    try:
+        ensure_topics(broker.bootstrap)
+        policy, pport, _ = start_policy_server(tiny_hh_policy, kafka_bootstrap=broker.bootstrap, threads=1,
+                                               max_batch_size=8)
+        procs.append(policy)
+        feedback, fport = start_feedback_service(broker.bootstrap, kafka_timeout_s=2.0, response_lookup_wait_s=5.0)
+        procs.append(feedback)
+        gateway, base = _gateway(tmp, f"127.0.0.1:{pport}", f"127.0.0.1:{fport}")
+        procs.append(gateway)
+        with PolicyClient(f"127.0.0.1:{pport}") as c:
+            version = c.info().model_version
+        # the trainer's mode (every partition assigned, no group membership): it reads on across the
+        # broker restart of the last test
+        consumer = FeedbackConsumer(ConsumerConfig(db=tmp / "store.db", bootstrap=broker.bootstrap,
+                                                   group=f"web-{uuid.uuid4().hex}"), manual_assign=True)
+        yield Stack(base, broker, consumer, version, gateway)
+        consumer.close()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        stop(broker)
+
+
+def _ask(page, text: str) -> list[dict]:
+    """Sends a chat message and waits for both samples: [{response_id, text, version}] for A and B."""
+    page.fill("#message", text)
+    page.press("#message", "Enter")
+    page.wait_for_selector(".picks button[data-choice=a], #turn .notice.error")
+    assert page.locator("#turn .notice.error").count() == 0, page.locator("#turn").inner_text()
+    samples = []
+    for i in (0, 1):
+        s = page.locator(f"#turn .sample[data-index='{i}']")
+        samples.append({"response_id": s.get_attribute("data-response-id"), "text": s.locator("p.text").text_content(),
+                        "version": s.locator(".version").inner_text()})
+    return samples
+
+
+def _pick(page, choice: str, strength: str, turns_after: int) -> None:
+    page.click(f".picks button[data-choice='{choice}'][data-strength='{strength}']")
+    expect(page.locator("#log .msg.assistant")).to_have_count(turns_after)
+
+
+def _comparisons_of(samples):
+    ids = (samples[0]["response_id"], samples[1]["response_id"])
+    return lambda r: r.feedback.HasField("comparison") and (r.feedback.comparison.a.response_id,
+                                                             r.feedback.comparison.b.response_id) == ids
+
+
+@pytest.mark.slow
+def test_chat_two_turns_each_pick_stored_with_ids_version_role_strength(stack, browser, tmp_path):
+    page = _page(browser)
+    _sign_in(page, stack.base, "/chat", TOKENS["client"])
+    first = _ask(page, "Hello! What should I cook tonight?")
+    assert {s["version"] for s in first} == {stack.version} and first[0]["response_id"] != first[1]["response_id"]
+    _pick(page, "b", "clearly", 1)
+    assert page.locator("#log .msg.assistant p").text_content() == first[1]["text"].strip()
+    second = _ask(page, "Something with rice, please.")
+    _screenshot(page, "web-chat.png", tmp_path)
+    _pick(page, "a", "slightly", 2)
+    page.click("#log .msg.assistant >> nth=0 >> button.thumb.down")   # a rating on an earlier turn
+    page.wait_for_selector("#log .msg.assistant >> nth=0 >> .saved")
+
+    (c1,), (c2,) = stack.wait_for(_comparisons_of(first), 1), stack.wait_for(_comparisons_of(second), 1)
+    user = fb.Source(kind=fb.SOURCE_KIND_USER, id=pseudonym(TOKENS["client"]))
+    for rec, samples, choice, strength in ((c1, first, fb.Comparison.CHOICE_B, fb.Comparison.STRENGTH_CLEARLY_BETTER),
+                                           (c2, second, fb.Comparison.CHOICE_A, fb.Comparison.STRENGTH_SLIGHTLY_BETTER)):
+        c = rec.feedback.comparison
+        assert (c.preferred, c.strength, c.source) == (choice, strength, user)
+        assert [c.a.text, c.b.text] == [s["text"] for s in samples]   # resolved from the interactions log
+        assert c.a.model_version == c.b.model_version == stack.version
+    # the prompts are what the policy saw: the hh chat template over the conversation, the chosen answer in it
+    assert c1.feedback.comparison.prompt == "\n\nHuman: Hello! What should I cook tonight?\n\nAssistant:"
+    assert c2.feedback.comparison.prompt == ("\n\nHuman: Hello! What should I cook tonight?\n\nAssistant: "
+                                             f"{first[1]['text'].strip()}\n\nHuman: Something with rice, please."
+                                             "\n\nAssistant:")
+    rating, = stack.wait_for(lambda r: r.feedback.HasField("rating")
+                             and r.feedback.rating.response.response_id == first[1]["response_id"], 1)
+    assert rating.feedback.rating.WhichOneof("score") == "thumbs_up" and not rating.feedback.rating.thumbs_up
+    assert rating.feedback.rating.prompt == c1.feedback.comparison.prompt
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_chat_both_bad_rates_both_down_and_asks_again_then_a_tie_goes_on_with_a(stack, browser):
+    page = _page(browser)
+    _sign_in(page, stack.base, "/chat", TOKENS["client"])
+    bad = _ask(page, "Where do rainbows come from?")
+    page.click(".picks button[data-choice='bad']")
+    page.wait_for_selector(".picks button[data-choice=tie]:enabled")   # a new pair, open for a pick
+    tie = [page.locator(f"#turn .sample[data-index='{i}']").get_attribute("data-response-id") for i in (0, 1)]
+    assert page.locator("#log .msg.assistant").count() == 0 and not set(tie) & {s["response_id"] for s in bad}
+    _pick(page, "tie", "", 1)
+    assert page.locator("#log .msg.assistant").get_attribute("data-response-id") == tie[0]
+
+    downs = stack.wait_for(lambda r: r.feedback.HasField("rating")
+                           and r.feedback.rating.response.response_id in {s["response_id"] for s in bad}, 2)
+    user = fb.Source(kind=fb.SOURCE_KIND_USER, id=pseudonym(TOKENS["client"]))
+    assert len(downs) == 2 and all(r.feedback.rating.WhichOneof("score") == "thumbs_up"
+                                   and not r.feedback.rating.thumbs_up and r.feedback.rating.source == user for r in downs)
+    c, = stack.wait_for(_comparisons_of([{"response_id": t} for t in tie]), 1)
+    assert (c.feedback.comparison.preferred, c.feedback.comparison.strength) == (
+        fb.Comparison.CHOICE_TIE, fb.Comparison.STRENGTH_UNSPECIFIED)
+    assert c.feedback.comparison.prompt == downs[0].feedback.rating.prompt   # the same question, asked again
+    page.context.close()
+
+
+def _ranking_ids(page) -> list[str]:
+    return page.eval_on_selector_all("#ranking li.card", "els => els.map(e => e.dataset.responseId)")
+
+
+@pytest.mark.slow
+def test_labeling_ranking_of_four_with_likert_arrives_as_one_ranking_and_four_ratings(stack, browser, tmp_path):
+    page = _page(browser)
+    _sign_in(page, stack.base, "/label", TOKENS["labeler"])
+    page.wait_for_selector("#ranking li.card >> nth=3")
+    served = _ranking_ids(page)
+    assert len(set(served)) == 4
+    page.focus("#ranking li.card >> nth=3")
+    for _ in range(3):                        # keys: the last response to the top
+        page.keyboard.press("ArrowUp")
+    assert _ranking_ids(page) == [served[3], served[0], served[1], served[2]]
+    page.drag_and_drop("#ranking li.card >> nth=2", "#ranking li.card >> nth=1")   # and a drag
+    order = _ranking_ids(page)
+    assert order == [served[3], served[1], served[0], served[2]]
+    scores = dict(zip(order, (7, 5, 3, 1)))
+    for rid, v in scores.items():
+        page.click(f"#ranking li[data-response-id='{rid}'] .likert input[value='{v}']")
+    prompt = page.locator(".prompt p").text_content()
+    _screenshot(page, "web-label.png", tmp_path)
+    page.click("#submit")
+    expect(page.locator("#count")).to_have_text("1")
+
+    ranking, = stack.wait_for(lambda r: r.feedback.HasField("ranking")
+                              and r.feedback.ranking.responses[0].response_id == order[0], 1)
+    rk = ranking.feedback.ranking
+    labeler = fb.Source(kind=fb.SOURCE_KIND_LABELER, id=pseudonym(TOKENS["labeler"]))
+    assert [r.response_id for r in rk.responses] == order and rk.source == labeler
+    assert prompt in PROMPTS and rk.prompt == f"\n\nHuman: {prompt}\n\nAssistant:"
+    assert {r.model_version for r in rk.responses} == {stack.version}
+    ratings = stack.wait_for(lambda r: r.feedback.HasField("rating")
+                             and r.feedback.rating.response.response_id in scores, 4)
+    assert {r.feedback.rating.response.response_id: r.feedback.rating.likert for r in ratings} == scores
+    assert all(r.feedback.rating.source == labeler and r.feedback.rating.prompt == rk.prompt for r in ratings)
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_double_submit_and_a_resent_submission_store_once(stack, browser):
+    page = _page(browser)
+    _sign_in(page, stack.base, "/label", TOKENS["labeler"])
+    page.wait_for_selector("#ranking li.card >> nth=3")
+    ids = _ranking_ids(page)
+    with page.expect_request(stack.base + "/api/feedback/label") as req:
+        page.dblclick("#submit")
+    expect(page.locator("#count")).to_have_text("1")
+    sent = req.value.post_data_json
+    # the same submission again, as a page would resend it when an answer is lost: same event ids
+    again = page.evaluate("""body => fetch('/api/feedback/label', {method: 'POST', body: JSON.stringify(body),
+                             headers: {'Content-Type': 'application/json'}}).then(r => r.json())""", sent)
+    assert again["saved"] is True and again["event_ids"] == [sent["items"][0]["event_id"]]
+    stored = stack.wait_for(lambda r: r.feedback.HasField("ranking")
+                            and [x.response_id for x in r.feedback.ranking.responses] == ids, 1)
+    assert [r.event_id for r in stored] == [sent["items"][0]["event_id"]]
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_broker_down_the_page_says_not_saved_and_a_retry_after_restart_stores_once(stack, browser):
+    """Last in the module: it stops the module's broker."""
+    from feedback.broker import start, stop
+    page = _page(browser)
+    _sign_in(page, stack.base, "/chat", TOKENS["client"])
+    samples = _ask(page, "Tell me about the sea.")
+    stack.wait_for_interactions({s["response_id"] for s in samples})   # servable ids before Kafka goes
+    stop(stack.broker)
+    page.click(".picks button[data-choice='a'][data-strength='clearly']")
+    page.wait_for_selector(".notice.error, #log .msg.assistant")   # whichever comes: it must be the error
+    assert page.locator("#log .msg.assistant").count() == 0 and page.locator(".notice.saved").count() == 0
+    assert "Not saved" in page.locator(".notice.error").inner_text()
+    start(stack.broker)
+    deadline = time.monotonic() + 60
+    while page.locator("#log .msg.assistant").count() == 0:   # a person retrying until it goes through
+        assert time.monotonic() < deadline, page.locator(".notice").all_inner_texts()
+        page.click(".notice.error button.retry")
+        expect(page.locator(".notice.sending")).to_have_count(0)
+        time.sleep(1.0)
+    stored = stack.wait_for(_comparisons_of(samples), 1)
+    assert len(stored) == 1 and stored[0].feedback.comparison.preferred == fb.Comparison.CHOICE_A
+    page.context.close()

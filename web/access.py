@@ -1,0 +1,73 @@
+"""Who is asking, and which page they may use.
+
+A person signs in once with a token from the file the gRPC servers read (`--auth-tokens`, lines
+`<token> <role>`, common/auth.py). The token then travels only in an HttpOnly, SameSite=Strict
+cookie: never in a URL (URLs end up in logs and browser history) and never readable by the page's
+scripts. On every request the cookie's token is checked against the file again, so the gateway
+keeps no session state, and it is forwarded to the gRPC servers as the bearer token, so they apply
+their own role rules too. Without a token file every page is open, as the gRPC servers are then.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import uuid
+from dataclasses import dataclass
+
+from common.auth import load_tokens
+
+TOKEN_COOKIE = "rlhf_token"
+PERSON_COOKIE = "rlhf_person"   # an anonymous id, only when auth is off
+PAGE_ROLES = {"chat": "client", "label": "labeler"}
+"""The role each page needs; admin may use every page, as on the gRPC servers."""
+
+
+@dataclass(frozen=True)
+class Person:
+    role: str | None
+    """The token's role (None when auth is off)."""
+    token: str
+    """Forwarded to the gRPC servers ("" when auth is off)."""
+    id: str
+    """The feedback's source id: a pseudonym of the token (or the anonymous cookie), never the token."""
+
+
+def pseudonym(token: str) -> str:
+    """A stable id for a token's holder that does not give the token away (64 bits of a hash)."""
+    return "p-" + hashlib.sha256(b"rlhf-web-person\0" + token.encode()).hexdigest()[:16]
+
+
+def new_anonymous_id() -> str:
+    return "anon-" + uuid.uuid4().hex[:16]
+
+
+class Access:
+    def __init__(self, tokens_file: str):
+        self.tokens = load_tokens(tokens_file) if tokens_file else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens is not None
+
+    def role_of(self, token: str) -> str | None:
+        """The role of a known token, else None; compared in constant time against every token."""
+        if not self.tokens or not token:
+            return None
+        role = None
+        for known, r in self.tokens.items():
+            if hmac.compare_digest(token.encode(), known.encode()):
+                role = r
+        return role
+
+    def person(self, cookies: dict) -> Person | None:
+        """The person behind a request's cookies: None when auth is on and the token is missing or unknown."""
+        if not self.enabled:
+            anon = cookies.get(PERSON_COOKIE, "")
+            return Person(None, "", anon if re.fullmatch(r"anon-[0-9a-f]{16}", anon) else "anonymous")
+        token = cookies.get(TOKEN_COOKIE, "")
+        role = self.role_of(token)
+        return None if role is None else Person(role, token, pseudonym(token))
+
+    def may_use(self, person: Person, page: str) -> bool:
+        return not self.enabled or person.role in (PAGE_ROLES[page], "admin")

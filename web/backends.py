@@ -1,0 +1,76 @@
+"""The gateway's gRPC side: asyncio channels to the policy and feedback services, and what their
+answers mean for a page (HTTP status, whether a retry can help)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from common.auth import bearer
+from rlhf.v1 import feedback_pb2 as fb
+from rlhf.v1 import feedback_pb2_grpc as fb_grpc
+from rlhf.v1 import policy_pb2_grpc as pb_grpc
+
+from .config import WebConfig
+
+# a gRPC status -> (HTTP status, whether the same submission may succeed later)
+_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, False),
+    grpc.StatusCode.UNAUTHENTICATED: (403, False),
+    grpc.StatusCode.PERMISSION_DENIED: (403, False),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, True),
+    grpc.StatusCode.UNAVAILABLE: (503, True),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, True),
+}
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A call that did not do what was asked, as the page is told."""
+    http: int
+    retry: bool
+    code: str
+    message: str
+
+    @staticmethod
+    def of(code: grpc.StatusCode, message: str) -> "Failure":
+        http, retry = _HTTP.get(code, (502, True))
+        return Failure(http, retry, code.name, message)
+
+    def json(self) -> dict:
+        return {"retry": self.retry, "code": self.code, "error": self.message}
+
+
+class Backends:
+    """Stubs over one channel per service; created inside the server's event loop (grpc.aio)."""
+
+    def __init__(self, cfg: WebConfig):
+        self.cfg = cfg
+        creds = grpc.ssl_channel_credentials(Path(cfg.backend_ca).read_bytes()) if cfg.backend_ca else None
+        self.channels = [grpc.aio.secure_channel(t, creds) if creds else grpc.aio.insecure_channel(t)
+                         for t in (cfg.policy, cfg.feedback)]
+        self.policy = pb_grpc.PolicyServiceStub(self.channels[0])
+        self.feedback = fb_grpc.FeedbackServiceStub(self.channels[1])
+
+    def stream(self, req, token: str):
+        return self.policy.GenerateStream(req, timeout=self.cfg.generate_timeout_s, metadata=bearer(token))
+
+    async def generate(self, req, token: str):
+        return await self.policy.Generate(req, timeout=self.cfg.generate_timeout_s, metadata=bearer(token))
+
+    async def submit(self, batch: fb.FeedbackBatch, token: str) -> Failure | None:
+        """One batch, one round trip. None when Kafka acknowledged every item; else the first
+        failure. A partly saved batch counts as not saved: the page resends all of it with the same
+        event ids, and the store keeps one record per event id."""
+        try:
+            res = await self.feedback.SubmitBatch(batch, timeout=self.cfg.feedback_timeout_s, metadata=bearer(token))
+        except grpc.aio.AioRpcError as e:
+            return Failure.of(e.code(), e.details() or e.code().name)
+        bad = [r for r in res.results if r.code != 0]
+        return Failure.of(_BY_NUMBER.get(bad[0].code, grpc.StatusCode.UNKNOWN), bad[0].message) if bad else None
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
