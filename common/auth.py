@@ -2,8 +2,9 @@
 
 Tokens live in a file (never on the command line, never logged): one `token role` per line,
 roles client | labeler | admin; `#` starts a comment. Clients send `authorization: Bearer <token>`.
-  client   generate, model info, submit user feedback (ratings; comparisons from users)
-  labeler  submit rankings and comparisons (from labelers)
+  client   generate, model info, score, submit user feedback (ratings and comparisons from users)
+  labeler  generate and model info (the K answers a labeler compares), submit labeler feedback
+           (rankings, comparisons and Likert ratings: InstructGPT's labelers rank and rate)
   admin    everything, including pin / roll back / pause training
 Missing or unknown token -> UNAUTHENTICATED; known token, wrong role -> PERMISSION_DENIED.
 Health checks stay open (load balancers and probes have no token). Reflection needs a token of
@@ -25,9 +26,9 @@ _role: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_role", 
 
 # full method name prefix or name -> roles allowed (admin is always allowed)
 RULES = {
-    "/rlhf.v1.PolicyService/": {"client"},
+    "/rlhf.v1.PolicyService/": {"client", "labeler"},
     "/rlhf.v1.RewardService/": {"client"},
-    "/rlhf.v1.FeedbackService/SubmitRating": {"client"},
+    "/rlhf.v1.FeedbackService/SubmitRating": {"client", "labeler"},
     "/rlhf.v1.FeedbackService/SubmitRanking": {"labeler"},
     "/rlhf.v1.FeedbackService/SubmitComparison": {"client", "labeler"},
     "/rlhf.v1.FeedbackService/SubmitBatch": {"client", "labeler"},

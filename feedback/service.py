@@ -259,7 +259,7 @@ def _check_role(f: fb.Feedback) -> None:
         return   # not a defined kind at all: validation answers INVALID_ARGUMENT naming the field
     if src != _ROLE_SOURCES[role]:
         raise PermissionError(f"role {role} may not submit {_SOURCE_LABELS[src]} feedback")
-    if (role, kind) in (("client", "ranking"), ("labeler", "rating")):
+    if (role, kind) == ("client", "ranking"):
         raise PermissionError(f"role {role} may not submit a {kind}")
 _SOURCE_LABELS = {v: fb.SourceKind.Name(v).removeprefix("SOURCE_KIND_").lower() for v in fb.SourceKind.values()}
 

@@ -80,6 +80,8 @@ def _calls(ports, ca):
         "RM.Rollback": lambda md: RA.Rollback(mpb.RollbackRequest(), metadata=md, timeout=30),
         "SubmitRating(user)": lambda md: F.SubmitRating(fb.Rating(source=_user(), prompt=SECRET_PROMPT, response=resp,
                                                                   thumbs_up=True), metadata=md, timeout=30),
+        "SubmitRating(labeler)": lambda md: F.SubmitRating(fb.Rating(
+            source=_user(fb.SOURCE_KIND_LABELER), prompt="p", response=resp, likert=6), metadata=md, timeout=30),
         "SubmitRating(kind=99)": lambda md: F.SubmitRating(fb.Rating(source=_user(99), prompt="p", response=resp,
                                                                      thumbs_up=True), metadata=md, timeout=30),
         "SubmitComparison(user)": lambda md: F.SubmitComparison(fb.Comparison(
@@ -96,15 +98,16 @@ def _calls(ports, ca):
 
 # expected status per RPC for: no token, a wrong token, client, labeler, admin
 EXPECTED = {
-    "Generate": (UNAUTH, UNAUTH, OK, DENIED, OK),
-    "GenerateStream": (UNAUTH, UNAUTH, OK, DENIED, OK),
-    "GetModelInfo": (UNAUTH, UNAUTH, OK, DENIED, OK),
+    "Generate": (UNAUTH, UNAUTH, OK, OK, OK),          # labelers generate the K answers they rank
+    "GenerateStream": (UNAUTH, UNAUTH, OK, OK, OK),
+    "GetModelInfo": (UNAUTH, UNAUTH, OK, OK, OK),
     "Policy.ListVersions": (UNAUTH, UNAUTH, DENIED, DENIED, OK),
     "Policy.PinVersion": (UNAUTH, UNAUTH, DENIED, DENIED, OK),
     "RM.Score": (UNAUTH, UNAUTH, OK, DENIED, OK),
     "RM.Rollback": (UNAUTH, UNAUTH, DENIED, DENIED, "FAILED_PRECONDITION"),  # admin: allowed, nothing to roll back to
     "SubmitRating(user)": (UNAUTH, UNAUTH, OK, DENIED, OK),
-    "SubmitRating(kind=99)": (UNAUTH, UNAUTH, BAD, DENIED, BAD),   # labelers may not rate; else bad input (was INTERNAL)
+    "SubmitRating(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),     # a labeler's Likert score (InstructGPT)
+    "SubmitRating(kind=99)": (UNAUTH, UNAUTH, BAD, BAD, BAD),      # bad input, whoever sends it (was INTERNAL)
     "SubmitComparison(user)": (UNAUTH, UNAUTH, OK, DENIED, OK),
     "SubmitComparison(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),
     "SubmitRanking(labeler)": (UNAUTH, UNAUTH, DENIED, OK, OK),
