@@ -173,12 +173,24 @@ class FeedbackConsumer:
             log.warning("dead-lettered %d records (%s)", len(dead), "; ".join(f"{n} x {r}" for r, n in top))
         new, dup = self.store.commit_batch(fb_rows, int_rows)
         if self.commit_each_batch:
-            self.consumer.commit()   # only after the store's transaction is durable
+            self._commit()
         self.stored += new
         metrics.CONSUMED.labels(topics.FEEDBACK).inc(new)
         metrics.CONSUMED.labels(topics.INTERACTIONS).inc(len(int_rows))
         metrics.DUPLICATES.inc(dup)
         return sum(len(v) for v in batch.values())
+
+    def _commit(self) -> None:
+        """Commits the group's offsets, only after the store's transaction is durable. A commit the
+        group refuses (it rebalanced, or a restarted broker forgot this member: UnknownMemberId)
+        is not fatal: the batch is stored, so the records after the last committed offset come
+        again after the rejoin and the store skips them by event id (DUPLICATES counts them)."""
+        from kafka.errors import CommitFailedError
+        try:
+            self.consumer.commit()
+        except CommitFailedError as e:
+            log.warning("offset commit refused by the group (%s); the batch is stored, it will be delivered "
+                        "again and deduplicated", type(e).__name__)
 
     def lag(self) -> int | None:
         """Records behind the end over the assigned partitions (None before an assignment)."""

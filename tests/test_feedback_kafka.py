@@ -426,3 +426,32 @@ def test_a_late_failure_of_a_replaced_producer_does_not_take_the_new_one_down():
         assert health == [False]
     finally:
         p.close()
+
+
+def test_a_refused_offset_commit_does_not_stop_the_consumer(feedback_service, kafka_broker, acked_event_ids,
+                                                              tmp_path, caplog):
+    """A group consumer whose commit the group refuses (it rebalanced, or a restarted broker forgot the
+    member: CommitFailedError) keeps the stored batch and goes on; the records come again and are deduped."""
+    from kafka.errors import CommitFailedError
+    mine: set[str] = set()
+    _submit_mix(feedback_service, 6, mine)
+    acked_event_ids |= mine
+    c = FeedbackConsumer(ConsumerConfig(db=tmp_path / "store.db", bootstrap=kafka_broker, group=f"g-{uuid.uuid4().hex}",
+                                        max_batch=500))
+    real_commit, refused = c.consumer.commit, []
+
+    def refuse_once(*a, **kw):
+        if not refused:
+            refused.append(1)
+            raise CommitFailedError("the group rebalanced")
+        return real_commit(*a, **kw)
+    c.consumer.commit = refuse_once
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not mine <= set(c.store.event_ids()):
+            c.poll_once()
+        assert refused and mine <= set(c.store.event_ids())
+        assert "offset commit refused" in caplog.text
+        assert c.poll_once() >= 0      # still consuming, and the next commit goes through
+    finally:
+        c.close()
