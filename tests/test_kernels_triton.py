@@ -15,7 +15,8 @@ from serve.kernels.entropy_kl_triton import entropy_kl_triton
 from serve.kernels.logprobs import token_logprobs_ref
 from serve.kernels.logprobs_triton import token_logprobs_triton
 from serve.kernels.sampling import filtered_probs, sample_ref
-from serve.kernels.sampling_triton import sample_triton
+from serve.kernels.sampling_triton import (CANDIDATES, FULL_ROW, GREEDY, PLAIN, sample_triton,
+                                           sample_triton_paths)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -146,10 +147,69 @@ def test_top_k_1_and_temperature_0_are_argmax_and_k_eq_v_is_plain_sampling():
     assert plain.tolist() == full.tolist()
 
 
+def _rows(V, rows, seed):
+    """rows of (scale, temperature, top_k, top_p, min_p) -> logits (B, V) scaled per row, and the six
+    sampling arguments (seeds and offsets per row)."""
+    scale, temp, k, p, mp = (torch.tensor(c) for c in zip(*rows))
+    B = len(rows)
+    x = _logits(B, V, seed=seed, scale=1.0) * scale.to(DEVICE)[:, None]
+    return x, _on(temp.float(), k.long(), p.float(), mp.float(), torch.arange(B) * 11 + 1, torch.arange(B))
+
+
+def _assert_matches_reference(x, args, **kw):
+    tok, lp, paths = sample_triton_paths(x, *args, **kw)
+    rtok, rlp = sample_ref(x, *args)
+    assert tok.tolist() == rtok.tolist()
+    torch.testing.assert_close(lp, rlp, atol=1e-5, rtol=0)
+    return paths.tolist()
+
+
+def test_sampling_kernel_edge_cases_across_chunks_take_the_candidate_path():
+    V = 20000   # three chunks of 8192 (the last one partial): the rows are combined across programs
+    x, args = _rows(V, [
+        (2.0, 0.0, 0, 1.0, 0.0),        # greedy
+        (2.0, 1.0, 0, 1.0, 0.0),        # no filter: one chunk scanned for the draw
+        (1.0, 0.8, 50, 0.9, 0.0),       # the benchmark's filters
+        (2.0, 1.7, 1, 1.0, 0.0),        # k = 1: the argmax
+        (2.0, 1.0, V - 1, 1.0, 0.0),    # k = V - 1: the cut in the lowest bins, almost all kept for sure
+        (2.0, 1.0, 0, 0.0, 0.0),        # top_p = 0: the most likely token only
+        (2.0, 1.0, 0, 1.0, 1.0),        # min_p = 1: p >= p_max
+        (2.0, 0.05, 20, 1.0, 0.0),      # T = 0.05
+        (4.0, 1.3, 0, 0.5, 0.05),       # top-p and min-p
+        (2.0, 1.0, V + 5, 1.0, 0.0),    # k > V: no filter
+        (4.0, 1.0, 0, 0.95, 0.0),       # top-p alone: M_k is Z
+        (2.0, 0.7, 3000, 0.8, 0.0),     # top-p over 3,000 top-k survivors
+    ], seed=21)
+    assert _assert_matches_reference(x, args) == [GREEDY, PLAIN] + [CANDIDATES] * 7 + [PLAIN] + [CANDIDATES] * 2
+
+
+def test_sampling_kernel_full_row_path_matches_reference():
+    """With 4 candidate slots the rows with more candidates take the full-row search, same tokens."""
+    x, args = _rows(20000, [(1.0, 0.8, 50, 0.9, 0.0), (2.0, 1.0, 500, 1.0, 0.0), (2.0, 0.7, 3000, 0.8, 0.0),
+                            (2.0, 1.0, 0, 1.0, 0.05), (2.0, 1.7, 1, 1.0, 0.0)], seed=22)
+    assert _assert_matches_reference(x, args, cap=4) == [FULL_ROW] * 4 + [CANDIDATES]
+
+
+def test_sampling_kernel_masked_vocabulary_and_cut_beyond_the_histogram():
+    # a padded vocabulary: tokens >= 12000 are -inf, the whole last chunk among them; k = 15000
+    # reaches into the -inf tokens (kept by top-k, never drawn)
+    x, args = _rows(20000, [(2.0, 0.0, 0, 1.0, 0.0), (2.0, 1.0, 0, 1.0, 0.0), (2.0, 1.0, 50, 1.0, 0.0),
+                            (2.0, 0.9, 15000, 1.0, 0.0), (2.0, 1.0, 0, 0.9, 0.0)], seed=3)
+    x[:, 12000:] = -float("inf")
+    paths = _assert_matches_reference(x, args)
+    assert paths[:3] == [GREEDY, PLAIN, CANDIDATES]
+    # the 900th of 1000 logits of scale 20 lies ~85 logits below the max, past the histogram's 32:
+    # the candidates are the histogram's last bin
+    x, args = _rows(1000, [(20.0, 1.0, 900, 1.0, 0.0), (20.0, 1.0, 900, 0.99, 0.0)], seed=4)
+    sorted_x = x.sort(-1, descending=True).values
+    assert ((sorted_x[:, 0] - sorted_x[:, 899]) > 32).all()
+    assert _assert_matches_reference(x, args) == [CANDIDATES] * 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(temperature=0.8, top_k=5), dict(top_p=0.6), dict(min_p=0.1, temperature=1.2)])
 def test_sampling_kernel_distribution_chi_square(kw):
-    V, N = 12, 300  # the interpreter runs ~60 bisection passes per row: keep N small
+    V, N = 12, 300  # four launches of ~70 interpreted calls per row: keep N small
     logits = _logits(1, V, seed=9, scale=1.0)
     args = (*_params(N, **kw), *_on(torch.full((N,), 99, dtype=torch.long), torch.arange(N)))
     tok, _ = sample_triton(logits.expand(N, V), *args)
