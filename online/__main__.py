@@ -30,6 +30,7 @@ from pathlib import Path
 from common.config_cli import parse_config
 from common.data import HH_PAIRS
 from common.net import free_port
+from common.replicas import local_targets
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -75,6 +76,14 @@ class OnlineConfig:
     """Answers per measurement prompt (the same seeds for every version)."""
     timeout_s: float = 3600.0
     """Give up after this long."""
+    web_port: int = 0
+    """Also start the web gateway (python -m web) on this port, so people can chat and label beside the
+    simulated users (0: no gateway)."""
+    policy_replicas: int = 1
+    """Policy-server processes, all following the model store; the simulated users' calls go round robin
+    over them (common/replicas.py)."""
+    rm_replicas: int = 1
+    """RM-server processes, all following the model store."""
     trainer_args: str = ("--rm.lr 5e-5 --rm.max-steps 16 --rm.batch-groups 8 --rm.max-length 64 --ppo.lr 3e-5 "
                          "--ppo.iterations 6 --ppo.rollouts 32 --ppo.missing-eos-penalty 0.5")
     """Extra flags for python -m train.loop (see its --help)."""
@@ -84,6 +93,10 @@ class OnlineConfig:
             raise ValueError("cycles, users and cycle_comparisons must be >= 1")
         if self.measure_prompts < 2 or self.measure_samples < 1:
             raise ValueError("measure_prompts must be >= 2 and measure_samples >= 1")
+        if not 0 <= self.web_port < 65536:
+            raise ValueError("web_port must be in [0, 65535]")
+        if self.policy_replicas < 1 or self.rm_replicas < 1:
+            raise ValueError("policy_replicas and rm_replicas must be >= 1")
 
 
 class Child:
@@ -150,8 +163,8 @@ def prepare_workdir(cfg: OnlineConfig):
 
 
 def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, on_trainer_line) -> tuple[dict, dict]:
-    """The trainer, then the policy server, the RM server and the feedback service: {name: Child},
-    {name: port}."""
+    """The trainer, then the policy and RM server replicas and the feedback service: {name: Child},
+    {name: port} (replica 0's port; "policy_targets"/"rm_targets": every replica, "h:p,h:p")."""
     store = work / "store"
     tr_args = ["-m", "train.loop", "--bootstrap", bootstrap, "--store", str(store), "--db", str(work / "trainer.db"),
                "--init-policy", str(cfg.init_policy), "--cycle-comparisons", str(cfg.cycle_comparisons),
@@ -161,20 +174,46 @@ def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, on_trainer_lin
                *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
     kids = {"trainer": Child("trainer", tr_args, work / "logs", on_trainer_line)}
     kids["trainer"].wait_for(r"trainer admin listening", 600)
-    ports = {"policy": free_port(), "feedback": free_port(), "rm": free_port()}
-    kids["policy-server"] = Child("policy-server", [
-        "-m", "serve", "--store", str(store), "--kafka-bootstrap", bootstrap, "--port", str(ports["policy"]),
-        "--metrics-port", str(free_port()), "--threads", "1"], work / "logs")
-    kids["rm-server"] = Child("rm-server", [
-        "-m", "serve.rm_server", "--store", str(store), "--kafka-bootstrap", bootstrap, "--port", str(ports["rm"]),
-        "--metrics-port", str(free_port()), "--threads", "1"], work / "logs")
+    replicas = start_server_replicas(cfg, store, bootstrap, work, kids)
+    ports = {"policy": replicas["policy"][0], "feedback": free_port(), "rm": replicas["rm"][0],
+             "policy_targets": local_targets(replicas["policy"]), "rm_targets": local_targets(replicas["rm"])}
     kids["feedback-service"] = Child("feedback-service", [
         "-m", "feedback.service", "--bootstrap", bootstrap, "--port", str(ports["feedback"]),
         "--metrics-port", str(free_port())], work / "logs")
-    for name, pat in (("policy-server", r"policy server listening"), ("rm-server", r"rm server listening"),
-                      ("feedback-service", r"feedback service listening")):
-        kids[name].wait_for(pat, 300)
+    for name, kid in kids.items():
+        if name != "trainer":
+            kid.wait_for(READY[re.sub(r"-\d+$", "", name)], 300)
     return kids, ports
+
+
+READY = {"policy-server": r"policy server listening", "rm-server": r"rm server listening",
+         "feedback-service": r"feedback service listening"}
+
+
+def start_server_replicas(cfg: OnlineConfig, store: Path, bootstrap: str, work: Path, kids: dict) -> dict:
+    """--policy-replicas policy servers and --rm-replicas RM servers into `kids`, not yet waited for:
+    {"policy": ports, "rm": ports}. Every replica serves the store's newest version and follows the
+    model-updates topic on its own (no consumer group: each one reads every announcement), so a
+    published version reaches all of them. Replica 0 keeps the plain name (logs/policy-server.log);
+    the others are policy-server-1, ..."""
+    ports = {}
+    for kind, module, n in (("policy", "serve", cfg.policy_replicas), ("rm", "serve.rm_server", cfg.rm_replicas)):
+        ports[kind] = [free_port() for _ in range(n)]
+        for i, port in enumerate(ports[kind]):
+            name = f"{kind}-server" + (f"-{i}" if i else "")
+            kids[name] = Child(name, ["-m", module, "--store", str(store), "--kafka-bootstrap", bootstrap, "--port",
+                                      str(port), "--metrics-port", str(free_port()), "--threads", "1"], work / "logs")
+    return ports
+
+
+def start_web(cfg: OnlineConfig, work: Path, ports: dict) -> Child:
+    """The web gateway in front of the policy server and the feedback service (web/)."""
+    web = Child("web", ["-m", "web", "--policy", ports["policy_targets"], "--feedback",
+                        f"127.0.0.1:{ports['feedback']}", "--port", str(cfg.web_port),
+                        "--max-new-tokens", str(cfg.max_new_tokens)], work / "logs")
+    url = web.wait_for(r"web gateway listening on (\S+)", 60).group(1)
+    print(f"[online] people can join: {url}/chat (chat and compare) and {url}/label (rank and rate)", flush=True)
+    return web
 
 
 def cycle_line(c: dict, live: dict) -> str:
@@ -227,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         children, ports = start_children(cfg, work, bootstrap, on_trainer_line)
         print(f"[online] policy :{ports['policy']}  rm :{ports['rm']}  feedback :{ports['feedback']}  kafka {bootstrap}"
               f"  store {work / 'store'}", flush=True)
-        sim = Simulator(f"127.0.0.1:{ports['policy']}", f"127.0.0.1:{ports['feedback']}", users_prompts,
+        if cfg.web_port:
+            children["web"] = start_web(cfg, work, ports)
+        if cfg.policy_replicas > 1 or cfg.rm_replicas > 1:
+            print(f"[online] replicas: policy {ports['policy_targets']}  rm {ports['rm_targets']}", flush=True)
+        sim = Simulator(ports["policy_targets"], f"127.0.0.1:{ports['feedback']}", users_prompts,
                         SimConfig(users=cfg.users, noise=cfg.noise, max_new_tokens=cfg.max_new_tokens,
                                   think_s=cfg.think_s, seed=cfg.seed)).start()
         print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons", flush=True)
         if wait_for_versions(cfg, children["trainer"], sim, cycles, stop, t0):
-            sim.stop()   # every version is measured the same way, on a quiet server
+            sim.stop()   # every version is measured the same way, on a quiet server (replica 0: pins are per replica)
             measured = measure_versions(f"127.0.0.1:{ports['policy']}", work / "store", measure_prompts,
                                         cfg.measure_samples, cfg.max_new_tokens, seed=cfg.seed,
                                         log=lambda s: print(s, flush=True))

@@ -1,12 +1,13 @@
 """A small Python client for the policy server.
 
     from serve.client import PolicyClient
-    with PolicyClient("127.0.0.1:50051") as c:
+    with PolicyClient("127.0.0.1:50051") as c:      # or "127.0.0.1:50051,127.0.0.1:50052": replicas, round robin
         r = c.generate("Human: hi\\n\\nAssistant:", max_new_tokens=32, temperature=0.7, seed=1)
         r = c.generate([{"role": "user", "content": "hi"}])   # through the model's chat template
         print(r.model_version, r.prompt_text, r.completions[0].text)
 
     python -m serve.client --target 127.0.0.1:50051 --prompt "Human: hi"   (see --help)
+    python -m serve.client --target 127.0.0.1:50051,127.0.0.1:50052 --prompt "Human: hi"
     python -m serve.client --message "system:Be brief." "user:What is RLHF?"
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.replicas import replica_channel
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -46,8 +48,10 @@ def parse_message(arg: str) -> dict[str, str]:
 
 
 class PolicyClient:
-    def __init__(self, target: str, timeout: float | None = 60.0, metadata: tuple = ()):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, timeout: float | None = 60.0, metadata: tuple = (), tls_ca: str = ""):
+        """target: one policy server, or replicas "h:p,h:p" balanced round robin (common/replicas.py);
+        metadata: e.g. common.auth.bearer(token); tls_ca: verify the servers' TLS against this CA."""
+        self.channel = replica_channel(target, tls_ca)
         self.stub = pb_grpc.PolicyServiceStub(self.channel)
         self.timeout, self.metadata = timeout, metadata
 
@@ -83,7 +87,7 @@ class ClientArgs:
     """A conversation instead of --prompt, rendered by the model's chat template: role:content ..., roles
     system, user, assistant (e.g. --message "user:What is RLHF?")."""
     target: str = "127.0.0.1:50051"
-    """host:port of the policy server."""
+    """host:port of the policy server, or of its replicas comma-separated (calls go round robin)."""
     max_new_tokens: int = 32
     """New tokens at most."""
     temperature: float = 1.0

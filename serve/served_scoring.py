@@ -40,11 +40,10 @@ class ServedScorer:
         self.q: queue.Queue[Sample | None] = queue.Queue(maxsize=max_queue)
         self.rng = random.Random(seed)
         self._rm = None
-        if rm_target:
-            import grpc
-
+        if rm_target:   # one RM server, or its replicas "h:p,h:p" (round robin)
+            from common.replicas import replica_channel
             from rlhf.v1 import models_pb2_grpc
-            self._channel = grpc.insecure_channel(rm_target)
+            self._channel = replica_channel(rm_target)
             self._rm = models_pb2_grpc.RewardServiceStub(self._channel)
         self._thread = threading.Thread(target=self._run, name="served-scoring", daemon=True)
         self._thread.start()

@@ -24,7 +24,9 @@ def run(target: str, streams: int, seconds: float, server_pid: int | None = None
         metadata: tuple = ()) -> dict:
     from rlhf.v1 import policy_pb2 as pb
     from rlhf.v1 import policy_pb2_grpc as pb_grpc
-    channels = [grpc.insecure_channel(target) for _ in range(max(1, streams // 50))]   # ~50 streams per connection
+    from common.replicas import replica_channel
+    # ~50 streams per connection; a comma-separated target spreads them over replicas, round robin
+    channels = [replica_channel(target) for _ in range(max(1, streams // 50))]
     stubs = [pb_grpc.PolicyServiceStub(c) for c in channels]
     codes: Counter = Counter()
     tokens = [0]

@@ -70,7 +70,7 @@ class Simulator:
     def __init__(self, policy_target: str, feedback_target: str, prompts: list[str], cfg: SimConfig):
         from serve.client import PolicyClient
         self.cfg, self.prompts = cfg, prompts
-        self.policy = PolicyClient(policy_target, timeout=120)
+        self.policy = PolicyClient(policy_target, timeout=120)   # "h:p,h:p": policy-server replicas, round robin
         self.fb_channel = grpc.insecure_channel(feedback_target)
         self.feedback = fb_grpc.FeedbackServiceStub(self.fb_channel)
         self.lock = threading.Lock()

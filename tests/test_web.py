@@ -100,7 +100,8 @@ def test_main_job_web_port_starts_an_open_gateway(tmp_path):
     from online.__main__ import OnlineConfig, start_web
     (tmp_path / "logs").mkdir()
     port = free_port()
-    web = start_web(OnlineConfig(web_port=port), tmp_path, {"policy": free_port(), "feedback": free_port()})
+    policy = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"    # two policy replicas' addresses
+    web = start_web(OnlineConfig(web_port=port), tmp_path, {"policy_targets": policy, "feedback": free_port()})
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/label", timeout=10) as r:
             assert r.status == 200 and "rlhf_person=anon-" in r.headers["set-cookie"]

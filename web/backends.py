@@ -3,11 +3,11 @@ answers mean for a page (HTTP status, whether a retry can help)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
 from common.auth import bearer
+from common.replicas import replica_channel
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc
 from rlhf.v1 import policy_pb2_grpc as pb_grpc
@@ -48,9 +48,8 @@ class Backends:
 
     def __init__(self, cfg: WebConfig):
         self.cfg = cfg
-        creds = grpc.ssl_channel_credentials(Path(cfg.backend_ca).read_bytes()) if cfg.backend_ca else None
-        self.channels = [grpc.aio.secure_channel(t, creds) if creds else grpc.aio.insecure_channel(t)
-                         for t in (cfg.policy, cfg.feedback)]
+        # round robin over the replicas of each service (one address is one replica)
+        self.channels = [replica_channel(t, cfg.backend_ca, aio=True) for t in (cfg.policy, cfg.feedback)]
         self.policy = pb_grpc.PolicyServiceStub(self.channels[0])
         self.feedback = fb_grpc.FeedbackServiceStub(self.channels[1])
 

@@ -16,9 +16,9 @@ class WebConfig(AuthOptions):
     made, so a retry or a double click is stored once."""
 
     policy: str = "127.0.0.1:50051"
-    """host:port of the policy server (rlhf.v1.PolicyService)."""
+    """host:port of the policy server (rlhf.v1.PolicyService), or "h:p,h:p" for replicas (round robin)."""
     feedback: str = "127.0.0.1:50061"
-    """host:port of the feedback service (rlhf.v1.FeedbackService)."""
+    """host:port of the feedback service (rlhf.v1.FeedbackService), or "h:p,h:p" for replicas."""
     host: str = "127.0.0.1"
     """Address to listen on (HTTP, or HTTPS with --tls-cert and --tls-key)."""
     port: int = 8080
