@@ -64,10 +64,14 @@ class RMServerConfig(AuthOptions):
     """Texts per forward pass."""
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
+    dtype: str = "float32"
+    """Weights dtype: float32 or bfloat16 (AVX-512 BF16 through oneDNN on CPU, or CUDA); scores are returned as fp32."""
 
     def __post_init__(self) -> None:
         if self.max_items < 1 or self.batch < 1 or self.max_text_chars < 1:
             raise ValueError("max_items, batch and max_text_chars must be >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass
@@ -77,10 +81,10 @@ class LoadedRM:
     version: str
 
 
-def load_rm(store, version: str) -> LoadedRM:
+def load_rm(store, version: str, dtype: torch.dtype = torch.float32) -> LoadedRM:
     from train.reward_model import load
     rm, tok = load(store.path(version) / "rm")
-    return LoadedRM(rm, tok, version)
+    return LoadedRM(rm.to(dtype), tok, version)
 
 
 @torch.no_grad()
@@ -140,7 +144,7 @@ def serve(cfg: RMServerConfig):
     from .versions import ServedModel, UpdateWatcher, VersionManager, add_admin_service
     store = ModelStore(cfg.store)
     try:
-        current = load_rm(store, store.newest_verified()[0])
+        current = load_rm(store, store.newest_verified()[0], getattr(torch, cfg.dtype))
     except CorruptCheckpoint as e:
         raise SystemExit(str(e)) from e
     holder = {"current": current}
@@ -149,7 +153,8 @@ def serve(cfg: RMServerConfig):
         holder["current"] = new.obj   # a reference swap: requests in flight keep the object they read
         MODEL.info({"version": new.version})
 
-    mgr = VersionManager(store=store, load=lambda v: load_rm(store, v), canary=rm_canary, apply=apply,
+    dtype = getattr(torch, cfg.dtype)
+    mgr = VersionManager(store=store, load=lambda v: load_rm(store, v, dtype), canary=rm_canary, apply=apply,
                          current=ServedModel(current.version, current),
                          on_event=lambda result, v: VERSION_EVENTS.labels(result).inc())
     from common import auth

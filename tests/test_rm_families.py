@@ -49,5 +49,7 @@ def test_rm_on_each_family_trains_scores_the_last_token_and_round_trips(name, tm
     opt.step()
     assert loss() < before
     reward_model.save(rm, tok, tmp_path / "rm")
+    from transformers import AutoModel           # the backbone is a plain HF folder: users can take it elsewhere
+    assert type(AutoModel.from_pretrained(tmp_path / "rm", local_files_only=True)) is type(rm.backbone)
     rm2, tok2 = reward_model.load(tmp_path / "rm")
     torch.testing.assert_close(rm2(**reward_model.encode(tok2, TEXTS, rm2.rcfg)), rm(**enc), atol=1e-5, rtol=0)

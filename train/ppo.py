@@ -65,6 +65,9 @@ class PPOConfig:
     """Response length cap in tokens."""
     temperature: float = 1.0
     """Rollout sampling temperature (the logprobs are of the same tempered distribution)."""
+    rollout_dtype: str = "float32"
+    """Weights and KV cache of the rollout engine: float32 or bfloat16 (AVX-512 BF16 on CPU, or CUDA).
+    Only the sampling runs in it: logprobs, KL and the update are computed by the fp32 policy."""
     lr: float = 1e-5
     """Adam learning rate of the policy (InstructGPT 9.65e-6 for 1.3B; small models take more)."""
     critic_lr: float = 1e-4
@@ -116,6 +119,8 @@ class PPOConfig:
             raise ValueError("temperature, lr and critic_lr must be > 0, kl_coef >= 0")
         if self.kl_horizon <= 0 or self.value_warmup_epochs < 0 or self.missing_eos_penalty < 0:
             raise ValueError("kl_horizon must be > 0; value_warmup_epochs and missing_eos_penalty >= 0")
+        if self.rollout_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"rollout_dtype must be float32 or bfloat16, got {self.rollout_dtype!r}")
 
 
 class ValueModel(nn.Module):
@@ -229,7 +234,9 @@ def generate(policy, prompts: list[list[int]], cfg: PPOConfig, end_ids: Iterable
     from serve.model import from_hf
     if not prompts:
         return []
-    model = from_hf(dist.unwrap(policy))
+    model = from_hf(dist.unwrap(policy))   # a copy of the weights: casting it leaves the policy fp32
+    if cfg.rollout_dtype != "float32":
+        model = model.to(getattr(torch, cfg.rollout_dtype))
     ecfg = EngineConfig(max_batch_size=min(64, len(prompts)), max_queue=len(prompts) + 1,
                         max_context=max_context)
     engine = Engine(model, ecfg, end_ids, decode=lambda ids: "", model_version="rollout").start()
