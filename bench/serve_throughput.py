@@ -143,7 +143,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where transformers and the server run (the server's --device; default: cuda if there is one)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="weights and KV cache dtype of both (the server's --dtype)")
+                    help="weights and KV cache dtype of both (the server's --dtype); other than float32, an fp32 "
+                         "server on the same weights runs in the same rounds too (ratio_vs_fp32_server)")
     a = ap.parse_args()
     n_prompts = a.prompts or (16 if a.quick else 32)
     n_new = a.new_tokens or (16 if a.quick else 32)
@@ -165,7 +166,11 @@ def main() -> None:
         gpu_free = torch.cuda.mem_get_info()[0] if hf.device.type == "cuda" else 0
         proc, port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024, **flags)
         target = f"127.0.0.1:{port}"
-        runs: dict[str, list[float]] = {"a": [], "b": [], "c32": [], "ttft1": [], "ttft2": [], "tok2": []}
+        fp32 = None   # the same server in fp32, for the dtype's ratio in the same rounds
+        if a.dtype != "float32":
+            fp32, fp32_port, _ = start_policy_server(model, max_batch_size=32, max_queue=256, max_context=1024,
+                                                     **{k: v for k, v in flags.items() if k != "dtype"})
+        runs: dict[str, list[float]] = {"a": [], "b": [], "c32": [], "c32_fp32": [], "ttft1": [], "ttft2": [], "tok2": []}
         res = {}
         try:
             for clients in (1, 8):
@@ -177,12 +182,22 @@ def main() -> None:
                 runs["a"].append(hf_one_at_a_time(hf, prompts, n_new))
                 runs["b"].append(hf_static_batch(hf, prompts, n_new))
                 runs["c32"].append(server_clients(target, prompts, n_new, 32))
+                if fp32:
+                    runs["c32_fp32"].append(server_clients(f"127.0.0.1:{fp32_port}", prompts, n_new, 32))
                 print(f"round {r + 1}/{rounds}: (a) transformers one at a time {runs['a'][-1]:.1f} tok/s, "
                       f"(b) static batch of {n_prompts} {runs['b'][-1]:.1f} tok/s, "
-                      f"(c) server at 32 clients {runs['c32'][-1]:.1f} tok/s", flush=True)
+                      f"(c) server at 32 clients {runs['c32'][-1]:.1f} tok/s"
+                      + (f", the fp32 server {runs['c32_fp32'][-1]:.1f} tok/s" if fp32 else ""), flush=True)
                 n_runs(target, prompts[:16], n_new, runs)
         finally:
             proc.stop()
+            if fp32:
+                fp32.stop()
+    if runs["c32_fp32"]:
+        per_round = [c / f for c, f in zip(runs["c32"], runs["c32_fp32"])]
+        res.update(server_32_clients_fp32_tok_s=statistics.median(runs["c32_fp32"]),
+                   ratio_vs_fp32_server=statistics.median(per_round),
+                   ratio_vs_fp32_server_rounds=[round(x, 2) for x in per_round])
     for key, name in (("a", "one_at_a_time"), ("b", "static_batch"), ("c32", "server_32_clients")):
         res[f"{name}_tok_s"] = statistics.median(runs[key])
         res[f"{name}_runs"] = [round(x, 1) for x in runs[key]]
