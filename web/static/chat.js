@@ -90,13 +90,7 @@ function pick(choice, strength) {
 async function sendPick() {
   const turn = state.turn;
   const sub = turn.submission;
-  if (sub.status === "sending" || sub.status === "saved") return;
-  sub.status = "sending";
-  save();
-  render();
-  const saved = await submitFeedback(PAGE, sub);
-  save();
-  if (!saved) { render(); return; }
+  if (!await sendOnce(PAGE, sub, save, render)) { render(); return; }
   if (sub.choice === "bad") {   // neither answer goes on: the same question is asked again
     ask(turn.request);
     return;

@@ -38,6 +38,18 @@ async function submitFeedback(page, submission) {
   return submission.status === "saved";
 }
 
+// Sends a submission unless it is on its way or already saved (a retry resends the same event ids),
+// persisting and redrawing the page around the wait. True when it is saved now.
+async function sendOnce(page, sub, persist, redraw) {
+  if (sub.status === "sending" || sub.status === "saved") return false;
+  sub.status = "sending";
+  persist();
+  redraw();
+  const saved = await submitFeedback(page, sub);
+  persist();
+  return saved;
+}
+
 // POST JSON and read the answer as server-sent events: onEvent(name, data) for each.
 async function streamEvents(url, body, onEvent) {
   const resp = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json"},

@@ -74,13 +74,7 @@ function submit() {
 }
 
 async function send() {
-  const sub = state.submission;
-  if (sub.status === "sending" || sub.status === "saved") return;
-  sub.status = "sending";
-  save();
-  render();
-  const saved = await submitFeedback(PAGE, sub);
-  save();
+  const saved = await sendOnce(PAGE, state.submission, save, render);
   render();
   if (saved) {
     state.done += 1;
