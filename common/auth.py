@@ -59,6 +59,16 @@ def load_tokens(path: str | Path) -> dict[str, str]:
     return tokens
 
 
+def role_of_token(tokens: dict[str, str], given: str) -> str | None:
+    """The role of a known token, else None; compared in constant time against each known token."""
+    if not given:
+        return None
+    for tok, role in tokens.items():
+        if hmac.compare_digest(given.encode(), tok.encode()):
+            return role
+    return None
+
+
 def allowed(method: str, role: str) -> bool:
     if role == "admin":
         return True
@@ -75,10 +85,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def _role_of(self, metadata) -> str | None:
         for k, v in metadata or ():
             if k == "authorization" and v.startswith("Bearer "):
-                given = v[7:].encode()
-                for tok, role in self.tokens.items():   # constant-time compare against each
-                    if hmac.compare_digest(given, tok.encode()):
-                        return role
+                return role_of_token(self.tokens, v[7:])
         return None
 
     def intercept_service(self, continuation, details):

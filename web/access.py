@@ -10,12 +10,11 @@ their own role rules too. Without a token file every page is open, as the gRPC s
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import uuid
 from dataclasses import dataclass
 
-from common.auth import load_tokens
+from common.auth import load_tokens, role_of_token
 
 TOKEN_COOKIE = "rlhf_token"
 PERSON_COOKIE = "rlhf_person"   # an anonymous id, only when auth is off
@@ -51,14 +50,8 @@ class Access:
         return self.tokens is not None
 
     def role_of(self, token: str) -> str | None:
-        """The role of a known token, else None; compared in constant time against every token."""
-        if not self.tokens or not token:
-            return None
-        role = None
-        for known, r in self.tokens.items():
-            if hmac.compare_digest(token.encode(), known.encode()):
-                role = r
-        return role
+        """The role of a known token, else None (common.auth's constant-time lookup)."""
+        return role_of_token(self.tokens, token) if self.tokens else None
 
     def person(self, cookies: dict) -> Person | None:
         """The person behind a request's cookies: None when auth is on and the token is missing or unknown."""
