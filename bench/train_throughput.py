@@ -46,7 +46,7 @@ def pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def ours_rm(steps: int, batch: int, max_length: int) -> dict:
     import torch
 
-    from train import reward_model
+    from serve import reward_model
     from train.rm_update import Group, RMUpdateConfig, train_rm
     torch.manual_seed(0)
     rm, tok = reward_model.build(reward_model.default_backbone(), max_length)
@@ -114,7 +114,7 @@ def trl_python() -> str | None:
 
 
 def trl_rm(py: str, steps: int, batch: int, max_length: int) -> dict:
-    from train.reward_model import default_backbone
+    from serve.reward_model import default_backbone
     data = pairs((steps + 1) * batch)
     with tempfile.TemporaryDirectory() as d:
         r = subprocess.run([py, "-c", TRL_SCRIPT, str(default_backbone()), str(steps), str(batch), str(max_length), d],

@@ -20,10 +20,16 @@ import grpc
 import torch
 
 from common import model_store
+from serve.client import PolicyClient
+from serve.reward_model import load as load_rm
+from serve.reward_model import rm_text
 from rlhf.v1 import models_pb2 as mpb
 from rlhf.v1 import models_pb2_grpc as mgrpc
 from sim.preference import true_score
 from sim.traffic import TRUNCATED
+from train.loop import load_policy_hf
+from train.ppo import pack, token_stats
+from train.rm_eval import score_texts
 
 from .stats import bootstrap_ci, mean
 
@@ -32,7 +38,6 @@ def serve_answers(target: str, version: str, prompts: list[str], samples: int, m
                   seed: int) -> list[dict]:
     """Pins the policy server to `version` and asks every prompt for `samples` answers (prompt i
     uses seed + 1000 i). One dict per answer: prompt, prompt_ids, ids, text, truncated."""
-    from serve.client import PolicyClient
     with grpc.insecure_channel(target) as ch:
         mgrpc.AdminServiceStub(ch).PinVersion(mpb.PinVersionRequest(version=version), timeout=600)
     with PolicyClient(target, timeout=300) as c:
@@ -49,7 +54,6 @@ def serve_answers(target: str, version: str, prompts: list[str], samples: int, m
 @torch.no_grad()
 def kl_to_v0000(policy, ref, answers: list[dict], pad_id: int, batch: int = 64) -> list[float]:
     """Per answer: the exact KL(policy || ref) summed over its tokens, nats."""
-    from train.ppo import pack, token_stats
     out: list[float] = []
     for i in range(0, len(answers), batch):
         chunk = answers[i:i + batch]
@@ -62,8 +66,6 @@ def kl_to_v0000(policy, ref, answers: list[dict], pad_id: int, batch: int = 64) 
 @torch.no_grad()
 def rm_rewards(rm, tok, answers: list[dict]) -> list[float]:
     """Per answer: the normalised reward under rm (the RM's view of a served answer, rm_text)."""
-    from train.rm_eval import score_texts
-    from train.rm_update import rm_text
     raw = score_texts(rm, tok, [rm_text(a["prompt"], a["text"], a["truncated"]) for a in answers])
     return (rm.rcfg.gain * (raw - rm.rcfg.offset)).tolist()
 
@@ -80,8 +82,6 @@ def summarise(answers: list[dict], kl: list[float], reward: list[float], parent:
 def measure_versions(target: str, store_root: Path, prompts: list[str], samples: int, max_new_tokens: int,
                      seed: int = 0, log=print) -> dict[str, dict]:
     """{version: summary} for every version in the store (see the module docstring)."""
-    from train.loop import load_policy_hf
-    from train.reward_model import load as load_rm
     store = model_store.ModelStore(store_root)
     versions = store.versions()
     answers = {}

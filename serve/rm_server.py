@@ -16,9 +16,11 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 
+from common import auth
 from common.auth_options import AuthOptions
 from common.config_cli import parse_config
 from common.lifecycle import exit_now, stop_server
+from common.model_store import CorruptCheckpoint, ModelStore
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -30,6 +32,9 @@ from prometheus_client import Counter, Histogram, Info, start_http_server  # noq
 
 from rlhf.v1 import models_pb2 as mpb  # noqa: E402
 from rlhf.v1 import models_pb2_grpc as mgrpc  # noqa: E402
+
+from .reward_model import encode, load, rm_text  # noqa: E402
+from .versions import Refused, ServedModel, UpdateWatcher, VersionManager, add_admin_service  # noqa: E402
 
 log = logging.getLogger("serve.rm_server")
 
@@ -82,7 +87,6 @@ class LoadedRM:
 
 
 def load_rm(store, version: str, dtype: torch.dtype = torch.float32) -> LoadedRM:
-    from train.reward_model import load
     rm, tok = load(store.path(version) / "rm")
     return LoadedRM(rm.to(dtype), tok, version)
 
@@ -90,8 +94,6 @@ def load_rm(store, version: str, dtype: torch.dtype = torch.float32) -> LoadedRM
 @torch.no_grad()
 def score(m: LoadedRM, items: list[tuple[str, str, bool]], batch: int) -> list[float]:
     """(prompt, response, truncated) items -> normalised rewards, in order."""
-    from train.reward_model import encode
-    from train.rm_update import rm_text
     texts = [rm_text(p, r, t) for p, r, t in items]
     out = []
     for i in range(0, len(texts), batch):
@@ -101,7 +103,6 @@ def score(m: LoadedRM, items: list[tuple[str, str, bool]], batch: int) -> list[f
 
 
 def rm_canary(cand: LoadedRM, current) -> None:
-    from .versions import Refused
     s = score(cand, [("Hello?", "Hi, how can I help you?", False), ("What is 2+2?", "4", False)], 8)
     if not all(map(lambda x: x == x and abs(x) < 1e6, s)):
         raise Refused(f"{cand.version}: non-finite or absurd scores on the canary pairs: {s}")
@@ -139,9 +140,6 @@ class RewardServicer(mgrpc.RewardServiceServicer):
 
 
 def serve(cfg: RMServerConfig):
-    from common.model_store import CorruptCheckpoint, ModelStore
-
-    from .versions import ServedModel, UpdateWatcher, VersionManager, add_admin_service
     store = ModelStore(cfg.store)
     try:
         current = load_rm(store, store.newest_verified()[0], getattr(torch, cfg.dtype))
@@ -157,7 +155,6 @@ def serve(cfg: RMServerConfig):
     mgr = VersionManager(store=store, load=lambda v: load_rm(store, v, dtype), canary=rm_canary, apply=apply,
                          current=ServedModel(current.version, current),
                          on_event=lambda result, v: VERSION_EVENTS.labels(result).inc())
-    from common import auth
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
                          interceptors=auth.interceptors(cfg.auth_tokens))

@@ -31,7 +31,7 @@ class Sample:
     response_ids: list[int]
     prompt: str
     response: str
-    truncated: bool = False   # cut at the token limit (the RM sees it, train/rm_update.rm_text)
+    truncated: bool = False   # cut at the token limit (the RM sees it, serve/reward_model.rm_text)
 
 
 class ServedScorer:

@@ -5,7 +5,7 @@ share of its words among ~200 frequent ones: fluency) plus the density of courte
 minus rude ones, with a mild preference for answers of 8-40 words. Many tokens carry signal, so a
 small policy can move toward it within minutes, and an RM has to learn two lexicons from
 comparisons alone to find it. An answer cut off at the token limit, mid-sentence, loses 0.2: people
-notice when an answer stops before it ends (the RM sees the cut too, train/rm_update.rm_text). Labelers compare with Bradley-Terry noise: P(a preferred) =
+notice when an answer stops before it ends (the RM sees the cut too, serve/reward_model.rm_text). Labelers compare with Bradley-Terry noise: P(a preferred) =
 sigmoid((s_a - s_b) / noise); `noise` sets how often they disagree with the true ordering.
 Pure functions, no I/O.
 """

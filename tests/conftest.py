@@ -47,7 +47,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from train import reward_model
+    from serve import reward_model
     out = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

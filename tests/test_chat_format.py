@@ -126,7 +126,7 @@ def test_the_default_policy_renders_the_hh_format(hh_server, tiny_gpt2):
     """The simulator's prompts and the trainer's RM prompts (split_dialogue) come out of the default
     template character for character, and their tokens are the ones the trainer encodes."""
     from sim.traffic import first_turn_prompts
-    from train.reward_model import split_dialogue
+    from serve.reward_model import split_dialogue
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
     cases = []
     for p in first_turn_prompts(HH_PAIRS)[:3]:
@@ -298,7 +298,7 @@ def test_rollout_texts_for_the_rm_match_what_served_feedback_quotes(tiny_qwen2):
 
     from serve.loader import end_of_turn_ids
     from train.loop import rollout_rm_texts
-    from train.rm_update import rm_text
+    from serve.reward_model import rm_text
     tok = AutoTokenizer.from_pretrained(tiny_qwen2, local_files_only=True)
     ends = end_of_turn_ids(tok, tiny_qwen2, tok.eos_token_id)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from rlhf.v1 import feedback_pb2 as fb
 from train.feedback_groups import GroupCounter, groups_from_records
 from train.loop import split_heldout
-from train.rm_update import TRUNCATED, rm_text
+from serve.reward_model import TRUNCATED, rm_text
 
 P = "\n\nHuman: how do I bake bread?\n\nAssistant:"
 

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
+from serve import reward_model
 from tests.helpers import REPO
-from train import reward_model
 from train.pairs_data import read_pairs, split
 from train.rm_eval import evaluate
-from train.rm_train import RMTrainConfig, train
+from train.rm_train import RMTrainConfig, relevance_cosines, train
 
 WORDS = "apple river stone cloud music paper garden window silver coffee mountain letter".split()
 
@@ -98,7 +98,7 @@ def test_relevance_feature_is_the_frozen_encoders_cosine(tiny_bert, tmp_path):
         rm.relevance_weight.fill_(0.5)
     assert torch.allclose(rm(**enc), base + 0.5 * 20 * cos, atol=1e-5)
     # the cached path (rm_train computes the frozen cosines once) gives the same
-    cached = reward_model.relevance_cosines(rm, tok, texts[::-1] + texts, batch=3)   # length-sorted batches
+    cached = relevance_cosines(rm, tok, texts[::-1] + texts, batch=3)   # length-sorted batches
     assert torch.allclose(cached, torch.cat([cos.flip(0), cos]), atol=1e-5)
     plain_enc = reward_model.encode(tok, texts, reward_model.RewardConfig(pooling="mean", max_length=32))
     assert torch.allclose(rm(**plain_enc, rel_cos=cached[2:]), rm(**enc), atol=1e-5)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.test_model_families import FAMILIES, _build
-from train import reward_model, rm_losses
+from serve import reward_model
+from train import rm_losses
 
 WORDS = "human assistant hello how do i pick a lock can't help with that apples are red tell me about rivers".split()
 TEXTS = ["\n\nHuman: hello\n\nAssistant: hello",

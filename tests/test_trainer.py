@@ -19,7 +19,7 @@ from common import model_store as ms
 from tests.helpers import REPO, ServerProc
 from train.rm_update import Group, group_loss_sum
 from train import rm_losses
-from train.reward_model import RewardConfig
+from serve.reward_model import RewardConfig
 
 
 # ---- model store ----
@@ -123,7 +123,7 @@ def test_ppo_raises_reward_with_kl_under_budget(tiny_hh_policy):
 
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_for_the_same_global_batch(tmp_path):
-    from train.reward_model import default_backbone
+    from serve.reward_model import default_backbone
     worker = REPO / "tests" / "workers" / "ddp_equivalence.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(worker), str(tmp_path / "one.pt"), str(default_backbone())], check=True,

@@ -10,7 +10,7 @@
   with the latest rating.
 
 Every response keeps how it ended (Response.finish_reason), so the RM sees the same text for a
-response cut at the token limit as PPO's scorer does (rm_update.rm_text).
+response cut at the token limit as PPO's scorer does (serve/reward_model.rm_text).
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from itertools import combinations
 
 from rlhf.v1 import feedback_pb2 as fb
 
-from .rm_update import Group, is_truncated, rm_text
+from serve.reward_model import is_truncated, rm_text
+
+from .rm_update import Group
 
 
 def _text(prompt: str, r: fb.Response) -> str:

@@ -49,14 +49,17 @@ ensure_generated()
 from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
 from rlhf.v1 import models_pb2  # noqa: E402
 
-from . import dist, reward_model, rules  # noqa: E402
+from serve import reward_model  # noqa: E402
+from serve.reward_model import rm_text  # noqa: E402
+
+from . import dist, rules  # noqa: E402
 from . import metrics as M  # noqa: E402
 from .feedback_groups import GroupCounter, groups_from_records  # noqa: E402
 from .ppo import PPOConfig, PPOTrainer, PtxBatches, build_critic, ended, generate, load_ppo_state, ptx_sequences  # noqa: E402
 from .ppo import run as run_ppo  # noqa: E402
 from .ppo import save_ppo_state  # noqa: E402
 from .rm_eval import score_texts  # noqa: E402
-from .rm_update import Group, RMUpdateConfig, heldout_correctness, rm_text, train_rm  # noqa: E402
+from .rm_update import Group, RMUpdateConfig, heldout_correctness, train_rm  # noqa: E402
 
 log = logging.getLogger("train.loop")
 V0 = model_store.version_name(0)

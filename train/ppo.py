@@ -42,8 +42,12 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_model, save_model
+from tqdm import tqdm
 
 from serve import kernels
+from serve.engine import DoneEvent, Engine, EngineConfig, Request, SamplingSpec, end_id_set
+from serve.model import from_hf
 
 from . import dist
 from . import ppo_math as P
@@ -155,7 +159,6 @@ def save_ppo_state(tr: "PPOTrainer", folder) -> None:
     weights (critic/model.safetensors) and the KL controller's beta (critic/state.json).
     The policy is the version's policy/ itself; Adam's moments are not kept (a resumed run
     starts them at zero, as each new PPOTrainer does)."""
-    from safetensors.torch import save_model
     d = Path(folder) / CRITIC_DIR
     d.mkdir(parents=True, exist_ok=True)
     save_model(tr.critic, str(d / "model.safetensors"))
@@ -164,7 +167,6 @@ def save_ppo_state(tr: "PPOTrainer", folder) -> None:
 
 def load_ppo_state(tr: "PPOTrainer", folder) -> bool:
     """Restores what save_ppo_state wrote (False when the folder has none, e.g. v0000)."""
-    from safetensors.torch import load_model
     d = Path(folder) / CRITIC_DIR
     if not (d / "model.safetensors").exists():
         return False
@@ -230,8 +232,6 @@ def generate(policy, prompts: list[list[int]], cfg: PPOConfig, end_ids: Iterable
              max_context: int) -> list[list[int]]:
     """Samples one response per prompt with serve.engine (the serving code path); a response stops
     at any of end_ids (eos and the chat template's end-of-turn tokens, as the policy server's)."""
-    from serve.engine import DoneEvent, Engine, EngineConfig, Request, SamplingSpec
-    from serve.model import from_hf
     if not prompts:
         return []
     model = from_hf(dist.unwrap(policy))   # a copy of the weights: casting it leaves the policy fp32
@@ -290,7 +290,6 @@ def ptx_sequences(texts: list[str], tok, length: int) -> list[list[int]]:
 
 def ended(responses: list[list[int]], end_ids: Iterable[int] | int | None) -> torch.Tensor:
     """(B,) 1.0 where a response ended with one of end_ids (the engine stops there), else 0."""
-    from serve.engine import end_id_set
     ends = end_id_set(end_ids)
     return torch.tensor([float(len(r) > 0 and r[-1] in ends) for r in responses])
 
@@ -467,7 +466,6 @@ def _trimmed(ro: Rollouts, idx: torch.Tensor) -> Rollouts:
 def run(trainer: PPOTrainer, prompts: list[list[int]], score_fn: Callable, seed: int, progress: bool = True) -> list[dict]:
     """cfg.iterations iterations over random draws of the prompt pool (the first with the value
     warm-up); one stats dict each. `seed` (the cycle's, rules.cycle_seed) fixes the draws."""
-    from tqdm import tqdm
     cfg = trainer.cfg
     g = torch.Generator().manual_seed(seed)
     out = []

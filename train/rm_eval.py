@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from common.config_cli import parse_config
+from serve import reward_model
+from serve.reward_model import encode
 
 from . import rm_losses
+from .pairs_data import read_pairs
 
 
 @torch.no_grad()
 def score_texts(rm, tok, texts: list[str], batch: int = 32, progress: bool = False) -> torch.Tensor:
     """Raw scores (no offset) of texts, (len(texts),)."""
-    from tqdm import tqdm
-
-    from .reward_model import encode
     rm.eval()
     out = []
     rng = range(0, len(texts), batch)
@@ -55,8 +56,6 @@ class EvalArgs:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_config(EvalArgs, argv, prog="python -m train.rm_eval")
-    from . import reward_model
-    from .pairs_data import read_pairs
     if a.threads:
         torch.set_num_threads(a.threads)
     rm, tok = reward_model.load(a.rm)

@@ -17,10 +17,36 @@ from pathlib import Path
 import torch
 
 from common.config_cli import parse_config
+from tqdm import tqdm
+
 from common.data import HH_PAIRS, require
+from serve import reward_model
 
 from . import rm_losses
+from .pairs_data import read_pairs, split
 from .rm_eval import evaluate, score_texts
+
+
+def relevance_cosines(rm: reward_model.RewardModel, tok, texts: list[str], batch: int = 64, progress: bool = False) -> torch.Tensor:
+    """(N,) relevance cosines of texts under the frozen encoder, batched by length (less padding).
+    The frozen encoder is a fixed function of the text, so these can be computed once and passed
+    to forward as rel_cos."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]) - texts[i].rfind(reward_model.ASSISTANT))  # by response length
+    cos = torch.empty(len(texts))
+    for i in tqdm(range(0, len(texts), batch), desc="relevance feature", disable=not progress, file=sys.stderr):
+        idx = order[i:i + batch]
+        cos[idx] = rm.relevance(**reward_model.relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)).float()
+    return cos
+
+
+def fit_relevance_weight(rm: reward_model.RewardModel, cos_chosen: torch.Tensor, cos_rejected: torch.Tensor) -> float:
+    """Starts the relevance weight at its one-feature Bradley-Terry fit on the (N,) cosines of
+    chosen and rejected texts, so training begins from the prior the data supports instead of 0
+    (at the head's learning rate w would take thousands of steps to get there). Returns w."""
+    w = rm_losses.fit_bt_scale(reward_model.RELEVANCE_SCALE * (cos_chosen - cos_rejected))
+    with torch.no_grad():
+        rm.relevance_weight.fill_(w)
+    return w
 
 
 @dataclass(frozen=True)
@@ -58,7 +84,7 @@ class RMTrainConfig:
     """Batch pairs of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
     relevance: bool = True
     """Add the learned relevance feature: cosine of the last human turn and the response under a frozen
-    copy of the pretrained encoder (encoder backbones only; see train/reward_model.py)."""
+    copy of the pretrained encoder (encoder backbones only; see serve/reward_model.py)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
@@ -95,16 +121,13 @@ def group_by_length(batches: list[list[int]], lengths: list[int], cap: int, g: t
 
 
 def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:
-    from tqdm import tqdm
-
-    from . import reward_model
     torch.manual_seed(cfg.seed)
     rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
                                  None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance)
     cos = None   # (N, 2) relevance cosines of the training pairs, computed once (the encoder is frozen)
     if rm.rcfg.relevance:
-        cos = reward_model.relevance_cosines(rm, tok, [t for p in pairs_train for t in p], progress=progress).view(-1, 2)
-        w = reward_model.fit_relevance_weight(rm, cos[:, 0], cos[:, 1])
+        cos = relevance_cosines(rm, tok, [t for p in pairs_train for t in p], progress=progress).view(-1, 2)
+        w = fit_relevance_weight(rm, cos[:, 0], cos[:, 1])
         if progress:
             print(f"relevance feature: weight {w:+.3f} fitted on the training pairs", file=sys.stderr, flush=True)
     plain = replace(rm.rcfg, relevance=False)   # training passes the cached cosines instead
@@ -142,7 +165,7 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     metrics.update(train_pairs=len(pairs_train), steps=steps, train_seconds=round(train_s, 1),
                    final_loss=sum(losses[-20:]) / len(losses[-20:]))
     if rm.rcfg.relevance:   # and what the fitted prior alone would score on the held-out pairs
-        c = reward_model.relevance_cosines(rm, tok, [t for p in pairs_test for t in p])
+        c = relevance_cosines(rm, tok, [t for p in pairs_test for t in p])
         prior = w * (c[0::2] - c[1::2])
         metrics.update(relevance_weight=rm.relevance_weight.item(), relevance_weight_init=w,
                        relevance_prior_accuracy=float(rm_losses.pairwise_accuracy(prior, torch.zeros_like(prior))))
@@ -151,8 +174,6 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(RMTrainConfig, argv, prog="python -m train.rm_train", description=__doc__)
-    from . import reward_model
-    from .pairs_data import read_pairs, split
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()

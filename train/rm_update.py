@@ -15,9 +15,12 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
+from tqdm import tqdm
+
+from serve.reward_model import encode
 
 from . import dist, rm_losses
-from .reward_model import ASSISTANT, encode
+from .rm_eval import score_texts
 from .rules import pair_correctness
 
 
@@ -45,29 +48,15 @@ class RMUpdateConfig:
     """Tokens per (prompt, response) text, truncated from the left."""
     max_steps: int = 200
     """Optimiser steps per cycle at most (bounds a cycle's time as the dataset grows)."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (each rank holds the whole RM, its gradients and Adam's state) or fsdp (FSDP2:
+    gradients and Adam's state sharded across ranks; see train/dist.py)."""
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_groups < 1 or self.max_steps < 1 or self.max_length < 8:
             raise ValueError("epochs > 0, batch_groups >= 1, max_steps >= 1, max_length >= 8 required")
-
-
-TRUNCATED = " [truncated]"
-"""Appended to a response that was cut at the token limit instead of ending: the RM sees whether
-an answer finished (hh-rlhf's answers all did), so an unfinished one can score lower."""
-
-
-def rm_text(prompt: str, response: str, truncated: bool = False) -> str:
-    """The RM's view of a served pair: hh-rlhf dialogue format, the response as the last turn,
-    marked when it did not finish."""
-    p = prompt.rstrip()
-    if not p.endswith(ASSISTANT.strip()):
-        p = p + ASSISTANT
-    return p + " " + response.strip() + (TRUNCATED if truncated else "")
-
-
-def is_truncated(finish_reason: str) -> bool:
-    """A served response that hit the token or context limit instead of ending."""
-    return finish_reason in ("length", "context")
+        if self.parallel not in dist.PARALLEL:
+            raise ValueError(f"parallel must be one of {dist.PARALLEL}, got {self.parallel!r}")
 
 
 def group_loss_sum(rm, tok, groups: list[Group], max_length: int) -> torch.Tensor:
@@ -97,30 +86,32 @@ def group_loss_sum(rm, tok, groups: list[Group], max_length: int) -> torch.Tenso
 def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, progress: bool = True) -> dict:
     """Trains rm in place on groups (the same list on every rank), batches in an order drawn from
     `seed`. Returns {"rm_loss", "rm_steps"}."""
-    from tqdm import tqdm
     if not groups:
         return {"rm_loss": float("nan"), "rm_steps": 0}
-    model = dist.wrap(rm)
-    opt = torch.optim.AdamW([{"params": rm.backbone.parameters(), "lr": cfg.lr, "weight_decay": 0.01},
-                             {"params": rm.head_parameters(), "lr": cfg.head_lr, "weight_decay": 0.0}],
+    model = dist.wrap(rm, cfg.parallel)
+    net = dist.unwrap(model)   # rm itself, or its FSDP2 copy: the parameters the optimiser steps
+    opt = torch.optim.AdamW([{"params": net.backbone.parameters(), "lr": cfg.lr, "weight_decay": 0.01},
+                             {"params": net.head_parameters(), "lr": cfg.head_lr, "weight_decay": 0.0}],
                             fused=True)   # one kernel for all parameters: 7x faster steps than the default on CPU
     steps = min(cfg.max_steps, max(1, math.ceil(len(groups) * cfg.epochs / cfg.batch_groups)))
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(groups), generator=g)
                        for _ in range(math.ceil(steps * cfg.batch_groups / len(groups)) + 1)])
-    rm.train()
+    model.train()
     losses = []
     bar = tqdm(range(steps), desc="rm", disable=not (progress and dist.is_main()), file=sys.stderr, leave=False)
-    for step in bar:
-        batch = [groups[j] for j in order[step * cfg.batch_groups:(step + 1) * cfg.batch_groups].tolist()]
-        mine = dist.shard(batch)
-        loss = group_loss_sum(model, tok, mine, cfg.max_length) / len(batch) * dist.world_size()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(dist.global_sum(loss.item()) / dist.world_size())
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    with dist.synced(model, rm):
+        for step in bar:
+            batch = [groups[j] for j in order[step * cfg.batch_groups:(step + 1) * cfg.batch_groups].tolist()]
+            mine = dist.shard(batch)
+            loss = group_loss_sum(model, tok, mine, cfg.max_length) / len(batch) * dist.world_size()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(dist.global_sum(loss.item()) / dist.world_size())
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
     rm.eval()
     tail = losses[-max(1, len(losses) // 4):]
     return {"rm_loss": sum(tail) / len(tail), "rm_steps": steps}
@@ -130,7 +121,6 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, p
 def heldout_correctness(rm, tok, groups: list[Group], batch: int = 32) -> tuple[torch.Tensor, list[str]]:
     """Per ordered pair of the held-out non-tie groups: (P,) 1 if the RM orders it right, 1/2 on
     equal scores, 0 if wrong; and the prompt of each pair (the gate's clusters)."""
-    from .rm_eval import score_texts
     groups = [g for g in groups if not g.tie]
     if not groups:
         return torch.zeros(0, dtype=torch.float64), []

@@ -16,7 +16,7 @@ from train.rm_update import Group, RMUpdateConfig, train_rm  # noqa: E402
 
 def tiny_rm(tok_dir: str):
     from transformers import AutoTokenizer, BertConfig, BertModel
-    from train.reward_model import RewardConfig, RewardModel, load_tokenizer
+    from serve.reward_model import RewardConfig, RewardModel, load_tokenizer
     torch.manual_seed(0)
     bb = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                               intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,

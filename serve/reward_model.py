@@ -94,7 +94,7 @@ class RewardModel(nn.Module):
         tokens (segment 1): chosen and rejected share the dialogue, and pooling over it would
         drown the one turn that differs. With rcfg.relevance, `encode` also gives the last human
         turn and the response tokenised alone (rel_*) for the relevance feature, unless their
-        (B,) cosines are given as rel_cos (relevance_cosines)."""
+        (B,) cosines are given as rel_cos (train/rm_train.relevance_cosines)."""
         kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state  # (B, T, H)
         m = attention_mask.to(h.dtype)
@@ -198,32 +198,6 @@ def relevance_inputs(tok, texts: list[str], max_length: int) -> dict:
     return {"rel_q_ids": q_ids, "rel_q_mask": q_mask, "rel_r_ids": r_ids, "rel_r_mask": r_mask}
 
 
-def relevance_cosines(rm: RewardModel, tok, texts: list[str], batch: int = 64, progress: bool = False) -> torch.Tensor:
-    """(N,) relevance cosines of texts under the frozen encoder, batched by length (less padding).
-    The frozen encoder is a fixed function of the text, so these can be computed once and passed
-    to forward as rel_cos."""
-    import sys
-
-    from tqdm import tqdm
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]) - texts[i].rfind(ASSISTANT))  # by response length
-    cos = torch.empty(len(texts))
-    for i in tqdm(range(0, len(texts), batch), desc="relevance feature", disable=not progress, file=sys.stderr):
-        idx = order[i:i + batch]
-        cos[idx] = rm.relevance(**relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)).float()
-    return cos
-
-
-def fit_relevance_weight(rm: RewardModel, cos_chosen: torch.Tensor, cos_rejected: torch.Tensor) -> float:
-    """Starts the relevance weight at its one-feature Bradley-Terry fit on the (N,) cosines of
-    chosen and rejected texts, so training begins from the prior the data supports instead of 0
-    (at the head's learning rate w would take thousands of steps to get there). Returns w."""
-    from .rm_losses import fit_bt_scale
-    w = fit_bt_scale(RELEVANCE_SCALE * (cos_chosen - cos_rejected))
-    with torch.no_grad():
-        rm.relevance_weight.fill_(w)
-    return w
-
-
 def load_tokenizer(path: Path, max_length: int):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -286,3 +260,22 @@ def load(path: str | os.PathLike) -> tuple[RewardModel, object]:
         rm.relevance_weight.data.copy_(head.pop("relevance_weight"))
     rm.head.load_state_dict(head)
     return rm.eval(), load_tokenizer(path, rcfg.max_length)
+
+
+TRUNCATED = " [truncated]"
+"""Appended to a response that was cut at the token limit instead of ending: the RM sees whether
+an answer finished (hh-rlhf's answers all did), so an unfinished one can score lower."""
+
+
+def rm_text(prompt: str, response: str, truncated: bool = False) -> str:
+    """The RM's view of a served pair: hh-rlhf dialogue format, the response as the last turn,
+    marked when it did not finish."""
+    p = prompt.rstrip()
+    if not p.endswith(ASSISTANT.strip()):
+        p = p + ASSISTANT
+    return p + " " + response.strip() + (TRUNCATED if truncated else "")
+
+
+def is_truncated(finish_reason: str) -> bool:
+    """A served response that hit the token or context limit instead of ending."""
+    return finish_reason in ("length", "context")
