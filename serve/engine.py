@@ -21,12 +21,15 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from . import kernels
 from .model import CausalLM, KVCache, StepLayout
+
+if TYPE_CHECKING:   # the engine runs any CausalLM; the server hands it the LoadedPolicy around it
+    from .loader import LoadedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
     stream: bool = True             # False: no per-token events (a unary call only needs the DoneEvent)
     first_token_at: float | None = None
-    served_by: object = None        # the engine's `payload` of the version that ran it (e.g. its tokenizer)
+    served_by: LoadedPolicy | None = None   # the engine's `policy` of the version that ran it (its tokenizer, its path)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -157,7 +160,7 @@ class _Swap:
     version: str
     eos_id: int | Iterable[int] | None
     decode: Callable[[list[int]], str]
-    payload: object
+    policy: LoadedPolicy | None
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -168,9 +171,10 @@ class Engine:
 
     def __init__(self, model: CausalLM, cfg: EngineConfig, eos_id: int | Iterable[int] | None,
                  decode: Callable[[list[int]], str], model_version: str,
-                 on_step: Callable[[dict], None] | None = None, payload: object = None):
+                 on_step: Callable[[dict], None] | None = None, policy: LoadedPolicy | None = None):
         self.model, self.cfg, self.end_ids, self.decode = model, cfg, end_id_set(eos_id), decode
-        self.model_version, self.payload = model_version, payload
+        self.model_version = model_version
+        self.policy = policy   # what the server knows of the version served (None when a trainer runs the engine)
         self._swap: _Swap | None = None
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -223,10 +227,10 @@ class Engine:
         return req
 
     def swap(self, model: CausalLM, version: str, eos_id: int | Iterable[int] | None,
-             decode: Callable[[list[int]], str], payload: object = None, timeout: float | None = None) -> bool:
+             decode: Callable[[list[int]], str], policy: LoadedPolicy | None = None, timeout: float | None = None) -> bool:
         """Serve `model` as `version` once the running batch has drained. Blocks until swapped
         (True) or timeout (False; the swap still happens later)."""
-        sw = _Swap(model, version, eos_id, decode, payload)
+        sw = _Swap(model, version, eos_id, decode, policy)
         with self.cv:
             self._swap = sw
             self.cv.notify_all()
@@ -240,8 +244,8 @@ class Engine:
             self.device, self.dtype = p.device, p.dtype
             self.cache = KVCache(sw.model.args, self.cfg.max_batch_size, self.cfg.max_context, self.dtype, self.device)
         self.kept.clear()   # KV of the old weights
-        self.model, self.model_version, self.end_ids, self.decode, self.payload = (
-            sw.model, sw.version, end_id_set(sw.eos_id), sw.decode, sw.payload)
+        self.model, self.model_version, self.end_ids, self.decode, self.policy = (
+            sw.model, sw.version, end_id_set(sw.eos_id), sw.decode, sw.policy)
         log.info("now serving %s", sw.version)
         sw.done.set()
 
@@ -298,7 +302,7 @@ class Engine:
                 break
             self.waiting.popleft()
             budget -= need
-            req.model_version, req.served_by = self.model_version, self.payload
+            req.model_version, req.served_by = self.model_version, self.policy
             admitted.extend(req.seqs)
         return admitted
 

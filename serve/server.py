@@ -7,26 +7,30 @@ cancel flag, and the engine frees its slots before its next step.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 import queue
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import auth
+from common.model_store import ModelStore
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pb_grpc
 
-from . import convert, metrics
+from . import convert, kernels, metrics
 from .config import ServerConfig
 from .engine import (DoneEvent, Engine, EngineConfig, ErrorEvent, Finish, QueueFull, Request, ShuttingDown,
                      TokenEvent)
-from .loader import LoadedPolicy
-from .model import num_parameters
+from .interactions import InteractionLog
+from .loader import LoadedPolicy, load_policy
+from .model import KVCache, StepLayout, num_parameters
+from .served_scoring import Sample, ServedScorer
 from .versions import Refused, ServedModel, UpdateWatcher, VersionManager, add_admin_service
 
 log = logging.getLogger(__name__)
@@ -35,16 +39,21 @@ SERVICE = "rlhf.v1.PolicyService"
 
 class TextTracker:
     """Incremental detokenisation of one sequence: emits only text that is final (no partial
-    UTF-8 at the end, nothing that could still turn into a stop sequence)."""
+    UTF-8 at the end, nothing that could still turn into a stop sequence, nothing of a stop sequence
+    that one token completed: the engine emits that token's event before it finds the stop)."""
 
     def __init__(self, decode, stops: tuple[str, ...]):
-        self.decode, self.hold = decode, max((len(s) for s in stops), default=1) - 1
+        self.decode, self.stops = decode, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
         self.sent = 0
 
     def delta(self, ids: list[int], final: bool, text_end: int | None = None) -> str:
         text = self.decode(ids)
         if text_end is not None:
             text = text[:text_end]
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text = text[:min(hits)]
         end = len(text) if final else max(self.sent, len(text) - self.hold)
         if not final and text[:end].endswith("\ufffd"):
             end = self.sent
@@ -89,7 +98,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     def policy(self) -> LoadedPolicy:
         """The version being served now. A hot-swap only accepts versions with the same tokenizer
         (serve/versions.py), so encoding and decoding do not depend on which version ran a request."""
-        return self.engine.payload
+        return self.engine.policy
 
     def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext, rpc: str,
                stream: bool) -> tuple[Request, str | None]:
@@ -167,7 +176,6 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 self.interactions.record(prompt, req.prompt, s, text, req.model_version)
             if self.scorer is not None and s.finish not in (Finish.CANCELLED, Finish.DEADLINE, Finish.ERROR,
                                                              Finish.SHUTDOWN):
-                from .served_scoring import Sample
                 self.scorer.offer(Sample(req.model_version, req.served_by or self.policy, list(req.prompt),
                                          list(s.out), prompt, text, truncated=s.finish in ("length", "context")))
 
@@ -255,7 +263,7 @@ def build_engine(cfg: ServerConfig, policy: LoadedPolicy) -> Engine:
                         max_prefill_tokens=cfg.max_prefill_tokens,
                         prefix_reuse_min_tokens=cfg.prefix_reuse_min_tokens)
     return Engine(policy.model, ecfg, policy.end_ids, policy.decode, policy.version, on_step=metrics.on_step,
-                  payload=policy)
+                  policy=policy)
 
 
 @torch.no_grad()
@@ -263,8 +271,6 @@ def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
     """Refuses a candidate whose tokenizer or chat template differs from the served one (prompts are
     encoded and rendered before a request knows its version) or whose outputs on a fixed prompt are not
     finite and in range."""
-    from . import kernels
-    from .model import KVCache, StepLayout
     if current is not None and cand.tokenizer.get_vocab() != current.tokenizer.get_vocab():
         raise Refused(f"{cand.version}: tokenizer differs from the served version's (incompatible)")
     if current is not None and cand.chat_template != current.chat_template:
@@ -296,20 +302,18 @@ class StoreFollower:
 
 def follow_store(cfg: ServerConfig, engine: Engine, server) -> StoreFollower:
     """Hot-swap from the model store: VersionManager + (with Kafka) the model-updates watcher + admin RPCs."""
-    from common.model_store import ModelStore
-
-    from .loader import load_policy
     store = ModelStore(cfg.store)
 
     def apply(new: ServedModel) -> None:
         pol = new.obj
-        engine.swap(pol.model, new.version, pol.end_ids, pol.decode, payload=pol)
+        engine.swap(pol.model, new.version, pol.end_ids, pol.decode, policy=pol)
         metrics.MODEL_VERSION.info({"version": new.version, "path": str(pol.path)})
 
     mgr = VersionManager(
         store=store, load=lambda v: load_policy(store.path(v) / "policy", dtype=getattr(torch, cfg.dtype),
-                                                device=cfg.device, cpu_pack=cfg.cpu_pack),
-        canary=policy_canary, apply=apply, current=ServedModel(engine.model_version, engine.payload),
+                                                device=cfg.device, cpu_pack=cfg.cpu_pack,
+                                                quantize_mode=cfg.quantize),
+        canary=policy_canary, apply=apply, current=ServedModel(engine.model_version, engine.policy),
         on_event=lambda result, v: metrics.VERSION_EVENTS.labels(result).inc())
     add_admin_service(server, mgr)
     watcher = UpdateWatcher(cfg.kafka_bootstrap, mgr, "policy-server").start() if cfg.kafka_bootstrap else None
@@ -321,8 +325,6 @@ def build_scorer(cfg: ServerConfig):
     or the model store's first version (the trainer's PPO reference)."""
     if cfg.served_score_fraction <= 0:
         return None
-    from .loader import load_policy
-    from .served_scoring import ServedScorer
     ref_path = cfg.reference or (str(Path(cfg.store) / "v0000" / "policy") if cfg.store else "")
     reference = load_policy(ref_path, cpu_pack="none") if ref_path else None
     if reference is None and not cfg.rm_target:
@@ -336,12 +338,10 @@ def serve(cfg: ServerConfig, policy: LoadedPolicy):
     workers = cfg.max_batch_size + cfg.max_queue + 8
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes)]
-    from common import auth
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=opts, maximum_concurrent_rpcs=workers, interceptors=auth.interceptors(cfg.auth_tokens))
     interactions = None
     if cfg.kafka_bootstrap:
-        from .interactions import InteractionLog
         interactions = InteractionLog(cfg.kafka_bootstrap)
     scorer = build_scorer(cfg)
     pb_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(cfg, policy, engine, interactions, scorer), server)
