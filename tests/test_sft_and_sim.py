@@ -3,11 +3,12 @@ prompts and true preference."""
 from __future__ import annotations
 
 import json
+import math
 
 from common.data import HH_PAIRS
 from sim.preference import true_score
 from sim.traffic import first_turn_prompts, prompt_split
-from train.sft import token_stream, turns
+from train.sft import lr_at, token_stream, turns
 
 
 class CharTok:
@@ -25,6 +26,15 @@ def test_token_stream_ends_every_assistant_turn_with_eos():
     want = [ord(c) for c in "\n\nHuman: hi\n\nAssistant: yo"] + [0] + \
            [ord(c) for c in "\n\nHuman: ok?\n\nAssistant: no"] + [0] + [ord(c) for c in "plain"] + [0]
     assert ids == want
+
+
+def test_sft_schedule_warms_up_then_decays_to_a_tenth():
+    # by hand: peak 1e-3, 20 warm-up steps, cosine over 100 steps down to 10% of the peak
+    assert abs(lr_at(0, 100, 1e-3) - 1e-3 / 20) < 1e-12                  # (0+1)/20 of the peak, decay ~1
+    assert abs(lr_at(19, 100, 1e-3) - 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.19)))) < 1e-12
+    assert abs(lr_at(50, 100, 1e-3) - 1e-3 * 0.55) < 1e-12               # halfway: 0.1 + 0.9 * 0.5
+    assert abs(lr_at(100, 100, 1e-3) - 1e-4) < 1e-12
+    assert abs(lr_at(500, 100, 1e-3) - 1e-4) < 1e-12                    # past the estimate: stays at the floor
 
 
 def test_the_data_ships_with_its_licence_and_gives_disjoint_prompt_sets():

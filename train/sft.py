@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -22,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.config_cli import parse_config
+from common.durable import recover, replace_dir
 from common.data import HH_PAIRS, require
 from serve.make_policy import HH_CHAT_TEMPLATE
 
@@ -82,47 +84,53 @@ def token_stream(tok, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(SFTConfig, argv, prog="python -m train.sft", description=__doc__)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+def lr_at(step: int, expected_steps: int, peak: float, warmup: int = 20) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of the peak at expected_steps."""
+    decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, expected_steps))))
+    return peak * min(1.0, (step + 1) / warmup) * decay
+
+
+def load(cfg: SFTConfig):
+    """The policy and its tokenizer, the tokenizer given the hh chat template when it has none."""
     tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
     if not tok.chat_template:  # a policy built before the template shipped
         tok.chat_template = HH_CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=torch.float32)
+    return model, tok
+
+
+def token_streams(cfg: SFTConfig, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training stream, (V, seq_len + 1) validation sequences): 5% of the dialogues held out."""
     texts = corpus(require(cfg.data, "sft data"))
     random.Random(cfg.seed).shuffle(texts)
     n_val = max(1, len(texts) // 20)
     train_ids, val_ids = token_stream(tok, texts[n_val:]), token_stream(tok, texts[:n_val])
     L = cfg.seq_len + 1
-    val = val_ids[:(len(val_ids) // L) * L].view(-1, L)[:64]
+    return train_ids, val_ids[:(len(val_ids) // L) * L].view(-1, L)[:64]
+
+
+@torch.no_grad()
+def val_loss(model, val: torch.Tensor) -> float:
+    model.eval()
+    return float(model(input_ids=val[:, :-1], labels=val[:, :-1].clone()).loss)
+
+
+def train_for_budget(cfg: SFTConfig, model, train_ids: torch.Tensor) -> int:
+    """Random windows of the stream until --minutes or --max-steps; returns the steps taken. The
+    cosine schedule's length is estimated from the first 20 steps' speed."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
     g = torch.Generator().manual_seed(cfg.seed)
-
-    @torch.no_grad()
-    def val_loss() -> float:
-        model.eval()
-        out = model(input_ids=val[:, :-1], labels=val[:, :-1].clone()).loss
-        return float(out)
-
-    before = val_loss()
-    print(f"sft: {len(train_ids)} training tokens, validation loss {before:.3f} before", file=sys.stderr, flush=True)
-    t0, step, budget = time.time(), 0, cfg.minutes * 60
-    expected = cfg.max_steps
+    L = cfg.seq_len + 1
+    t0, step, budget, expected = time.time(), 0, cfg.minutes * 60, cfg.max_steps
     bar = tqdm(total=int(budget), desc="sft (s)", file=sys.stderr, unit="s")
     model.train()
     while step < cfg.max_steps and time.time() - t0 < budget:
         starts = torch.randint(0, len(train_ids) - L, (cfg.batch,), generator=g)
         x = torch.stack([train_ids[s:s + L] for s in starts.tolist()])
-        if step == 20:  # estimate the steps the budget allows, for the cosine schedule
+        if step == 20:
             expected = min(cfg.max_steps, int(20 * budget / max(1e-3, time.time() - t0)))
-        lr = cfg.lr * (min(1.0, (step + 1) / 20)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, expected)))))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(step, expected, cfg.lr)
         loss = model(input_ids=x[:, :-1], labels=x[:, :-1].clone()).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -133,26 +141,37 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
         bar.refresh()
     bar.close()
-    after = val_loss()
+    return step
+
+
+def save_in_place(cfg: SFTConfig, model, tok, summary: dict) -> None:
+    """Rewrites cfg.model atomically (common/durable.replace_dir), keeping its manifest.json."""
     tmp = cfg.model.with_name(cfg.model.name + ".sft-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    for extra in ("manifest.json",):
-        if (cfg.model / extra).exists():
-            shutil.copy(cfg.model / extra, tmp / extra)
-    (tmp / "sft.json").write_text(json.dumps({"steps": step, "val_loss_before": before, "val_loss_after": after,
-                                              "seconds": round(time.time() - t0, 1)}))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    old = cfg.model.with_name(cfg.model.name + ".sft-old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(cfg.model, old)
-    os.rename(tmp, cfg.model)
-    shutil.rmtree(old)
-    print(json.dumps({"steps": step, "val_loss_before": round(before, 4), "val_loss_after": round(after, 4),
-                      "seconds": round(time.time() - t0, 1)}))
+    if (cfg.model / "manifest.json").exists():
+        shutil.copy(cfg.model / "manifest.json", tmp / "manifest.json")
+    (tmp / "sft.json").write_text(json.dumps(summary))
+    replace_dir(tmp, cfg.model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(SFTConfig, argv, prog="python -m train.sft", description=__doc__)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    recover(cfg.model)   # a crash in an earlier run's save_in_place
+    model, tok = load(cfg)
+    train_ids, val = token_streams(cfg, tok)
+    before = val_loss(model, val)
+    print(f"sft: {len(train_ids)} training tokens, validation loss {before:.3f} before", file=sys.stderr, flush=True)
+    steps = train_for_budget(cfg, model, train_ids)
+    summary = {"steps": steps, "val_loss_before": round(before, 4), "val_loss_after": round(val_loss(model, val), 4),
+               "seconds": round(time.time() - t0, 1)}
+    save_in_place(cfg, model, tok, summary)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
