@@ -21,6 +21,8 @@ from pathlib import Path
 
 import grpc
 
+from .decode_guard import DecodeGuard
+
 ROLES = ("client", "labeler", "admin")
 _role: contextvars.ContextVar[str | None] = contextvars.ContextVar("rlhf_role", default=None)
 
@@ -153,7 +155,6 @@ def _with_role(handler, role: str):
 def interceptors(tokens_file: str) -> list:
     """Every server's interceptors: undecodable requests -> INVALID_ARGUMENT (common/decode_guard.py),
     then the token check when a token file is given."""
-    from .decode_guard import DecodeGuard
     return [DecodeGuard(), *([AuthInterceptor(load_tokens(tokens_file))] if tokens_file else [])]
 
 

@@ -34,7 +34,7 @@ def summarise(cycles: list[dict], measured: dict[str, dict]) -> dict:
 
 
 def write(out: Path, cycles: list[dict], measured: dict[str, dict], live: dict | None = None) -> dict:
-    import matplotlib
+    import matplotlib   # only where a report is drawn; the Agg backend must be chosen before pyplot loads
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out.mkdir(parents=True, exist_ok=True)

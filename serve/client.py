@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.config_cli import parse_config
 from common.replicas import replica_channel
 from protos.build import ensure_generated
 
@@ -111,7 +112,6 @@ class ClientArgs:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from common.config_cli import parse_config
     a = parse_config(ClientArgs, argv, prog="python -m serve.client")
     params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, n=a.n,
                   seed=a.seed, return_logprobs=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from serve.client import PolicyClient
 from serve.config import REPO
 
 
@@ -24,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", a.model, "--port", str(a.port),
                              "--metrics-port", str(a.metrics_port)], cwd=REPO)
     try:
-        from serve.client import PolicyClient
         with PolicyClient(f"127.0.0.1:{a.port}") as c:
             c.wait_ready(120)
             info = c.info()

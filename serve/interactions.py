@@ -11,6 +11,9 @@ import time
 
 from prometheus_client import Counter
 
+from feedback.kafka_io import AckedProducer
+from feedback.topics import INTERACTIONS, ensure_topics
+
 from rlhf.v1 import feedback_pb2 as fb
 
 log = logging.getLogger(__name__)
@@ -20,8 +23,6 @@ FAILED = Counter("rlhf_policy_interactions_log_failures_total", "Served completi
 
 class InteractionLog:
     def __init__(self, bootstrap: str):
-        from feedback.kafka_io import AckedProducer
-        from feedback.topics import INTERACTIONS, ensure_topics
         self.topic = INTERACTIONS
         try:
             ensure_topics(bootstrap)

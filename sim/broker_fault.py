@@ -19,9 +19,14 @@ from collections import Counter
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kafka import KafkaConsumer, TopicPartition
 
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc
+
+from feedback.broker import read_pid
+from feedback.broker import start as start_broker
+from feedback.topics import FEEDBACK
 
 
 def _comparison(i: int) -> fb.Comparison:
@@ -32,7 +37,6 @@ def _comparison(i: int) -> fb.Comparison:
 
 def topic_event_ids(bootstrap: str, topic: str) -> Counter:
     """How many times each event id is in the topic (read from the start)."""
-    from kafka import KafkaConsumer, TopicPartition
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=5000)
     parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or [])]
     c.assign(parts)
@@ -46,9 +50,6 @@ def topic_event_ids(bootstrap: str, topic: str) -> Counter:
 
 def run(broker_cfg, service_target: str, steady_s: float = 3.0, down_s: float = 5.0, after_s: float = 3.0,
         interval_s: float = 0.05, timeout_s: float = 120.0) -> dict:
-    from feedback.broker import read_pid
-    from feedback.broker import start as start_broker
-    from feedback.topics import FEEDBACK
     ch = grpc.insecure_channel(service_target)
     stub, health = fb_grpc.FeedbackServiceStub(ch), health_pb2_grpc.HealthStub(ch)
     answers: list[tuple[float, str, str]] = []   # (time, event id, status)

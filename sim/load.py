@@ -12,6 +12,13 @@ from collections import Counter
 
 import grpc
 
+from common.replicas import replica_channel
+from protos.build import ensure_generated
+
+ensure_generated()
+from rlhf.v1 import policy_pb2 as pb  # noqa: E402
+from rlhf.v1 import policy_pb2_grpc as pb_grpc  # noqa: E402
+
 
 def rss_mb(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
@@ -22,9 +29,6 @@ def rss_mb(pid: int) -> float:
 
 def run(target: str, streams: int, seconds: float, server_pid: int | None = None, max_new_tokens: int = 16,
         metadata: tuple = ()) -> dict:
-    from rlhf.v1 import policy_pb2 as pb
-    from rlhf.v1 import policy_pb2_grpc as pb_grpc
-    from common.replicas import replica_channel
     # ~50 streams per connection; a comma-separated target spreads them over replicas, round robin
     channels = [replica_channel(target) for _ in range(max(1, streams // 50))]
     stubs = [pb_grpc.PolicyServiceStub(c) for c in channels]

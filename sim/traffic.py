@@ -22,6 +22,7 @@ import grpc
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc
 from rlhf.v1 import policy_pb2 as pb
+from serve.client import PolicyClient
 
 from .preference import labeler_prefers_a, true_score
 
@@ -68,7 +69,6 @@ class SimConfig:
 
 class Simulator:
     def __init__(self, policy_target: str, feedback_target: str, prompts: list[str], cfg: SimConfig):
-        from serve.client import PolicyClient
         self.cfg, self.prompts = cfg, prompts
         self.policy = PolicyClient(policy_target, timeout=120)   # "h:p,h:p": policy-server replicas, round robin
         self.fb_channel = grpc.insecure_channel(feedback_target)

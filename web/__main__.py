@@ -9,7 +9,7 @@ from protos.build import ensure_generated
 
 
 def main(argv: list[str] | None = None) -> None:
-    ensure_generated()
+    ensure_generated()   # before the app's imports: they use the generated rlhf.v1 modules
     import uvicorn
 
     from .app import Gateway

@@ -27,6 +27,9 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Redire
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from common.data import HH_PAIRS
+from sim.traffic import first_turn_prompts
+
 from . import convert
 from .access import PAGE_ROLES, PERSON_COOKIE, TOKEN_COOKIE, Access, Person, new_anonymous_id
 from .backends import Backends, Failure
@@ -45,8 +48,6 @@ def load_prompts(path: str) -> list[str]:
     if path:
         prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     else:
-        from common.data import HH_PAIRS
-        from sim.traffic import first_turn_prompts
         prompts = [p.removeprefix("\n\nHuman: ").removesuffix("\n\nAssistant:") for p in first_turn_prompts(HH_PAIRS)]
     if not prompts:
         raise SystemExit(f"--prompts {path}: no prompts")
