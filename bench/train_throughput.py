@@ -142,10 +142,14 @@ def ours_ppo(iterations: int, rollouts: int) -> dict:
     score = lambda ps, rs: torch.tensor([float(sum(t % 7 == 0 for t in r)) / len(r) for r in rs])  # noqa: E731
     tr.iteration(prompts[:rollouts], score, seed=0)   # warm-up
     t0 = time.perf_counter()
-    for it in range(iterations):
-        tr.iteration(prompts[:rollouts], score, seed=it + 1)
+    stats = [tr.iteration(prompts[:rollouts], score, seed=it + 1) for it in range(iterations)]
     dt = time.perf_counter() - t0
-    return {"samples_per_s": iterations * rollouts / dt, "seconds": dt}
+    parts = ("generate", "score", "logprobs", "update")
+    spent = {k: sum(st[f"seconds_{k}"] for st in stats) for k in parts}
+    # where an iteration's time goes (PPOTrainer.iteration's own clock): the next bottleneck
+    return {"samples_per_s": iterations * rollouts / dt, "seconds": dt,
+            "share": {k: round(v / dt, 3) for k, v in spent.items()},
+            "share_other": round(1 - sum(spent.values()) / dt, 3)}
 
 
 def main() -> None:
@@ -169,7 +173,8 @@ def main() -> None:
     else:
         res["trl_rm"] = "not run"
     res["ours_ppo"] = ours_ppo(ppo_iters, rollouts)
-    print(f"ours: PPO {res['ours_ppo']['samples_per_s']:.2f} samples/s", file=sys.stderr, flush=True)
+    print(f"ours: PPO {res['ours_ppo']['samples_per_s']:.2f} samples/s; time in "
+          + ", ".join(f"{k} {v:.0%}" for k, v in res["ours_ppo"]["share"].items()), file=sys.stderr, flush=True)
     res["trl_ppo"] = (f"not available: trl {TRL_VERSION} (the newest that installs next to transformers 5.x) has "
                       "no PPO trainer")
     print(json.dumps(res))

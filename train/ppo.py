@@ -36,6 +36,7 @@ import json
 import math
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -422,24 +423,40 @@ class PPOTrainer:
         return P.ptx_loss(logp, ro.mask, self.cfg.ptx_coef)
 
     def iteration(self, prompts: list[list[int]], score_fn: Callable, seed: int, warmup: bool = False) -> dict:
-        """Steps 1-7 (with the value warm-up first when `warmup`). Returns this iteration's stats."""
-        ro = self.rollout(prompts, score_fn, seed)
+        """Steps 1-7 (with the value warm-up first when `warmup`). Returns this iteration's stats,
+        with where its time went: generation, scoring, the teacher-forced passes and advantages
+        (logprobs of policy, reference and critic), and the PPO updates."""
+        scoring = [0.0]
+
+        def timed_score(*args):
+            t = time.perf_counter()
+            out = score_fn(*args)
+            scoring[0] += time.perf_counter() - t
+            return out
+        t0 = time.perf_counter()
+        ro = self.rollout(prompts, timed_score, seed)
+        t1 = time.perf_counter()
         lp = self.logprobs_and_kl(ro)
         a = self.advantages(ro, lp)
+        t2 = time.perf_counter()
         ev = a["explained_variance"]      # the critic's, on rollouts it has not been fitted to
         extra = {}
         if warmup and self.cfg.value_warmup_epochs > 0:
             extra["value_warmup_loss"] = self.fit_values(ro, a["mc_returns"], self.cfg.value_warmup_epochs, seed)
             a = self.advantages(ro, lp)
             extra["value_warmup_ev"] = a["explained_variance"]
+        t3 = time.perf_counter()
         up = self.update(ro, a, seed)
+        seconds = {"seconds_generate": t1 - t0 - scoring[0], "seconds_score": scoring[0],
+                   "seconds_logprobs": t2 - t1, "seconds_value_warmup": t3 - t2,
+                   "seconds_update": time.perf_counter() - t3}
         kl = float(a["kl_seq"].mean())
         beta = self.kl_ctl.value
         self.kl_ctl.update(kl, len(prompts))
         out = {"reward": float(ro.scores.mean()), "kl": kl, "kl_exact": float(a["kl_exact_seq"].mean()),
                "entropy": float(a["entropy"]), "kl_coef": beta, "explained_variance": ev,
                "eos_rate": float(ended(ro.responses, self.end_ids).mean()),
-               "response_tokens": float(ro.mask.sum(1).mean()), **extra, **up}
+               "response_tokens": float(ro.mask.sum(1).mean()), **extra, **up, **seconds}
         if not all(math.isfinite(v) for v in out.values()):
             out["nan"] = 1.0
         return out
