@@ -6,7 +6,9 @@ Starts the bundled Kafka broker, the trainer (which publishes v0000 from the ini
 the policy server and the RM server (both serving from the model store and hot-swapping on the
 model-updates topic), the feedback service, and the traffic simulator (users asking the policy
 server the first turns of the shipped hh dialogues, labelers comparing answers with a hidden true
-preference). It prints one line per training cycle. The trainer starts no cycle once --cycles
+preference). It prints one line per training cycle, as the trainer's status file reports it
+(<workdir>/trainer-status.jsonl, online/trainer_status.py); --trainer-procs 2 runs the trainer
+data-parallel under torchrun. The trainer starts no cycle once --cycles
 versions are published (--max-versions); the simulator then stops, and every version is measured
 the same way through the policy server (online/measure.py: true-preference score, KL to v0000 and
 reward under the last RM, with 95% bootstrap intervals, on prompts no simulated user asked). The
@@ -32,6 +34,8 @@ from common.data import HH_PAIRS
 from common.net import free_port
 from common.replicas import local_targets
 from protos.build import ensure_generated
+
+from .trainer_status import TrainerStatus
 
 ensure_generated()
 
@@ -84,6 +88,9 @@ class OnlineConfig:
     over them (common/replicas.py)."""
     rm_replicas: int = 1
     """RM-server processes, all following the model store."""
+    trainer_procs: int = 1
+    """Trainer processes: above 1 the trainer runs under torchrun (python -m torch.distributed.run
+    --standalone), data-parallel over gloo; the main job's share of cores for it stays 2 threads in all."""
     trainer_args: str = ("--rm.lr 5e-5 --rm.max-steps 16 --rm.batch-groups 8 --rm.max-length 64 --ppo.lr 3e-5 "
                          "--ppo.iterations 6 --ppo.rollouts 32 --ppo.missing-eos-penalty 0.5")
     """Extra flags for python -m train.loop (see its --help)."""
@@ -95,14 +102,14 @@ class OnlineConfig:
             raise ValueError("measure_prompts must be >= 2 and measure_samples >= 1")
         if not 0 <= self.web_port < 65536:
             raise ValueError("web_port must be in [0, 65535]")
-        if self.policy_replicas < 1 or self.rm_replicas < 1:
-            raise ValueError("policy_replicas and rm_replicas must be >= 1")
+        if self.policy_replicas < 1 or self.rm_replicas < 1 or self.trainer_procs < 1:
+            raise ValueError("policy_replicas, rm_replicas and trainer_procs must be >= 1")
 
 
 class Child:
-    """A child process whose output goes to a log file and, line by line, to a callback."""
+    """A child process whose output goes to a log file (and is kept, for wait_for)."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, on_line=None, env: dict | None = None):
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
         self.name = name
         self.log = open(log_dir / f"{name}.log", "w")
         self.lines: list[str] = []
@@ -112,7 +119,6 @@ class Child:
                                      stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
                                      start_new_session=True)   # Ctrl-C reaches us only; we stop children in order
-        self.on_line = on_line
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -120,8 +126,6 @@ class Child:
             self.log.write(line)
             self.log.flush()
             self.lines.append(line)
-            if self.on_line:
-                self.on_line(line)
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match:
         deadline = time.monotonic() + timeout
@@ -162,18 +166,31 @@ def prepare_workdir(cfg: OnlineConfig):
     return work, lock
 
 
-def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, on_trainer_line) -> tuple[dict, dict]:
-    """The trainer, then the policy and RM server replicas and the feedback service: {name: Child},
-    {name: port} (replica 0's port; "policy_targets"/"rm_targets": every replica, "h:p,h:p")."""
+def trainer_command(cfg: OnlineConfig, work: Path, bootstrap: str, status: Path) -> list[str]:
+    """The trainer's command line after the interpreter: python -m train.loop, or with
+    --trainer-procs N, torchrun's module (the same interpreter; --standalone: a rendezvous on a free
+    local port) starting N ranks of it, each with 2 // N threads."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.trainer_procs)] \
+        if cfg.trainer_procs > 1 else []
+    return [*launch, "-m", "train.loop", "--bootstrap", bootstrap, "--store", str(work / "store"),
+            "--db", str(work / "trainer.db"), "--init-policy", str(cfg.init_policy),
+            "--cycle-comparisons", str(cfg.cycle_comparisons), "--min-comparisons", str(min(16, cfg.cycle_comparisons)),
+            "--max-versions", str(cfg.cycles), "--ppo.max-new-tokens", str(cfg.max_new_tokens),
+            "--metrics-port", str(free_port()), "--threads", str(max(1, 2 // cfg.trainer_procs)),
+            "--admin-port", str(free_port()), "--seed", str(cfg.seed), "--status-file", str(status),
+            *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
+
+
+def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, status: TrainerStatus) -> tuple[dict, dict]:
+    """The trainer (ready when its status file says so), then the policy and RM server replicas and
+    the feedback service: {name: Child}, {name: port} (replica 0's port; "policy_targets"/"rm_targets":
+    every replica, "h:p,h:p")."""
     store = work / "store"
-    tr_args = ["-m", "train.loop", "--bootstrap", bootstrap, "--store", str(store), "--db", str(work / "trainer.db"),
-               "--init-policy", str(cfg.init_policy), "--cycle-comparisons", str(cfg.cycle_comparisons),
-               "--min-comparisons", str(min(16, cfg.cycle_comparisons)), "--max-versions", str(cfg.cycles),
-               "--ppo.max-new-tokens", str(cfg.max_new_tokens), "--metrics-port", str(free_port()), "--threads", "2",
-               "--admin-port", str(free_port()), "--seed", str(cfg.seed),
-               *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
-    kids = {"trainer": Child("trainer", tr_args, work / "logs", on_trainer_line)}
-    kids["trainer"].wait_for(r"trainer admin listening", 600)
+    status.path.unlink(missing_ok=True)   # --keep: a previous run's records are not this trainer's
+    kids = {"trainer": Child("trainer", trainer_command(cfg, work, bootstrap, status.path), work / "logs")}
+    ready = status.wait_ready(lambda: kids["trainer"].proc.poll() is None, 600)
+    print(f"[online] trainer ready at {ready['version']}: {ready['world_size']} process(es), admin {ready['admin']}",
+          flush=True)
     replicas = start_server_replicas(cfg, store, bootstrap, work, kids)
     ports = {"policy": replicas["policy"][0], "feedback": free_port(), "rm": replicas["rm"][0],
              "policy_targets": local_targets(replicas["policy"]), "rm_targets": local_targets(replicas["rm"])}
@@ -247,14 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     children: dict = {}
     broker = sim = None
-    cycles: list[dict] = []
+    status = TrainerStatus(work / "trainer-status.jsonl")
     measured: dict = {}
     t0 = time.monotonic()
-
-    def on_trainer_line(line: str) -> None:
-        if line.startswith("CYCLE "):
-            cycles.append(json.loads(line[6:]))
-
     try:
         bootstrap = cfg.bootstrap
         if not bootstrap:
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             start_broker(broker)
             bootstrap = broker.bootstrap
         ensure_topics(bootstrap)
-        children, ports = start_children(cfg, work, bootstrap, on_trainer_line)
+        children, ports = start_children(cfg, work, bootstrap, status)
         print(f"[online] policy :{ports['policy']}  rm :{ports['rm']}  feedback :{ports['feedback']}  kafka {bootstrap}"
               f"  store {work / 'store'}", flush=True)
         if cfg.web_port:
@@ -274,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                         SimConfig(users=cfg.users, noise=cfg.noise, max_new_tokens=cfg.max_new_tokens,
                                   think_s=cfg.think_s, seed=cfg.seed)).start()
         print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons", flush=True)
-        if wait_for_versions(cfg, children["trainer"], sim, cycles, stop, t0):
+        if wait_for_versions(cfg, children["trainer"], sim, status, stop, t0):
             sim.stop()   # every version is measured the same way, on a quiet server (replica 0: pins are per replica)
             measured = measure_versions(f"127.0.0.1:{ports['policy']}", work / "store", measure_prompts,
                                         cfg.measure_samples, cfg.max_new_tokens, seed=cfg.seed,
@@ -284,13 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         if sim:
             sim.stop()
         for c in reversed(list(children.values())):
-            c.stop()
+            # torchrun gives its ranks 30 s after SIGTERM before it kills them; stopping it sooner
+            # would orphan them (each rank runs in a session of its own)
+            c.stop(60 if c.name == "trainer" else 30)
         if broker is not None:
             stop_broker(broker)
     if not measured:
         print("[online] stopped before the versions could be measured", flush=True)
         return 1
-    report_result(cfg, cycles, measured, summary, (time.monotonic() - t0) / 60)
+    report_result(cfg, status.of("cycle"), measured, summary, (time.monotonic() - t0) / 60)
     return 0
 
 
@@ -313,12 +327,14 @@ def report_result(cfg: OnlineConfig, cycles: list[dict], measured: dict, live: d
                       "requests_failed": live["requests_failed"]}))
 
 
-def wait_for_versions(cfg: OnlineConfig, trainer: Child, sim, cycles: list[dict], stop: threading.Event,
+def wait_for_versions(cfg: OnlineConfig, trainer: Child, sim, status: TrainerStatus, stop: threading.Event,
                       t0: float) -> bool:
-    """Prints each cycle as it ends; True once --cycles versions are published (the trainer then
-    starts no more cycles), False on Ctrl-C or --timeout-s."""
+    """Prints each cycle as the trainer's status file reports it; True once --cycles versions are
+    published (the trainer then starts no more cycles), False on Ctrl-C or --timeout-s."""
     shown, last_status = 0, time.monotonic()
     while not stop.is_set() and time.monotonic() - t0 < cfg.timeout_s:
+        status.poll()
+        cycles = status.of("cycle")
         while shown < len(cycles):
             print(cycle_line(cycles[shown], sim.summary()["served"]), flush=True)
             shown += 1

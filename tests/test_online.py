@@ -60,6 +60,41 @@ def test_main_job_tiny_random_policy_fast_ppo_publishes_three_measured_versions(
     assert reward["v0003"] > reward["v0000"] + 0.2, reward
 
 
+def test_status_file_reader_takes_complete_records_only(tmp_path):
+    """The main job follows the trainer through its status file: a line still being written (no
+    newline yet) is not read until it is complete, and nothing is read twice."""
+    from online.trainer_status import TrainerStatus
+    from train.loop import append_status
+    path = tmp_path / "status.jsonl"
+    st = TrainerStatus(path)
+    assert st.poll() == []   # no file yet
+    append_status(str(path), "ready", {"admin": "127.0.0.1:1", "world_size": 2})
+    with open(path, "a") as f:
+        f.write('{"event": "cycle", "cycle": 1')   # a write in progress
+    assert [r["event"] for r in st.poll()] == ["ready"]
+    assert st.wait_ready(lambda: True, 5)["admin"] == "127.0.0.1:1"
+    with open(path, "a") as f:
+        f.write(', "published": true}\n')
+    append_status(str(path), "cycle", {"cycle": 2, "published": False})
+    assert [(r["cycle"], r["published"]) for r in st.poll()] == [(1, True), (2, False)]
+    assert st.poll() == [] and [r["cycle"] for r in st.of("cycle")] == [1, 2]
+    with pytest.raises(RuntimeError, match="exited"):
+        TrainerStatus(tmp_path / "never.jsonl").wait_ready(lambda: False, 5)
+
+
+def test_trainer_procs_runs_the_trainer_under_torchrun_with_the_same_interpreter(tmp_path):
+    """--trainer-procs 2: torchrun's module under the main job's interpreter (Child runs sys.executable),
+    a standalone rendezvous, the trainer's threads split between its ranks, the status file passed."""
+    from online.__main__ import OnlineConfig, trainer_command
+    one = trainer_command(OnlineConfig(), tmp_path, "127.0.0.1:9", tmp_path / "s.jsonl")
+    two = trainer_command(OnlineConfig(trainer_procs=2), tmp_path, "127.0.0.1:9", tmp_path / "s.jsonl")
+    assert one[:2] == ["-m", "train.loop"] and one[one.index("--threads") + 1] == "2"
+    assert two[:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.loop"]
+    assert two[two.index("--threads") + 1] == "1" and two[two.index("--status-file") + 1] == str(tmp_path / "s.jsonl")
+    with pytest.raises(ValueError):
+        OnlineConfig(trainer_procs=0)
+
+
 def _announce(bootstrap: str, store: Path, version: str) -> None:
     from feedback.kafka_io import AckedProducer
     from feedback.topics import MODEL_UPDATES

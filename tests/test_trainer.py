@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from common import model_store as ms
+from online.trainer_status import TrainerStatus
 from tests.helpers import REPO, ServerProc
 from train.rm_update import Group, group_loss_sum
 from train import rm_losses
@@ -226,8 +227,9 @@ def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafk
     p.proc.wait()
     assert ms.ModelStore(store).versions() == ["v0000", "v0001"]
     assert _committed(kafka_broker, group, m1["offsets"]) == m1["offsets"]   # nothing moved
-    r = subprocess.run([sys.executable, "-m", "train.loop", *args], cwd=REPO, capture_output=True, text=True,
-                       timeout=600)
+    status = tmp_path / "status.jsonl"
+    r = subprocess.run([sys.executable, "-m", "train.loop", *args, "--status-file", str(status)], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "trainer resumed at v0001" in r.stdout and "cycle 1: published v0002" in r.stdout, r.stdout
     assert "critic and KL beta" in r.stderr and "restored from v0001" in r.stderr, r.stderr[-2000:]
@@ -237,8 +239,10 @@ def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafk
     assert _committed(kafka_broker, group, m2["offsets"]) == m2["offsets"]
     stored = {row[0] for row in sqlite3.connect(tmp_path / "trainer.db").execute("SELECT event_id FROM feedback")}
     assert sent <= stored   # no feedback lost across the crash
-    cycle = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("CYCLE "))[6:])
-    assert cycle["feedback_events"] >= len(sent)
+    trainer = TrainerStatus(status)
+    trainer.poll()
+    assert [c["version"] for c in trainer.of("cycle")] == ["v0002"]
+    assert trainer.of("cycle")[0]["feedback_events"] >= len(sent)
 
 
 @pytest.mark.slow

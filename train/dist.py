@@ -2,13 +2,21 @@
 
     torchrun --nproc_per_node 2 -m train.loop ...      (gloo for CPU tensors, nccl for CUDA tensors)
 
-Data parallelism only (DDP): each rank takes its shard of every global batch, gradients are
-averaged by DDP. Losses are sums over the shard divided by the *global* count (the callers divide by the global batch size, `global_sum` for a count that varies by rank),
-so the averaged gradient equals the single-process gradient of the same global batch.
+Data parallelism: each rank takes its shard of every global batch, gradients are averaged over
+ranks (DDP's all-reduce, or FSDP2's reduce-scatter). Losses are sums over the shard divided by the
+*global* count (the callers divide by the global batch size, `global_sum` for a count that varies
+by rank), so the averaged gradient equals the single-process gradient of the same global batch.
+
+FSDP2 (`fully_shard`) trains a sharded copy of a module: gradients and Adam's moments, 3 of the 4
+copies of the weights that training holds, are split across ranks. The module itself stays whole
+on every rank, because rollouts (serve.engine), scoring and saving read plain full weights; `synced`
+moves the weights between the two around each stretch of optimiser steps.
 """
 from __future__ import annotations
 
+import copy
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -50,12 +58,60 @@ def shard(items: list, r: int | None = None, w: int | None = None) -> list:
     return items[lo:hi]
 
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DDP when distributed, the model itself otherwise. find_unused_parameters: HF encoders carry
-    a pooler the RM does not use."""
+PARALLEL = ("ddp", "fsdp")
+"""How a module is trained data-parallel (the --rm.parallel and --ppo.parallel choices)."""
+
+
+def wrap(model: torch.nn.Module, parallel: str = "ddp") -> torch.nn.Module:
+    """The module to run the training steps on: the model itself in one process; under torchrun
+    DDP around it ("ddp": the same parameters; find_unused_parameters because HF encoders carry a
+    pooler the RM does not use) or an FSDP2-sharded copy of it ("fsdp"; train inside `synced`).
+    Build the optimiser on the returned module's parameters."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if world_size() == 1:
         return model
+    if parallel == "fsdp":
+        return sharded_copy(model)
     return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+
+def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of model under FSDP2: each block of its top-level layer lists (transformer layers of
+    the HF families we train) is one unit, gathered only while it runs; the rest (embeddings, tied
+    LM head, value or reward head) is the root unit, so tied weights stay in one unit."""
+    from torch.distributed.fsdp import fully_shard
+    shard = copy.deepcopy(model)
+    inside: set[int] = set()
+    for m in shard.modules():
+        if isinstance(m, torch.nn.ModuleList) and id(m) not in inside:
+            for block in m:
+                inside.update(id(x) for x in block.modules())
+                fully_shard(block)
+    fully_shard(shard)
+    return shard
+
+
+def is_sharded_copy(trained: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(trained, FSDPModule)
+
+
+@contextmanager
+def synced(trained: torch.nn.Module, model: torch.nn.Module):
+    """Around optimiser steps on trained = wrap(model): an FSDP2 copy first takes model's weights
+    (each rank keeps its shard of them) and gives them back all-gathered at the end, so model is
+    the trained one on every rank and the copy keeps Adam's state for the next stretch. Nothing to
+    do for DDP or one process: they train model's own parameters."""
+    if not is_sharded_copy(trained):
+        yield
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(trained, model.state_dict(), options=full)
+    yield
+    with torch.no_grad():
+        model.load_state_dict(get_model_state_dict(trained, options=full))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

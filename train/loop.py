@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -121,6 +122,9 @@ class TrainerConfig:
     """Start with cycles paused (feedback is still ingested) until AdminService.PauseTraining(paused=false)."""
     auth_tokens: str = ""
     """Token file for the admin port (see common/auth.py); "" leaves it open (bind it to localhost)."""
+    status_file: str = ""
+    """JSON-lines file rank 0 appends to (fsynced): a "ready" record once the trainer serves (its admin
+    address), then one "cycle" record per cycle; how python -m online follows the trainer ("": none)."""
     threads: int = 0
     """torch threads (0: torch's default)."""
     seed: int = 0
@@ -173,6 +177,11 @@ def rollout_rm_texts(tok, prompts: list[list[int]], responses: list[list[int]], 
     done = ended(responses, end_ids)
     return [rm_text(tok.decode(p, skip_special_tokens=False), tok.decode(r, skip_special_tokens=True),
                     truncated=not d) for p, r, d in zip(prompts, responses, done.tolist())]
+
+
+def weights_checksum(model) -> float:
+    """The sum of every parameter in float64: a cheap fingerprint to compare ranks' copies."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
 def policy_end_ids(path: Path, tok) -> tuple[int, ...]:
@@ -374,6 +383,11 @@ class Trainer:
         payload = dist.broadcast_object(payload)
         res = self._train(payload)
         res["seconds"] = round(time.time() - t0, 1)
+        # every rank's view at the end of the cycle: the ranks that took part, and whether their
+        # policies are still the same weights (DDP/FSDP keep them in step; a mismatch shows here)
+        res["world_size"] = dist.world_size()
+        res["ranks"] = dist.all_gather_list([{"rank": dist.rank(), "pid": os.getpid(), "seconds": res["seconds"],
+                                              "policy_checksum": weights_checksum(self.m.policy)}])
         M.CYCLE_SECONDS.observe(res["seconds"])
         M.CYCLES.labels("published" if res.get("published") else "refused").inc()
         self.last_cycle_at = time.monotonic()
@@ -401,12 +415,13 @@ class Trainer:
         res.update(norm_gain=gain, norm_offset=offset)
         stats = run_ppo(self.ppo, prompts, self._scorer(rm, gain, offset), seed)          # 5
         self._record_ppo(stats, res)
-        if any(x.get("nan") for x in stats):
+        if dist.broadcast_object(any(x.get("nan") for x in stats)):
             return self._refuse(res, "PPO gate: a statistic is NaN or infinite")
         cand = self.ppo.sample(probe, self._raw_scorer(rm), seed)                         # 6
         for gate in (rules.kl_gate(cand["kl"], cfg.kl_budget),
                      rules.policy_gate(self._objective(cand, gain, offset), self._objective(parent, gain, offset),
                                        list(range(len(probe))), cfg.policy_gate_z)):
+            gate = dist.broadcast_object(gate)
             res.update(gate.stats)
             if not gate.passed:
                 return self._refuse(res, gate.why)
@@ -426,6 +441,7 @@ class Trainer:
         res.update(train_rm(rm, m.rm_tok, train, self.cfg.rm, seed=seed))
         candidate, _ = heldout_correctness(rm, m.rm_tok, test)
         gate = rules.rm_gate(candidate, incumbents, clusters, self.cfg.rm_gate_z, self.cfg.rm_gate_min_pairs)
+        gate = dist.broadcast_object(gate)   # rank 0's verdict for all: ranks that disagreed would fall out of step
         res.update(gate.stats, rm_gate=gate.why)
         # the best so far on this held-out set, should the candidate be published
         accs = {"": float(candidate.mean()) if len(candidate) else 0.0, m.version: float(current.mean()) if len(current) else 0.0}
@@ -476,10 +492,11 @@ class Trainer:
 
     def _sample_reference(self, probe: list[list[int]]) -> tuple[list, list]:
         """The initial policy's samples on the first cycle's probe prompts: drawn once per trainer
-        process (the same on every rank), rescored by each new RM to normalise it."""
-        resp = generate(self.m.ref, probe, self.cfg.ppo, self.m.end_ids, self.cfg.seed,
-                        max(map(len, probe)) + self.cfg.ppo.max_new_tokens + 1)
-        return probe, resp
+        process, each rank its share, then gathered (the same on every rank), rescored by each new
+        RM to normalise it."""
+        resp = generate(self.m.ref, dist.shard(probe), self.cfg.ppo, self.m.end_ids,
+                        self.cfg.seed + 1_000_003 * dist.rank(), max(map(len, probe)) + self.cfg.ppo.max_new_tokens + 1)
+        return probe, dist.all_gather_list(resp)
 
     def _reference_normalisation(self, rm) -> tuple[float, float]:
         """(gain, offset) putting the initial policy's probe samples at mean 0, std 1 under rm."""
@@ -547,7 +564,22 @@ def serve_admin(tr: Trainer, port: int, tokens: str):
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     print(f"trainer admin listening on 127.0.0.1:{bound}", flush=True)
-    return server
+    return server, f"127.0.0.1:{bound}"
+
+
+def append_status(path: str, event: str, fields: dict) -> None:
+    """One JSON line {"event", "unix_time", **fields} appended to the status file (--status-file)
+    in a single write, then fsynced. A reader takes complete lines only: a line without its
+    newline is a write still in progress."""
+    if not path:
+        return
+    line = json.dumps({"event": event, "unix_time": round(time.time(), 3), **fields}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def progress_line(r: dict) -> str:
@@ -573,12 +605,17 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(flag=True))
     tr = Trainer(cfg)
-    admin = serve_admin(tr, cfg.admin_port, cfg.auth_tokens) if cfg.admin_port and dist.is_main() else None
+    admin, admin_at = (serve_admin(tr, cfg.admin_port, cfg.auth_tokens) if cfg.admin_port and dist.is_main()
+                       else (None, ""))
+    if dist.is_main():
+        append_status(cfg.status_file, "ready", {"version": tr.m.version, "admin": admin_at,
+                                                 "world_size": dist.world_size(), "pid": os.getpid()})
     said_limit = False
     try:
-        while not stop["flag"] and (cfg.max_cycles == 0 or tr.cycles < cfg.max_cycles):
+        while True:
             go = False
-            if dist.is_main():
+            stopping = stop["flag"] or (cfg.max_cycles > 0 and tr.cycles >= cfg.max_cycles)
+            if dist.is_main() and not stopping:
                 tr.ingest()
                 with tr.admin_lock:   # a PauseTraining call sees either no cycle or this one as running
                     go = tr.due()
@@ -587,13 +624,16 @@ def main(argv: list[str] | None = None) -> int:
                 if tr.versions_left() == 0 and not said_limit:
                     said_limit = True
                     print(f"reached --max-versions {cfg.max_versions}: no more cycles start", flush=True)
-            if dist.world_size() > 1:
-                go = dist.broadcast_object(go or stop["flag"]) and not stop["flag"]
+            # rank 0 decides for every rank (its Kafka view, its admin thread's pause, its signal): a
+            # rank deciding on its own would leave the others waiting in a collective
+            go, stopping = dist.broadcast_object((go, stopping))
+            if stopping:
+                break
             if go:
                 res = tr.cycle()
                 if dist.is_main():
                     print(progress_line(res), flush=True)
-                    print("CYCLE " + json.dumps(res), flush=True)
+                    append_status(cfg.status_file, "cycle", res)
                 tr.in_cycle.clear()
     finally:
         if admin is not None:

@@ -27,7 +27,8 @@ when no value model is given). `build_critic` makes the choice.
 
 Data parallel: under torchrun each rank rolls out its shard of the prompts; the rollouts are
 gathered so every rank computes the same advantages, and each minibatch is split across ranks
-with token-sum losses over the global token count (dist.py), so DDP equals one process.
+with token-sum losses over the global token count (dist.py), so DDP, or FSDP2 with
+`parallel="fsdp"`, equals one process.
 """
 from __future__ import annotations
 
@@ -114,6 +115,9 @@ class PPOConfig:
     token (0: off). TRL's missing_eos_penalty, lm-human-preferences' penalty_reward_value."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm of the policy."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (each rank holds the policy's and critic's gradients and Adam's state) or fsdp
+    (FSDP2: those sharded across ranks; rollouts still use whole weights; see train/dist.py)."""
 
     def __post_init__(self) -> None:
         if min(self.iterations, self.rollouts, self.minibatch, self.ppo_epochs, self.max_new_tokens,
@@ -126,6 +130,8 @@ class PPOConfig:
             raise ValueError("kl_horizon must be > 0; value_warmup_epochs and missing_eos_penalty >= 0")
         if self.rollout_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"rollout_dtype must be float32 or bfloat16, got {self.rollout_dtype!r}")
+        if self.parallel not in dist.PARALLEL:
+            raise ValueError(f"parallel must be one of {dist.PARALLEL}, got {self.parallel!r}")
 
 
 class ValueModel(nn.Module):
@@ -304,11 +310,13 @@ class PPOTrainer:
         self.policy, self.ref, self.critic = policy, ref.eval(), critic
         for p in self.ref.parameters():
             p.requires_grad_(False)
-        self.policy_d, self.critic_d = dist.wrap(policy), dist.wrap(critic)
+        # the modules the update steps run on (policy and critic themselves, DDP around them, or
+        # FSDP2 copies trained inside dist.synced); rollouts and scoring read policy and critic
+        self.policy_d, self.critic_d = dist.wrap(policy, cfg.parallel), dist.wrap(critic, cfg.parallel)
         # two optimisers: the critic has its own learning rate and clipping (a shared Adam at the
         # policy's lr left a zero-initialised value head near 0 for whole cycles)
-        self.opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
-        self.critic_opt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, fused=True)
+        self.opt = torch.optim.Adam(self.policy_d.parameters(), lr=cfg.lr, eps=1e-5, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic_d.parameters(), lr=cfg.critic_lr, eps=1e-5, fused=True)
         self.kl_ctl = (P.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
                        else P.FixedKLController(cfg.kl_coef))
 
@@ -355,20 +363,21 @@ class PPOTrainer:
         B = ro.input_ids.shape[0]
         g = torch.Generator().manual_seed(seed)
         losses: list[float] = []
-        for _ in range(epochs):
-            losses = []
-            for mb in torch.randperm(B, generator=g).split(self.cfg.minibatch):
-                n_tok = float(ro.mask[mb].sum())
-                idx = torch.tensor(dist.shard(mb.tolist()), dtype=torch.long)
-                sub = _trimmed(ro, idx)
-                v = _rows(self.critic_d(sub.input_ids, sub.attention).unsqueeze(-1), sub.pos)[..., 0]
-                T = sub.mask.shape[1]
-                loss = P.masked_total(0.5 * (v - returns[idx, :T]) ** 2, sub.mask, n_tok / dist.world_size())
-                self.critic_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.critic_max_grad_norm)
-                self.critic_opt.step()
-                losses.append(dist.global_sum(loss.item()) / dist.world_size())
+        with dist.synced(self.critic_d, self.critic):
+            for _ in range(epochs):
+                losses = []
+                for mb in torch.randperm(B, generator=g).split(self.cfg.minibatch):
+                    n_tok = float(ro.mask[mb].sum())
+                    idx = torch.tensor(dist.shard(mb.tolist()), dtype=torch.long)
+                    sub = _trimmed(ro, idx)
+                    v = _rows(self.critic_d(sub.input_ids, sub.attention).unsqueeze(-1), sub.pos)[..., 0]
+                    T = sub.mask.shape[1]
+                    loss = P.masked_total(0.5 * (v - returns[idx, :T]) ** 2, sub.mask, n_tok / dist.world_size())
+                    self.critic_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(self.critic_d.parameters(), self.cfg.critic_max_grad_norm)
+                    self.critic_opt.step()
+                    losses.append(dist.global_sum(loss.item()) / dist.world_size())
         return sum(losses) / max(1, len(losses))
 
     def update(self, ro: Rollouts, a: dict, seed: int) -> dict:
@@ -379,15 +388,16 @@ class PPOTrainer:
         B = ro.input_ids.shape[0]
         g = torch.Generator().manual_seed(seed)
         stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl")}
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, generator=g)
-            for s in range(0, B, cfg.minibatch):
-                mb = perm[s:s + cfg.minibatch]
-                n_tok = float(ro.mask[mb].sum())
-                idx = torch.tensor(dist.shard(mb.tolist()), dtype=torch.long)
-                st = self._step(ro, a, idx, n_tok)
-                for k, v in st.items():
-                    stats.setdefault(k, []).append(v)
+        with dist.synced(self.policy_d, self.policy), dist.synced(self.critic_d, self.critic):
+            for _ in range(cfg.ppo_epochs):
+                perm = torch.randperm(B, generator=g)
+                for s in range(0, B, cfg.minibatch):
+                    mb = perm[s:s + cfg.minibatch]
+                    n_tok = float(ro.mask[mb].sum())
+                    idx = torch.tensor(dist.shard(mb.tolist()), dtype=torch.long)
+                    st = self._step(ro, a, idx, n_tok)
+                    for k, v in st.items():
+                        stats.setdefault(k, []).append(v)
         return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
     def _step(self, ro: Rollouts, a: dict, idx: torch.Tensor, n_tok: float) -> dict:
@@ -409,8 +419,8 @@ class PPOTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         (loss + cfg.vf_coef * vf).backward()
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.critic_max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.policy_d.parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.critic_d.parameters(), cfg.critic_max_grad_norm)
         self.opt.step()
         self.critic_opt.step()
         return {"pg_loss": dist.global_sum(pg.item()) / w, "vf_loss": dist.global_sum(vf.item()) / w,

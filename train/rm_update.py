@@ -111,7 +111,6 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, p
             opt.zero_grad(set_to_none=True)
             losses.append(dist.global_sum(loss.item()) / dist.world_size())
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    model.eval()
     rm.eval()
     tail = losses[-max(1, len(losses) // 4):]
     return {"rm_loss": sum(tail) / len(tail), "rm_steps": steps}
