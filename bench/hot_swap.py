@@ -2,6 +2,7 @@
 latency during the swap against steady state, and failed requests (must be 0).
 
     python bench/hot_swap.py            (--quick: the default policy only, short phases; under a minute)
+    python bench/hot_swap.py --quick --sizes gpt2-small    (one size, short phases)
 
 For each policy size (the default small policy, and a GPT-2-small-sized one unless --quick): a
 model store with v0000 and a real broker (the bundled Kafka), a policy server following the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -38,7 +40,9 @@ def make_store(root: Path, size: str) -> Path:
     store = ModelStore(root / "store")
 
     def write(tmp: Path) -> None:
-        shutil.copytree(src, tmp / "policy")
+        # without make_policy's own manifest.json ("v0"), as the trainer writes policy/: with it the server
+        # took its first model for "v0" and swapped to v0000 during the steady phase
+        shutil.copytree(src, tmp / "policy", ignore=shutil.ignore_patterns("manifest.json"))
     store.publish("v0000", write, None, {}, {})
     return root / "store"
 
@@ -103,6 +107,7 @@ def run_one(size: str, bootstrap: str, steady_s: float, clients: int, tmp: Path)
             t.start()
         time.sleep(steady_s)
         t_steady_end = time.monotonic()
+        load_1m = os.getloadavg()[0]   # on a machine shared with other work, the figures are read beside it
         publish_perturbed(store, "v0001")
         t_ann = announce(bootstrap, store, "v0001")
         deadline = time.monotonic() + 300
@@ -121,18 +126,22 @@ def run_one(size: str, bootstrap: str, steady_s: float, clients: int, tmp: Path)
     failed = sum(st != "OK" for *_, st in log)
     return {"size": size, "swap_seconds": t_first - t_ann, "failed_requests": failed, "requests": len(log),
             "steady_p99_s": p99(steady), "swap_p99_s": p99(swap), "p99_swap_over_steady": p99(swap) / p99(steady),
-            "mixed_versions_after_first_new": sum(v == "v0000" and s > t_first for s, _, v, _ in log)}
+            "mixed_versions_after_first_new": sum(v == "v0000" and s > t_first for s, _, v, _ in log),
+            "steady_versions": sorted({v for s, lat, v, st in log if s + lat <= t_steady_end and st == "OK"}),
+            "loadavg_1m_before_swap": load_1m}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="default policy only, short phases (under a minute)")
+    ap.add_argument("--sizes", default="", help="comma-separated policy sizes (serve.make_policy presets); "
+                    "default: small, and gpt2-small unless --quick")
     ap.add_argument("--clients", type=int, default=8)
     a = ap.parse_args()
     from feedback.broker import BrokerConfig, start, stop
     from feedback.topics import ensure_topics
     from tests.helpers import free_port
-    sizes = ["small"] if a.quick else ["small", "gpt2-small"]
+    sizes = a.sizes.split(",") if a.sizes else ["small"] if a.quick else ["small", "gpt2-small"]
     steady = 8.0 if a.quick else 20.0
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from .loader import load_policy
+    from .quantize import QuantizationUnsupported
     from .server import serve
 
     if cfg.threads:
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
             path = store.path(store.newest_verified()[0]) / "policy"
         except model_store.CorruptCheckpoint as e:
             raise SystemExit(str(e)) from e
-    policy = load_policy(path, dtype=getattr(torch, cfg.dtype), device=cfg.device, cpu_pack=cfg.cpu_pack)
+    try:
+        policy = load_policy(path, dtype=getattr(torch, cfg.dtype), device=cfg.device, cpu_pack=cfg.cpu_pack,
+                             quantize_mode=cfg.quantize)
+    except QuantizationUnsupported as e:
+        raise SystemExit(str(e)) from e
     serve_metrics(cfg.metrics_port, cfg.host)
     server, port, engine, interactions = serve(cfg, policy)
     # machine-readable line: tests and scripts wait for it

@@ -49,6 +49,10 @@ class ServerConfig(AuthOptions):
     """Where the weights and KV cache live: cpu, cuda or cuda:N (CUDA tensors go to the Triton kernels)."""
     cpu_pack: str = "all"
     """On CPU fp32, prepack these Linear weights for oneDNN: all, lm_head or none (none: torch's F.linear, MKL)."""
+    quantize: str = "none"
+    """none, or int8: every Linear (lm_head included) as torch.ao's dynamic int8 Linear, per-channel int8
+    weights and per-call int8 activations (serve/quantize.py); CPU and float32 only. Logprobs move by
+    ~0.015 nats on average on the default policy (bench/dtype_parity.py --compare int8)."""
     threads: int = 0
     """torch intra-op threads (0: torch's default)."""
     kafka_bootstrap: str = ""
@@ -71,6 +75,11 @@ class ServerConfig(AuthOptions):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.cpu_pack not in ("lm_head", "all", "none"):
             raise ValueError(f"cpu_pack must be lm_head, all or none, got {self.cpu_pack!r}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.quantize == "int8" and (self.device != "cpu" or self.dtype != "float32"):
+            raise ValueError(f"quantize int8 runs on CPU in float32 only, got device {self.device!r}, "
+                             f"dtype {self.dtype!r}")
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("ports must be in [0, 65535]")
         for k in ("max_batch_size", "max_queue", "max_context", "max_new_tokens_limit", "default_max_new_tokens"):

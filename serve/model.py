@@ -534,12 +534,14 @@ class PackedLinear(nn.Module):
 
 
 def pack_for_cpu(m: CausalLM, which: str = "all") -> CausalLM:
-    """Replaces Linear layers by PackedLinear on CPU fp32 ('all', 'lm_head' or 'none')."""
+    """Replaces Linear layers by PackedLinear on CPU fp32 ('all', 'lm_head' or 'none'); layers that are
+    no longer nn.Linear (serve.quantize's int8 ones) stay as they are."""
     p = next(m.parameters())
     if which == "none" or p.device.type != "cpu" or p.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return m
     if which == "lm_head":
-        m.lm_head = PackedLinear(m.lm_head)
+        if isinstance(m.lm_head, nn.Linear):
+            m.lm_head = PackedLinear(m.lm_head)
         return m
     for name, mod in list(m.named_modules()):
         for cname, child in list(mod.named_children()):
@@ -549,11 +551,15 @@ def pack_for_cpu(m: CausalLM, which: str = "all") -> CausalLM:
 
 
 def num_parameters(m: CausalLM) -> int:
-    """Parameters of the checkpoint (a tied lm_head counted once; packed layers counted by shape)."""
+    """Parameters of the checkpoint (a tied lm_head counted once; packed and int8 layers, which hold
+    no nn.Parameter, counted by shape)."""
     n = sum(p.numel() for p in m.parameters())
     for name, mod in m.named_modules():
-        if isinstance(mod, PackedLinear) and not (name == "lm_head" and m.args.tie_embeddings):
-            n += mod.in_features * mod.out_features + (0 if mod.b is None else mod.b.numel())
+        shaped_only = hasattr(mod, "out_features") and not isinstance(mod, nn.Linear)
+        if not shaped_only or (name == "lm_head" and m.args.tie_embeddings):
+            continue
+        bias = mod.b if isinstance(mod, PackedLinear) else mod.bias()   # torch.ao's quantized Linear: a method
+        n += mod.in_features * mod.out_features + (0 if bias is None else bias.numel())
     if isinstance(m.lm_head, nn.Linear) and m.args.tie_embeddings:
         n -= m.lm_head.weight.numel()
     return n

@@ -24,6 +24,9 @@ from common import model_store
 log = logging.getLogger(__name__)
 
 
+STEPS = ("verify", "load", "canary", "apply")   # steps 1-4 above, as the swap log line names them
+
+
 class Refused(Exception):
     """A version that may not be served: corrupt, incomplete, incompatible or failing the canary."""
 
@@ -56,17 +59,20 @@ class VersionManager:
         with self.lock:
             if version == self.current.version:
                 return self.current
-            t0 = time.monotonic()
+            ends = [time.monotonic()]   # the start, then the end of each step: where a slow swap spent its time
             try:
                 try:
                     model_store.verify(self.store.path(version))
                 except (model_store.CorruptCheckpoint, ValueError) as e:
                     raise Refused(str(e)) from e
+                ends.append(time.monotonic())
                 try:
                     obj = self.load(version)
                 except Exception as e:  # a checkpoint that does not load is incompatible, not a crash
                     raise Refused(f"{version} does not load: {e}") from e
+                ends.append(time.monotonic())
                 self.canary(obj, self.current.obj)
+                ends.append(time.monotonic())
             except Refused as e:
                 self.refused[version] = str(e)
                 self.on_event("refused", version)
@@ -74,10 +80,12 @@ class VersionManager:
                 raise
             new = ServedModel(version, obj)
             self.apply(new)
+            ends.append(time.monotonic())
             self.current = new
             self.history.append(version)
             self.on_event("swapped", version)
-            log.info("swapped to %s in %.2fs", version, time.monotonic() - t0)
+            steps = ", ".join(f"{name} {b - a:.2f}s" for name, a, b in zip(STEPS, ends, ends[1:]))
+            log.info("swapped to %s in %.2fs (%s)", version, ends[-1] - ends[0], steps)
             return new
 
     def offer(self, version: str) -> None:

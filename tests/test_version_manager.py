@@ -1,10 +1,16 @@
 """VersionManager's rules on a real model store, with a stand-in for loading (the servers' own
-load and canary are tested with their servers): swaps, refusals, pin/unpin and rollbacks."""
+load and canary are tested with their servers): swaps, refusals, pin/unpin and rollbacks; and with
+the policy server's own load and canary, that a flipped bit in the weights is still refused."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import torch
 
 from common.model_store import ModelStore
+from serve.loader import load_policy
+from serve.server import policy_canary
 from serve.versions import Refused, ServedModel, VersionManager
 
 
@@ -62,3 +68,36 @@ def test_a_corrupt_version_is_refused_before_loading(tmp_path):
     with pytest.raises(Refused):
         m.switch_to("v0001")
     assert loaded == [] and m.current.version == "v0000"
+
+
+def _flip_a_weight_byte(weights) -> None:
+    """One bit flipped in the middle of the tensor data, past the safetensors header: the file still
+    parses and loads (to different weights), so only the sha256 can tell."""
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_the_weights_is_refused_with_the_real_loader(tmp_path, tiny_gpt2):
+    store = ModelStore(tmp_path / "store")
+    for v in ("v0000", "v0001", "v0002"):
+        store.publish(v, lambda d: shutil.copytree(tiny_gpt2, d / "policy"), parent=None, metrics={}, offsets={})
+    weights = store.path("v0001") / "policy" / "model.safetensors"
+    _flip_a_weight_byte(weights)
+    flipped = load_policy(weights.parent, cpu_pack="none").model.state_dict()
+    intact = load_policy(tiny_gpt2, cpu_pack="none").model.state_dict()
+    assert any(not torch.equal(flipped[k], intact[k]) for k in intact)   # it loads: only the hash refuses it
+
+    loaded: list[str] = []
+
+    def load(v):
+        loaded.append(v)
+        return load_policy(store.path(v) / "policy", cpu_pack="none")
+    current = load_policy(store.path("v0000") / "policy", cpu_pack="none")
+    m = VersionManager(store, load=load, canary=policy_canary, apply=lambda s: None,
+                       current=ServedModel("v0000", current))
+    with pytest.raises(Refused, match="model.safetensors does not match its sha256"):
+        m.switch_to("v0001")
+    assert loaded == [] and m.current.version == "v0000" and "v0001" in m.refused
+    m.offer("v0002")                          # an intact version still goes through load and canary
+    assert loaded == ["v0002"] and m.current.version == "v0002"
