@@ -1,9 +1,10 @@
 """Sustained feedback ingestion end to end: gRPC SubmitBatch (or SubmitMany) -> feedback service -> Kafka ->
 consumer -> SQLite store, with p50/p99 latency (submit to stored) and losses, next to the raw
 kafka-python producer (acks=all, idempotent) writing the same records to the same broker in
-the same run. Starts its own broker on free ports. Last line: one JSON object.
+the same run. Starts its own broker (or --brokers N cluster) on free ports, with --partitions per
+data topic. Last line: one JSON object.
 
-    python bench/feedback_ingest.py [--quick] [--events N] [--streams S]
+    python bench/feedback_ingest.py [--quick] [--events N] [--streams S] [--partitions P] [--brokers N]
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from feedback import topics  # noqa: E402
 from feedback.broker import BrokerConfig, start, stop  # noqa: E402
 from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc  # noqa: E402
-from tests.helpers import REPO, free_port, start_feedback_service  # noqa: E402
+from tests.helpers import REPO, start_feedback_service  # noqa: E402
 
 
 def make_events(n: int, run: str) -> list[fb.Feedback]:
@@ -44,9 +45,9 @@ def make_events(n: int, run: str) -> list[fb.Feedback]:
 RAW_TOPIC = "bench.raw-producer"   # same partitions as the feedback topic; kept out of the consumer's way
 
 
-def raw_producer(bootstrap: str, values: list[bytes]) -> float:
+def raw_producer(bootstrap: str, values: list[bytes], partitions: int) -> float:
     from kafka import KafkaProducer
-    topics.ensure_topics(bootstrap, {RAW_TOPIC: topics.ALL[topics.FEEDBACK]})
+    topics.ensure_topics(bootstrap, {RAW_TOPIC: partitions})
     p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
     t0 = time.perf_counter()
     futs = [p.send(RAW_TOPIC, key=str(i).encode(), value=v) for i, v in enumerate(values)]
@@ -85,19 +86,24 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=0, help="events end to end (default 40,000; quick 5,000)")
     ap.add_argument("--streams", type=int, default=4, help="concurrent clients")
     ap.add_argument("--batch", type=int, default=200, help="items per SubmitBatch call (0: one SubmitMany stream each)")
+    ap.add_argument("--partitions", type=int, default=topics.ALL[topics.FEEDBACK],
+                    help="partitions of the feedback and interactions topics")
+    ap.add_argument("--brokers", type=int, default=1, help="Kafka nodes (replication min(3, N), 2 in sync from 3)")
     a = ap.parse_args()
     n = a.events or (5000 if a.quick else 40000)
     run = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = BrokerConfig(data_dir=Path(tmp) / "kafka", port=free_port(), controller_port=free_port())
+        heap = BrokerConfig.heap if a.brokers == 1 else "256m"   # a cluster shares this machine's memory
+        cfg = BrokerConfig.on_free_ports(Path(tmp) / "kafka", brokers=a.brokers, heap=heap)
         start(cfg)
         svc = consumer = None
-        try:
-            topics.ensure_topics(cfg.bootstrap)
+        try:   # created before the service and consumer start, so their ensure_topics finds them
+            topics.ensure_topics(cfg.bootstrap, {**topics.ALL, topics.FEEDBACK: a.partitions,
+                                                 topics.INTERACTIONS: a.partitions})
             events = make_events(n, run)
             raw_values = [fb.FeedbackRecord(event_id=f"raw-{i}", feedback=e).SerializeToString()
                           for i, e in enumerate(events)]
-            raw_eps = raw_producer(cfg.bootstrap, raw_values)
+            raw_eps = raw_producer(cfg.bootstrap, raw_values, a.partitions)
             print(f"raw kafka-python producer (acks=all, idempotent): {raw_eps:,.0f} events/s", flush=True)
             svc, port = start_feedback_service(cfg.bootstrap)
             db = Path(tmp) / "store.db"
@@ -159,7 +165,7 @@ def main() -> None:
     res = {"events": n, "stored": len(stored), "lost": n - len(stored), "rejected": len(errors), "dead_lettered": dead,
            "events_per_s": round(eps, 1), "p50_ms": round(pct(0.5), 1), "p99_ms": round(pct(0.99), 1),
            "raw_producer_events_per_s": round(raw_eps, 1), "ratio_vs_raw_producer": round(eps / raw_eps, 3),
-           "clients": a.streams, "batch": a.batch, "quick": a.quick}
+           "clients": a.streams, "batch": a.batch, "partitions": a.partitions, "brokers": a.brokers, "quick": a.quick}
     print(f"end to end: {eps:,.0f} events/s, p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, lost {res['lost']}, "
           f"{res['ratio_vs_raw_producer']:.2f}x the raw producer")
     print(json.dumps(res))

@@ -1,18 +1,27 @@
-"""Start, wait for and stop the bundled single-node Apache Kafka broker (KRaft).
+"""Start, wait for and stop the bundled Apache Kafka broker (KRaft): one node by default, or a
+replicated cluster of N nodes on this machine.
 
 The broker's jars are copied from Maven Central into deploy/kafka/lib by
 `mvn -f deploy/kafka/pom.xml dependency:copy-dependencies` (scripts/setup.sh does it).
-This module renders deploy/kafka/server.properties.template into a data dir, formats
-the storage once, launches `java kafka.Kafka`, and waits until the broker answers a
-metadata request (an open port is not enough: the controller may still be electing).
+This module renders deploy/kafka/server.properties.template for each node, formats each node's
+storage once with the cluster's one id, launches `java kafka.Kafka` per node, and waits until every
+node is a live broker in the cluster's metadata (an open port is not enough: the controller quorum
+may still be electing).
+
+Every node is broker and controller in one process ("combined" mode) and every node is a voter of a
+static controller quorum (`controller.quorum.voters`, Kafka 4.1 operations guide, "KRaft"): with 3
+nodes the cluster survives the loss of any one. One node keeps its files directly in --data-dir;
+node k of a cluster in --data-dir/node-k, each with its own ports and node id k.
 
     python -m feedback.broker start --data-dir .run/kafka --port 19092
+    python -m feedback.broker start --brokers 3 --data-dir .run/kafka3 --port 29092   (ports 29092/29094/29096)
     python -m feedback.broker stop --data-dir .run/kafka
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -23,36 +32,81 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from .topics import replication_for
+
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_DIR = REPO / "deploy" / "kafka"
 
 
 @dataclass(frozen=True)
+class Node:
+    """One KRaft server of the cluster: a broker and a controller voter in one process."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    data_dir: Path
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
-    """Where and how the local broker runs."""
+    """Where and how the local broker (or cluster of brokers) runs."""
 
     data_dir: Path = REPO / ".run" / "kafka"
-    """Holds server.properties, the log dirs, broker.log and broker.pid."""
+    """Holds server.properties, the log dirs, broker.log and broker.pid (a cluster: one node-k folder per node)."""
     port: int = 19092
-    """PLAINTEXT listener on 127.0.0.1."""
+    """PLAINTEXT listener of node 1 on 127.0.0.1."""
     controller_port: int = 19093
-    """KRaft controller listener on 127.0.0.1."""
+    """KRaft controller listener of node 1 on 127.0.0.1."""
+    brokers: int = 1
+    """Nodes in the cluster. Topics get min(3, brokers) replicas, and 2 in-sync replicas with 3 or more."""
+    node_ports: tuple[tuple[int, int], ...] = ()
+    """(PLAINTEXT, controller) ports of every node, node 1 first (it must be (port, controller_port));
+    (): node k gets port + 2(k-1) and controller_port + 2(k-1)."""
     heap: str = "512m"
-    """JVM -Xmx for the broker."""
+    """JVM -Xmx for each node."""
     start_timeout_s: float = 90.0
-    """How long to wait for the broker to answer metadata requests."""
+    """How long to wait for every node to answer metadata requests as a live broker."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "controller_port"):
-            v = getattr(self, name)
-            if not 0 < v < 65536:
-                raise ValueError(f"{name} must be a TCP port, got {v}")
-        if self.port == self.controller_port:
-            raise ValueError("port and controller_port must differ")
+        if self.brokers < 1:
+            raise ValueError(f"brokers must be >= 1, got {self.brokers}")
+        if self.node_ports and len(self.node_ports) != self.brokers:
+            raise ValueError(f"node_ports names {len(self.node_ports)} nodes, brokers is {self.brokers}")
+        if self.node_ports and tuple(self.node_ports[0]) != (self.port, self.controller_port):
+            raise ValueError("node_ports[0] must be (port, controller_port)")
+        ports = [p for n in self.nodes() for p in (n.port, n.controller_port)]
+        for p in ports:
+            if not 0 < p < 65536:
+                raise ValueError(f"ports must be TCP ports, got {p}")
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"every node's port and controller_port must differ from all others: {ports}")
+
+    @classmethod
+    def on_free_ports(cls, data_dir: Path, brokers: int = 1, **kw) -> "BrokerConfig":
+        """A config whose nodes listen on ports free now (tests, benches, the main job)."""
+        from common.net import free_port
+        ports: list[int] = []
+        while len(ports) < 2 * brokers:   # distinct: the OS may hand out a just-released port again
+            if (p := free_port()) not in ports:
+                ports.append(p)
+        pairs = tuple(zip(ports[::2], ports[1::2]))
+        return cls(data_dir=data_dir, port=pairs[0][0], controller_port=pairs[0][1], brokers=brokers,
+                   node_ports=pairs, **kw)
+
+    def nodes(self) -> list[Node]:
+        pairs = self.node_ports or [(self.port + 2 * k, self.controller_port + 2 * k) for k in range(self.brokers)]
+        if self.brokers == 1:   # the single node keeps the layout it always had
+            return [Node(1, pairs[0][0], pairs[0][1], self.data_dir)]
+        return [Node(k + 1, p, c, self.data_dir / f"node-{k + 1}") for k, (p, c) in enumerate(pairs)]
+
+    def node(self, node_id: int) -> Node:
+        return self.nodes()[node_id - 1]
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Every node, comma separated: a client reaches the cluster through any one that is up."""
+        return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes())
 
 
 def _lib_dir() -> Path:
@@ -73,12 +127,14 @@ def _java_cmd(cfg: BrokerConfig, main: str, *args: str) -> list[str]:
     ]
 
 
-def _render_properties(cfg: BrokerConfig) -> Path:
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+def _render_properties(cfg: BrokerConfig, node: Node) -> Path:
+    node.data_dir.mkdir(parents=True, exist_ok=True)
+    rf, min_isr = replication_for(cfg.brokers)
+    voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in cfg.nodes())
     text = (KAFKA_DIR / "server.properties.template").read_text().format(
-        port=cfg.port, controller_port=cfg.controller_port, data_dir=cfg.data_dir.resolve()
-    )
-    path = cfg.data_dir / "server.properties"
+        node_id=node.node_id, voters=voters, port=node.port, controller_port=node.controller_port,
+        log_dir=node.data_dir.resolve() / "log", replication=rf, min_isr=min_isr)
+    path = node.data_dir / "server.properties"
     path.write_text(text)
     return path
 
@@ -93,48 +149,69 @@ def new_cluster_id() -> str:
             return cid
 
 
-def _format_storage(cfg: BrokerConfig, props: Path) -> None:
-    """Formats the log dir once (KRaft needs a cluster id and a bootstrap metadata log)."""
-    if (cfg.data_dir / "log" / "meta.properties").exists():
+def _cluster_id(cfg: BrokerConfig) -> str:
+    """The cluster's id, drawn once and kept in data_dir/cluster.id: every node is formatted with it."""
+    path = cfg.data_dir / "cluster.id"
+    if not path.exists():
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(new_cluster_id())
+    return path.read_text().strip()
+
+
+def _format_storage(cfg: BrokerConfig, node: Node, props: Path) -> None:
+    """Formats a node's log dir once (KRaft needs the cluster id and a bootstrap metadata log)."""
+    if (node.data_dir / "log" / "meta.properties").exists():
         return
-    cluster_id = new_cluster_id()
     out = subprocess.run(
-        _java_cmd(cfg, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+        _java_cmd(cfg, "kafka.tools.StorageTool", "format", "-t", _cluster_id(cfg), "-c", str(props)),
         capture_output=True, text=True,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"kafka storage format failed:\n{out.stdout}\n{out.stderr}")
+        raise RuntimeError(f"kafka storage format of node {node.node_id} failed:\n{out.stdout}\n{out.stderr}")
 
 
-def _pid_file(cfg: BrokerConfig) -> Path:
-    return cfg.data_dir / "broker.pid"
+def _pid_file(node: Node) -> Path:
+    return node.data_dir / "broker.pid"
 
 
-def read_pid(cfg: BrokerConfig) -> int | None:
+def _gone(pid: int) -> bool:
+    """True if the process has exited (reaped here if it is our child: a killed child stays a zombie)."""
     try:
-        pid = int(_pid_file(cfg).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:   # reap it if it is our child
+            return True
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
+        return True
+    return False
+
+
+def read_pid(cfg: BrokerConfig, node_id: int = 1) -> int | None:
+    """The pid of a node's running process (None if it is not running)."""
+    try:
+        pid = int(_pid_file(cfg.node(node_id)).read_text())
+    except (FileNotFoundError, ValueError):
         return None
-    return pid
+    return None if _gone(pid) else pid
 
 
-def broker_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
-    """True if the broker answers a metadata request with itself as a live broker."""
+def live_brokers(bootstrap: str, timeout_s: float = 5.0) -> set[int]:
+    """Ids of the live (registered, not fenced) brokers in the cluster's metadata, asked of any node
+    in `bootstrap` (empty if none answers)."""
     from kafka import KafkaAdminClient  # I/O edge: only imported when needed
-    from kafka.errors import KafkaError, KafkaTimeoutError
+    from kafka.errors import KafkaError
 
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    except (KafkaTimeoutError, OSError):
-        return False
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+                                 bootstrap_timeout_ms=int(timeout_s * 1000))
+    except (KafkaError, OSError):   # NoBrokersAvailable, a timeout: nobody answers
+        return set()
     try:
-        return len(admin.describe_cluster().get("brokers", [])) > 0
+        return {b["broker_id"] for b in admin.describe_cluster().get("brokers", []) if not b.get("is_fenced")}
     except (KafkaError, OSError, ValueError):
-        return False
+        return set()
     finally:
         admin.close()
 
@@ -145,52 +222,62 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start(cfg: BrokerConfig) -> int:
-    """Starts the broker (if it is not already running) and waits until it answers. Returns its pid."""
-    pid = read_pid(cfg)
-    if pid is not None and broker_answers(cfg.bootstrap):
-        return pid
-    for port in (cfg.port, cfg.controller_port):
+def _launch(cfg: BrokerConfig, node: Node) -> subprocess.Popen:
+    for port in (node.port, node.controller_port):
         if _port_open(port):
             raise RuntimeError(f"port {port} on 127.0.0.1 is taken by another process")
-    props = _render_properties(cfg)
-    _format_storage(cfg, props)
-    log = open(cfg.data_dir / "broker.log", "ab")
+    props = _render_properties(cfg, node)
+    _format_storage(cfg, node, props)
+    log = open(node.data_dir / "broker.log", "ab")
     proc = subprocess.Popen(_java_cmd(cfg, "kafka.Kafka", str(props)), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    _pid_file(cfg).write_text(str(proc.pid))
+    _pid_file(node).write_text(str(proc.pid))
+    return proc
+
+
+def start(cfg: BrokerConfig) -> int:
+    """Starts every node that is not running (all before waiting: a quorum needs a majority to elect)
+    and waits until every node is a live broker. Restarting one killed node of a running cluster is
+    the same call. Returns node 1's pid."""
+    wanted = {n.node_id for n in cfg.nodes()}
+    if all(read_pid(cfg, k) for k in wanted) and live_brokers(cfg.bootstrap) == wanted:
+        return read_pid(cfg, 1)
+    launched = {n.node_id: _launch(cfg, n) for n in cfg.nodes() if read_pid(cfg, n.node_id) is None}
     deadline = time.monotonic() + cfg.start_timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {proc.returncode}; see {cfg.data_dir / 'broker.log'}")
-        if _port_open(cfg.port) and broker_answers(cfg.bootstrap, timeout_s=2.0):
-            return proc.pid
+        for k, proc in launched.items():
+            if proc.poll() is not None:
+                stop(cfg, node_ids=set(launched))
+                raise RuntimeError(f"kafka node {k} exited with {proc.returncode}; "
+                                   f"see {cfg.node(k).data_dir / 'broker.log'}")
+        if any(_port_open(n.port) for n in cfg.nodes()) and live_brokers(cfg.bootstrap, timeout_s=2.0) == wanted:
+            return read_pid(cfg, 1)
         time.sleep(0.5)
-    stop(cfg)
-    raise TimeoutError(f"broker did not answer within {cfg.start_timeout_s}s; see {cfg.data_dir / 'broker.log'}")
+    stop(cfg, node_ids=set(launched))   # only what this call started: the running nodes stay up
+    raise TimeoutError(f"kafka did not have all {cfg.brokers} brokers live within {cfg.start_timeout_s}s; "
+                       f"see broker.log under {cfg.data_dir}")
 
 
-def stop(cfg: BrokerConfig, timeout_s: float = 30.0) -> None:
-    """SIGTERM (a clean shutdown flushes logs), then SIGKILL if it lingers."""
-    pid = read_pid(cfg)
-    if pid is None:
-        return
-    os.kill(pid, signal.SIGTERM)
+def stop(cfg: BrokerConfig, timeout_s: float = 30.0, node_ids: set[int] | None = None) -> None:
+    """SIGTERM to every node (or the given ones) at once, since a clean shutdown flushes logs; then
+    SIGKILL to any that lingers (a node whose quorum has already gone cannot finish a controlled shutdown)."""
+    nodes = [n for n in cfg.nodes() if node_ids is None or n.node_id in node_ids]
+    pids = {}
+    for n in nodes:
+        pid = read_pid(cfg, n.node_id)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            pids[n.node_id] = pid
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        try:  # reap it if it is our child
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                break
-        except ChildProcessError:
-            pass
+    while pids and time.monotonic() < deadline:
+        pids = {k: p for k, p in pids.items() if not _gone(p)}
         time.sleep(0.2)
-    else:
-        os.kill(pid, signal.SIGKILL)
-    _pid_file(cfg).unlink(missing_ok=True)
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):   # it may have exited just now
+            os.kill(pid, signal.SIGKILL)
+        _gone(pid)
+    for n in nodes:
+        _pid_file(n).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,19 +285,30 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["start", "stop", "status"])
     ap.add_argument("--data-dir", type=Path, default=BrokerConfig.data_dir, help="broker state and logs")
-    ap.add_argument("--port", type=int, default=BrokerConfig.port, help="PLAINTEXT port on 127.0.0.1")
-    ap.add_argument("--controller-port", type=int, default=BrokerConfig.controller_port)
+    ap.add_argument("--port", type=int, default=BrokerConfig.port, help="PLAINTEXT port of node 1 on 127.0.0.1")
+    ap.add_argument("--controller-port", type=int, default=BrokerConfig.controller_port,
+                    help="controller port of node 1 (node k: this + 2(k-1))")
+    ap.add_argument("--brokers", type=int, default=None,
+                    help="nodes in the cluster (node k: --port + 2(k-1), data in <data-dir>/node-k); "
+                         "default 1 for start, the node-k folders in --data-dir for stop and status")
+    ap.add_argument("--heap", default=BrokerConfig.heap, help="JVM -Xmx of each node")
     a = ap.parse_args(argv)
-    cfg = BrokerConfig(data_dir=a.data_dir, port=a.port, controller_port=a.controller_port)
+    brokers = a.brokers or (1 if a.action == "start" else max(1, len(list(a.data_dir.glob("node-*")))))
+    cfg = BrokerConfig(data_dir=a.data_dir, port=a.port, controller_port=a.controller_port, brokers=brokers,
+                       heap=a.heap)
     if a.action == "start":
-        print(f"kafka broker up at {cfg.bootstrap} (pid {start(cfg)})")
+        start(cfg)
+        pids = ", ".join(f"node {n.node_id}: pid {read_pid(cfg, n.node_id)}" for n in cfg.nodes())
+        print(f"kafka up at {cfg.bootstrap} ({pids})")
     elif a.action == "stop":
         stop(cfg)
-        print("kafka broker stopped")
+        print("kafka stopped")
     else:
-        up = broker_answers(cfg.bootstrap)
-        print(f"kafka broker at {cfg.bootstrap}: {'up' if up else 'down'} (pid {read_pid(cfg)})")
-        return 0 if up else 1
+        live = live_brokers(cfg.bootstrap)
+        for n in cfg.nodes():
+            print(f"node {n.node_id} at 127.0.0.1:{n.port}: {'up' if n.node_id in live else 'down'} "
+                  f"(pid {read_pid(cfg, n.node_id)})")
+        return 0 if len(live) == cfg.brokers else 1
     return 0
 
 

@@ -48,7 +48,8 @@ class ConsumerConfig:
     instance_id: str = ""
     """Static group membership (KIP-345): a consumer restarted with the same id takes its partitions back
     at once instead of waiting for the old member's session to expire ("": derived from --group and --db,
-    which stay the same across restarts of one consumer)."""
+    which stay the same across restarts of one consumer). Consumers of one group that share one --db
+    need distinct ids: a second member with the same id fences the first."""
     session_timeout_s: float = 10.0
     """How long the group waits for a member that stopped heartbeating (a crashed one that does not come
     back) before giving its partitions to the others."""
@@ -108,6 +109,11 @@ class FeedbackConsumer:
             ms = int(cfg.session_timeout_s * 1000)
             self.consumer = KafkaConsumer(topics.FEEDBACK, topics.INTERACTIONS, group_instance_id=cfg.member_id(),
                                           session_timeout_ms=ms, heartbeat_interval_ms=max(1000, ms // 3), **kw)
+            # the topics' partitions known before the first join: kafka-python 3.0.12 joins without waiting for
+            # metadata, so the group leader assigned nothing and the group rebalanced again at once; in 3 of
+            # about 17 runs of tests/test_kafka_cluster.py that second round left a member without partitions
+            # for over 30 s
+            self._all_partitions()
         self.stored = 0
 
     def _all_partitions(self, timeout_s: float = 30.0) -> list:
@@ -172,23 +178,28 @@ class FeedbackConsumer:
             top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
             log.warning("dead-lettered %d records (%s)", len(dead), "; ".join(f"{n} x {r}" for r, n in top))
         new, dup = self.store.commit_batch(fb_rows, int_rows)
-        if self.commit_each_batch:
-            self._commit()
+        if self.commit_each_batch:   # exactly what was stored: past each partition's last record in this batch
+            self._commit({tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs})
         self.stored += new
         metrics.CONSUMED.labels(topics.FEEDBACK).inc(new)
         metrics.CONSUMED.labels(topics.INTERACTIONS).inc(len(int_rows))
         metrics.DUPLICATES.inc(dup)
         return sum(len(v) for v in batch.values())
 
-    def _commit(self) -> None:
-        """Commits the group's offsets, only after the store's transaction is durable. A commit the
-        group refuses (it rebalanced, or a restarted broker forgot this member: UnknownMemberId)
-        is not fatal: the batch is stored, so the records after the last committed offset come
-        again after the rejoin and the store skips them by event id (DUPLICATES counts them)."""
-        from kafka.errors import CommitFailedError
+    def _commit(self, next_offsets: dict) -> None:
+        """Commits {TopicPartition: next offset to read}, only after the store's transaction is durable.
+        A commit the group refuses (it rebalanced and the partitions went to another member, or a
+        restarted broker forgot this member: UnknownMemberId) is not fatal: the batch is stored, so the
+        records after the last committed offset come again, to whichever member holds the partition
+        now, and the store skips them by event id (DUPLICATES counts them). kafka-python raises
+        RebalanceInProgressError, not CommitFailedError, when it already knows a rebalance has begun (a
+        member joined or left): the same case, and it used to end the consumer."""
+        from kafka.errors import (CommitFailedError, IllegalGenerationError, RebalanceInProgressError,
+                                  UnknownMemberIdError)
+        from kafka.structs import OffsetAndMetadata
         try:
-            self.consumer.commit()
-        except CommitFailedError as e:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in next_offsets.items()})
+        except (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError) as e:
             log.warning("offset commit refused by the group (%s); the batch is stored, it will be delivered "
                         "again and deduplicated", type(e).__name__)
 

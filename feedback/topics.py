@@ -1,4 +1,10 @@
-"""Topic names and their creation. Every topic is created explicitly (auto-create is off)."""
+"""Topic names and their creation. Every topic is created explicitly (auto-create is off).
+
+Keys: a feedback record is keyed by its event id (the dedupe key), so a client's retry of one
+event lands on the same partition as the first try, behind it, and reaches the same member of the
+consumer group. Keying by prompt would buy per-prompt order, which nothing downstream reads (the
+store and the trainer batch by event), and would pile popular prompts onto one partition.
+"""
 from __future__ import annotations
 
 FEEDBACK = "rlhf.feedback.v1"          # FeedbackRecord, key = event_id
@@ -6,25 +12,45 @@ INTERACTIONS = "rlhf.interactions.v1"  # Interaction, key = response_id
 DEAD_LETTERS = "rlhf.feedback.dlq.v1"  # DeadLetter, key = original key
 MODEL_UPDATES = "rlhf.model-updates.v1"
 
+# Partitions per topic: 3 for the two data topics, one leader per node of a 3-node cluster and up to
+# 3 consumers of one group sharing the work; 1 where order matters (model updates) or volume is low
+# (dead letters). Partitions can be added later (kafka-topics --alter), never removed.
 ALL = {FEEDBACK: 3, INTERACTIONS: 3, DEAD_LETTERS: 1, MODEL_UPDATES: 1}
 
 
-def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None, timeout_s: float = 30.0) -> None:
-    """Creates the project's topics if they do not exist (idempotent)."""
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for a cluster of `brokers` nodes. Three copies
+    with two in sync: an acks=all write is on two nodes before it is acknowledged, so losing any
+    one node loses no acknowledged write, and writes go on while one node is down."""
+    if brokers < 1:
+        raise ValueError(f"brokers must be >= 1, got {brokers}")
+    rf = min(3, brokers)
+    return rf, (2 if rf >= 3 else 1)
+
+
+def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None, timeout_s: float = 30.0,
+                  brokers: int | None = None) -> None:
+    """Creates the project's topics if they do not exist (idempotent; existing topics are left as
+    they are), replicated per replication_for(brokers); brokers=None: the live brokers the cluster
+    reports now."""
     from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(name, num_partitions=n, replication_factor=1,
-                        topic_configs={"min.insync.replicas": "1"})
-               for name, n in (partitions or ALL).items() if name not in existing]
-        if new:
-            try:
-                admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
-            except TopicAlreadyExistsError:
-                pass
+        missing = {name: n for name, n in (partitions or ALL).items() if name not in existing}
+        if not missing:
+            return
+        if brokers is None:
+            brokers = sum(1 for b in admin.describe_cluster()["brokers"] if not b.get("is_fenced"))
+        rf, min_isr = replication_for(brokers)
+        try:
+            admin.create_topics({name: {"num_partitions": n, "replication_factor": rf,
+                                        "configs": {"min.insync.replicas": str(min_isr)}}
+                                 for name, n in missing.items()},
+                                timeout_ms=int(timeout_s * 1000), wait_for_metadata=True)
+        except TopicAlreadyExistsError:   # another process created it meanwhile
+            pass
     finally:
         admin.close()

@@ -88,6 +88,22 @@ def kafka_broker(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory):
+    """Three bundled Kafka nodes (KRaft, each broker and controller voter, 256 MB heap) on free loopback
+    ports, with the project's topics: its BrokerConfig, so a test can kill and restart nodes."""
+    from feedback.broker import BrokerConfig, start, stop
+    from feedback.topics import ensure_topics
+
+    cfg = BrokerConfig.on_free_ports(tmp_path_factory.mktemp("kafka-cluster"), brokers=3, heap="256m")
+    start(cfg)
+    try:
+        ensure_topics(cfg.bootstrap)   # replication from the live brokers the cluster reports
+        yield cfg
+    finally:
+        stop(cfg)
+
+
+@pytest.fixture(scope="session")
 def acked_event_ids():
     """Every feedback event id the service acknowledged in this session (the topics are shared)."""
     return set()

@@ -218,13 +218,12 @@ class _Producer:
 def test_the_interactions_record_holds_the_rendered_prompt(tiny_qwen2, monkeypatch):
     """The record the feedback service, the RM and PPO read: the prompt as rendered (template markup
     included), its served tokens, and the trainer's encoding of that text gives the same tokens."""
-    import feedback.kafka_io
-    import feedback.topics
+    import serve.interactions as interactions_module
     from serve.config import ServerConfig
     from serve.loader import load_policy
     from serve.server import serve
-    monkeypatch.setattr(feedback.kafka_io, "AckedProducer", _Producer)
-    monkeypatch.setattr(feedback.topics, "ensure_topics", lambda bootstrap: None)
+    monkeypatch.setattr(interactions_module, "AckedProducer", _Producer)   # patched where the server uses it
+    monkeypatch.setattr(interactions_module, "ensure_topics", lambda bootstrap: None)
     _Producer.sent.clear()
     tok = AutoTokenizer.from_pretrained(tiny_qwen2)
     cfg = ServerConfig(model=tiny_qwen2, port=0, metrics_port=0, max_context=256, kafka_bootstrap="fake:9092")
