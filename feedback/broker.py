@@ -32,6 +32,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
+
+from common.net import free_port
+
 from .topics import replication_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +90,6 @@ class BrokerConfig:
     @classmethod
     def on_free_ports(cls, data_dir: Path, brokers: int = 1, **kw) -> "BrokerConfig":
         """A config whose nodes listen on ports free now (tests, benches, the main job)."""
-        from common.net import free_port
         ports: list[int] = []
         while len(ports) < 2 * brokers:   # distinct: the OS may hand out a just-released port again
             if (p := free_port()) not in ports:
@@ -200,9 +204,6 @@ def read_pid(cfg: BrokerConfig, node_id: int = 1) -> int | None:
 def live_brokers(bootstrap: str, timeout_s: float = 5.0) -> set[int]:
     """Ids of the live (registered, not fenced) brokers in the cluster's metadata, asked of any node
     in `bootstrap` (empty if none answers)."""
-    from kafka import KafkaAdminClient  # I/O edge: only imported when needed
-    from kafka.errors import KafkaError
-
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
                                  bootstrap_timeout_ms=int(timeout_s * 1000))

@@ -9,12 +9,17 @@ with the reason (acknowledged before the offsets move), never dropped silently.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError
+from kafka.structs import OffsetAndMetadata
 
 from common.config_cli import parse_config
 from protos.build import ensure_generated
@@ -63,7 +68,6 @@ class ConsumerConfig:
             raise ValueError("session_timeout_s must be in [6, 300] (the broker's group.min/max.session.timeout.ms)")
 
     def member_id(self) -> str:
-        import hashlib
         return self.instance_id or f"{self.group}-{hashlib.sha256(str(Path(self.db).resolve()).encode()).hexdigest()[:12]}"
 
 
@@ -95,7 +99,6 @@ class FeedbackConsumer:
     from the committed offsets instead of waiting out the old member's session)."""
 
     def __init__(self, cfg: ConsumerConfig, commit_each_batch: bool = True, manual_assign: bool = False):
-        from kafka import KafkaConsumer
         self.cfg, self.commit_each_batch = cfg, commit_each_batch
         self.store = FeedbackStore(cfg.db)
         self.dlq = AckedProducer(cfg.bootstrap, client_id="feedback-consumer-dlq")
@@ -117,7 +120,6 @@ class FeedbackConsumer:
         self.stored = 0
 
     def _all_partitions(self, timeout_s: float = 30.0) -> list:
-        from kafka import TopicPartition
         deadline = time.monotonic() + timeout_s
         parts = []
         for t in (topics.FEEDBACK, topics.INTERACTIONS):
@@ -140,13 +142,10 @@ class FeedbackConsumer:
         return out
 
     def commit_offsets(self, offsets: dict[str, int]) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
         self.consumer.commit({TopicPartition(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])):
                               OffsetAndMetadata(v, "", -1) for k, v in offsets.items()})
 
     def seek_to(self, offsets: dict[str, int]) -> None:
-        from kafka import TopicPartition
         for k, v in offsets.items():
             self.consumer.seek(TopicPartition(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])), v)
 
@@ -194,9 +193,6 @@ class FeedbackConsumer:
         now, and the store skips them by event id (DUPLICATES counts them). kafka-python raises
         RebalanceInProgressError, not CommitFailedError, when it already knows a rebalance has begun (a
         member joined or left): the same case, and it used to end the consumer."""
-        from kafka.errors import (CommitFailedError, IllegalGenerationError, RebalanceInProgressError,
-                                  UnknownMemberIdError)
-        from kafka.structs import OffsetAndMetadata
         try:
             self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in next_offsets.items()})
         except (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError) as e:

@@ -12,6 +12,9 @@ import threading
 import time
 from collections import OrderedDict
 
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+
 log = logging.getLogger(__name__)
 
 
@@ -71,8 +74,6 @@ class AckedProducer:
         return self._down_since is None
 
     def _new(self):
-        from kafka import KafkaProducer
-        from kafka.errors import KafkaError
         ms = int(self.timeout_s * 1000)
         try:
             return KafkaProducer(
@@ -109,7 +110,6 @@ class AckedProducer:
         """An Unavailable for e; marks the producer down when e says Kafka is unreachable. `producer`
         is the one the failed write went through: a late failure of an older producer (a batch
         expiring after the probe installed a fresh one) must not take the fresh one down."""
-        from kafka.errors import KafkaConnectionError, KafkaTimeoutError
         if isinstance(e, Unavailable) or getattr(e, "retriable", False) or \
                 isinstance(e, (KafkaTimeoutError, KafkaConnectionError)):
             self._mark_down(f"{what}: {e}", producer)
@@ -163,7 +163,6 @@ class AckedProducer:
 
     def send_async(self, topic: str, key: bytes | None, value: bytes, headers=None):
         """Queues a write; returns the kafka-python future (get() waits for the ack)."""
-        from kafka.errors import KafkaError
         producer = self._get()
         try:
             fut = producer.send(topic, key=key, value=value, headers=headers or [])
@@ -172,7 +171,6 @@ class AckedProducer:
         return SentWrite(fut, producer)
 
     def wait(self, future):
-        from kafka.errors import KafkaError
         try:
             return future.get(timeout=self.timeout_s + 3)
         except KafkaError as e:
@@ -223,7 +221,6 @@ class ResponseIndex:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
         while not self._stop.is_set():
             try:
                 c = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,

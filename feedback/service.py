@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from common import auth
 from common.auth_options import AuthOptions
 from common.config_cli import parse_config
 from common.lifecycle import exit_now, stop_server
@@ -247,8 +248,7 @@ _ROLE_SOURCES = {"client": fb.SOURCE_KIND_USER, "labeler": fb.SOURCE_KIND_LABELE
 
 def _check_role(f: fb.Feedback) -> None:
     """With auth on, a client token submits user feedback and a labeler token labeler feedback."""
-    from common.auth import current_role
-    role = current_role()
+    role = auth.current_role()
     if role is None or role == "admin":
         return
     kind = f.WhichOneof("kind")
@@ -288,7 +288,6 @@ def serve(cfg: FeedbackConfig):
                              probe_topic=topics.FEEDBACK)
     index = ResponseIndex(cfg.bootstrap, topics.INTERACTIONS, parse_interaction).start()
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes)]
-    from common import auth
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts,
                          interceptors=auth.interceptors(cfg.auth_tokens))
     fb_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(cfg, producer, index), server)

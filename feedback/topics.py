@@ -7,6 +7,9 @@ store and the trainer batch by event), and would pile popular prompts onto one p
 """
 from __future__ import annotations
 
+from kafka import KafkaAdminClient
+from kafka.errors import TopicAlreadyExistsError
+
 FEEDBACK = "rlhf.feedback.v1"          # FeedbackRecord, key = event_id
 INTERACTIONS = "rlhf.interactions.v1"  # Interaction, key = response_id
 DEAD_LETTERS = "rlhf.feedback.dlq.v1"  # DeadLetter, key = original key
@@ -33,9 +36,6 @@ def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None, time
     """Creates the project's topics if they do not exist (idempotent; existing topics are left as
     they are), replicated per replication_for(brokers); brokers=None: the live brokers the cluster
     reports now."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import TopicAlreadyExistsError
-
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = set(admin.list_topics())

@@ -17,29 +17,35 @@ Ctrl-C stops everything cleanly (children get SIGTERM, the broker is stopped).
 """
 from __future__ import annotations
 
+import fcntl
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.child_process import ChildProcess
 from common.config_cli import parse_config
-from common.data import HH_PAIRS
+from common.data import HH_PAIRS, require
 from common.net import free_port
 from common.replicas import local_targets
+from feedback.broker import BrokerConfig
+from feedback.broker import start as start_broker
+from feedback.broker import stop as stop_broker
+from feedback.topics import ensure_topics
 from protos.build import ensure_generated
 
 from .trainer_status import TrainerStatus
 
 ensure_generated()
+from sim.traffic import SimConfig, Simulator, prompt_split  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+from . import report  # noqa: E402
+from .measure import measure_versions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -106,53 +112,9 @@ class OnlineConfig:
             raise ValueError("policy_replicas, rm_replicas and trainer_procs must be >= 1")
 
 
-class Child:
-    """A child process whose output goes to a log file (and is kept, for wait_for)."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None):
-        self.name = name
-        self.log = open(log_dir / f"{name}.log", "w")
-        self.lines: list[str] = []
-        # OMP_WAIT_POLICY=PASSIVE: five processes share the cores; spinning OpenMP workers would
-        # make each one several times slower than its share
-        self.proc = subprocess.Popen([sys.executable, "-u", *args], cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
-                                     start_new_session=True)   # Ctrl-C reaches us only; we stop children in order
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); see {self.log.name}")
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s; see {self.log.name}")
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def prepare_workdir(cfg: OnlineConfig):
     """The run's folder, locked (one run per workdir: a second would wipe the first's broker and
     store) and wiped unless --keep. Returns (path, the lock's file, held while it is open)."""
-    import fcntl
     work = cfg.workdir.resolve()
     work.parent.mkdir(parents=True, exist_ok=True)
     lock = open(work.parent / f".{work.name}.lock", "w")
@@ -166,48 +128,60 @@ def prepare_workdir(cfg: OnlineConfig):
     return work, lock
 
 
-def trainer_command(cfg: OnlineConfig, work: Path, bootstrap: str, status: Path) -> list[str]:
-    """The trainer's command line after the interpreter: python -m train.loop, or with
-    --trainer-procs N, torchrun's module (the same interpreter; --standalone: a rendezvous on a free
-    local port) starting N ranks of it, each with 2 // N threads."""
-    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.trainer_procs)] \
-        if cfg.trainer_procs > 1 else []
-    return [*launch, "-m", "train.loop", "--bootstrap", bootstrap, "--store", str(work / "store"),
-            "--db", str(work / "trainer.db"), "--init-policy", str(cfg.init_policy),
-            "--cycle-comparisons", str(cfg.cycle_comparisons), "--min-comparisons", str(min(16, cfg.cycle_comparisons)),
-            "--max-versions", str(cfg.cycles), "--ppo.max-new-tokens", str(cfg.max_new_tokens),
-            "--metrics-port", str(free_port()), "--threads", str(max(1, 2 // cfg.trainer_procs)),
-            "--admin-port", str(free_port()), "--seed", str(cfg.seed), "--status-file", str(status),
-            *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
+def trainer_command(cfg: OnlineConfig, work: Path, bootstrap: str, status: Path) -> tuple[str, list[str]]:
+    """The trainer's module and arguments: train.loop, or with --trainer-procs N, torchrun's module
+    (under the same interpreter; --standalone: a rendezvous on a free local port) starting N ranks
+    of it, each with 2 // N threads."""
+    loop_args = ["--bootstrap", bootstrap, "--store", str(work / "store"), "--db", str(work / "trainer.db"),
+                 "--init-policy", str(cfg.init_policy), "--cycle-comparisons", str(cfg.cycle_comparisons),
+                 "--min-comparisons", str(min(16, cfg.cycle_comparisons)), "--max-versions", str(cfg.cycles),
+                 "--ppo.max-new-tokens", str(cfg.max_new_tokens), "--metrics-port", str(free_port()),
+                 "--threads", str(max(1, 2 // cfg.trainer_procs)), "--admin-port", str(free_port()),
+                 "--seed", str(cfg.seed), "--status-file", str(status),
+                 *(["--rm-backbone", cfg.rm_backbone] if cfg.rm_backbone else []), *cfg.trainer_args.split()]
+    if cfg.trainer_procs > 1:
+        return "torch.distributed.run", ["--standalone", "--nproc_per_node", str(cfg.trainer_procs),
+                                         "-m", "train.loop", *loop_args]
+    return "train.loop", loop_args
 
 
-def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, status: TrainerStatus) -> tuple[dict, dict]:
-    """The trainer (ready when its status file says so), then the policy and RM server replicas and
-    the feedback service: {name: Child}, {name: port} (replica 0's port; "policy_targets"/"rm_targets":
-    every replica, "h:p,h:p")."""
-    store = work / "store"
-    status.path.unlink(missing_ok=True)   # --keep: a previous run's records are not this trainer's
-    kids = {"trainer": Child("trainer", trainer_command(cfg, work, bootstrap, status.path), work / "logs")}
-    ready = status.wait_ready(lambda: kids["trainer"].proc.poll() is None, 600)
-    print(f"[online] trainer ready at {ready['version']}: {ready['world_size']} process(es), admin {ready['admin']}",
-          flush=True)
-    replicas = start_server_replicas(cfg, store, bootstrap, work, kids)
-    ports = {"policy": replicas["policy"][0], "feedback": free_port(), "rm": replicas["rm"][0],
-             "policy_targets": local_targets(replicas["policy"]), "rm_targets": local_targets(replicas["rm"])}
-    kids["feedback-service"] = Child("feedback-service", [
-        "-m", "feedback.service", "--bootstrap", bootstrap, "--port", str(ports["feedback"]),
-        "--metrics-port", str(free_port())], work / "logs")
-    for name, kid in kids.items():
-        if name != "trainer":
-            kid.wait_for(READY[re.sub(r"-\d+$", "", name)], 300)
-    return kids, ports
+def start_child(name: str, module: str, args: list[str], work: Path) -> ChildProcess:
+    """A child of the main job, logging to <workdir>/logs/<name>.log."""
+    # OMP_WAIT_POLICY=PASSIVE: five processes share the cores; spinning OpenMP workers would
+    # make each one several times slower than its share. A session of its own: Ctrl-C reaches the
+    # main job only, which stops its children in order.
+    return ChildProcess(module, args, work / "logs" / f"{name}.log", env={"OMP_WAIT_POLICY": "PASSIVE"},
+                        own_session=True, name=name)
 
 
 READY = {"policy-server": r"policy server listening", "rm-server": r"rm server listening",
          "feedback-service": r"feedback service listening"}
 
 
-def start_server_replicas(cfg: OnlineConfig, store: Path, bootstrap: str, work: Path, kids: dict) -> dict:
+def start_children(cfg: OnlineConfig, work: Path, bootstrap: str, status: TrainerStatus,
+                   kids: dict[str, ChildProcess]) -> dict:
+    """Into `kids` (so that the caller stops whatever started, even if a later one fails): the
+    trainer (ready when its status file says so), then the policy and RM server replicas and the
+    feedback service. Returns {name: port} (replica 0's port; "policy_targets"/"rm_targets": every
+    replica, "h:p,h:p")."""
+    status.path.unlink(missing_ok=True)   # --keep: a previous run's records are not this trainer's
+    kids["trainer"] = start_child("trainer", *trainer_command(cfg, work, bootstrap, status.path), work)
+    ready = kids["trainer"].wait_until(status.ready, 600)
+    print(f"[online] trainer ready at {ready['version']}: {ready['world_size']} process(es), admin {ready['admin']}",
+          flush=True)
+    replicas = start_server_replicas(cfg, work / "store", bootstrap, work, kids)
+    ports = {"policy": replicas["policy"][0], "feedback": free_port(), "rm": replicas["rm"][0],
+             "policy_targets": local_targets(replicas["policy"]), "rm_targets": local_targets(replicas["rm"])}
+    kids["feedback-service"] = start_child("feedback-service", "feedback.service", [
+        "--bootstrap", bootstrap, "--port", str(ports["feedback"]), "--metrics-port", str(free_port())], work)
+    for name, kid in kids.items():
+        if name != "trainer":
+            kid.wait_for(READY[re.sub(r"-\d+$", "", name)], 300)
+    return ports
+
+
+def start_server_replicas(cfg: OnlineConfig, store: Path, bootstrap: str, work: Path,
+                          kids: dict[str, ChildProcess]) -> dict:
     """--policy-replicas policy servers and --rm-replicas RM servers into `kids`, not yet waited for:
     {"policy": ports, "rm": ports}. Every replica serves the store's newest version and follows the
     model-updates topic on its own (no consumer group: each one reads every announcement), so a
@@ -218,19 +192,104 @@ def start_server_replicas(cfg: OnlineConfig, store: Path, bootstrap: str, work: 
         ports[kind] = [free_port() for _ in range(n)]
         for i, port in enumerate(ports[kind]):
             name = f"{kind}-server" + (f"-{i}" if i else "")
-            kids[name] = Child(name, ["-m", module, "--store", str(store), "--kafka-bootstrap", bootstrap, "--port",
-                                      str(port), "--metrics-port", str(free_port()), "--threads", "1"], work / "logs")
+            kids[name] = start_child(name, module, ["--store", str(store), "--kafka-bootstrap", bootstrap, "--port",
+                                                    str(port), "--metrics-port", str(free_port()), "--threads", "1"],
+                                     work)
     return ports
 
 
-def start_web(cfg: OnlineConfig, work: Path, ports: dict) -> Child:
+def start_web(cfg: OnlineConfig, work: Path, ports: dict) -> ChildProcess:
     """The web gateway in front of the policy server and the feedback service (web/)."""
-    web = Child("web", ["-m", "web", "--policy", ports["policy_targets"], "--feedback",
-                        f"127.0.0.1:{ports['feedback']}", "--port", str(cfg.web_port),
-                        "--max-new-tokens", str(cfg.max_new_tokens)], work / "logs")
+    web = start_child("web", "web", ["--policy", ports["policy_targets"], "--feedback",
+                                     f"127.0.0.1:{ports['feedback']}", "--port", str(cfg.web_port),
+                                     "--max-new-tokens", str(cfg.max_new_tokens)], work)
     url = web.wait_for(r"web gateway listening on (\S+)", 60).group(1)
     print(f"[online] people can join: {url}/chat (chat and compare) and {url}/label (rank and rate)", flush=True)
     return web
+
+
+@dataclass
+class StartedParts:
+    """What the main job started: stopped by close(), the simulator first, then the child
+    processes newest first, then the bundled broker."""
+
+    broker: BrokerConfig | None = None
+    children: dict[str, ChildProcess] = field(default_factory=dict)
+    sim: Simulator | None = None
+
+    def close(self) -> dict | None:
+        """Stops everything; returns the simulator's summary (None if it never started)."""
+        summary = self.sim.summary() if self.sim else None
+        if self.sim:
+            self.sim.stop()
+        for child in reversed(list(self.children.values())):
+            # torchrun gives its ranks 30 s after SIGTERM before it kills them; stopping it sooner
+            # would orphan them (each rank runs in a session of its own)
+            child.stop(60 if child.name == "trainer" else 30)
+        if self.broker is not None:
+            stop_broker(self.broker)
+        return summary
+
+
+def start_loop(cfg: OnlineConfig, work: Path, status: TrainerStatus, users_prompts: list[str],
+               parts: StartedParts) -> dict:
+    """Kafka (the bundled broker unless --bootstrap), the trainer, the servers, the feedback
+    service, the web gateway with --web-port, and the simulated users, each into `parts` as it
+    starts. Returns the ports (start_children)."""
+    bootstrap = cfg.bootstrap
+    if not bootstrap:
+        parts.broker = BrokerConfig(data_dir=work / "kafka", port=free_port(), controller_port=free_port())
+        print(f"[online] starting Kafka at {parts.broker.bootstrap} ...", flush=True)
+        start_broker(parts.broker)
+        bootstrap = parts.broker.bootstrap
+    ensure_topics(bootstrap)
+    ports = start_children(cfg, work, bootstrap, status, parts.children)
+    print(f"[online] policy :{ports['policy']}  rm :{ports['rm']}  feedback :{ports['feedback']}  kafka {bootstrap}"
+          f"  store {work / 'store'}", flush=True)
+    if cfg.web_port:
+        parts.children["web"] = start_web(cfg, work, ports)
+    if cfg.policy_replicas > 1 or cfg.rm_replicas > 1:
+        print(f"[online] replicas: policy {ports['policy_targets']}  rm {ports['rm_targets']}", flush=True)
+    parts.sim = Simulator(ports["policy_targets"], f"127.0.0.1:{ports['feedback']}", users_prompts,
+                          SimConfig(users=cfg.users, noise=cfg.noise, max_new_tokens=cfg.max_new_tokens,
+                                    think_s=cfg.think_s, seed=cfg.seed)).start()
+    print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons", flush=True)
+    return ports
+
+
+def stop_requested() -> threading.Event:
+    """Set by Ctrl-C or SIGTERM: the loop then winds down and everything is stopped in order."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(OnlineConfig, argv, prog="python -m online", description=__doc__)
+    users_prompts, measure_prompts = prompt_split(require(cfg.data, "prompts"), cfg.measure_prompts)
+    if not (cfg.init_policy / "config.json").exists():
+        raise SystemExit(f"no initial policy at {cfg.init_policy}: run scripts/setup.sh (python -m serve.make_policy)")
+    work, _lock = prepare_workdir(cfg)
+    stop = stop_requested()
+    status = TrainerStatus(work / "trainer-status.jsonl")
+    parts = StartedParts()
+    measured: dict = {}
+    t0 = time.monotonic()
+    try:
+        ports = start_loop(cfg, work, status, users_prompts, parts)
+        if wait_for_versions(cfg, parts.children["trainer"], parts.sim, status, stop, t0):
+            parts.sim.stop()   # every version is measured the same way, on a quiet server (replica 0: pins are per replica)
+            measured = measure_versions(f"127.0.0.1:{ports['policy']}", work / "store", measure_prompts,
+                                        cfg.measure_samples, cfg.max_new_tokens, seed=cfg.seed,
+                                        log=lambda s: print(s, flush=True))
+    finally:
+        live = parts.close()
+    if not measured:
+        print("[online] stopped before the versions could be measured", flush=True)
+        return 1
+    report_result(cfg, status.of("cycle"), measured, live, (time.monotonic() - t0) / 60)
+    return 0
 
 
 def cycle_line(c: dict, live: dict) -> str:
@@ -244,73 +303,8 @@ def cycle_line(c: dict, live: dict) -> str:
             f"{served.get('true_score', float('nan')):+.3f} (n={served.get('responses', 0)}) | {c['seconds']}s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(OnlineConfig, argv, prog="python -m online", description=__doc__)
-    from common.data import require
-    from feedback.broker import BrokerConfig
-    from feedback.broker import start as start_broker
-    from feedback.broker import stop as stop_broker
-    from feedback.topics import ensure_topics
-    from sim.traffic import SimConfig, Simulator, prompt_split
-
-    from .measure import measure_versions
-
-    users_prompts, measure_prompts = prompt_split(require(cfg.data, "prompts"), cfg.measure_prompts)
-    if not (cfg.init_policy / "config.json").exists():
-        raise SystemExit(f"no initial policy at {cfg.init_policy}: run scripts/setup.sh (python -m serve.make_policy)")
-    work, _lock = prepare_workdir(cfg)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    children: dict = {}
-    broker = sim = None
-    status = TrainerStatus(work / "trainer-status.jsonl")
-    measured: dict = {}
-    t0 = time.monotonic()
-    try:
-        bootstrap = cfg.bootstrap
-        if not bootstrap:
-            broker = BrokerConfig(data_dir=work / "kafka", port=free_port(), controller_port=free_port())
-            print(f"[online] starting Kafka at {broker.bootstrap} ...", flush=True)
-            start_broker(broker)
-            bootstrap = broker.bootstrap
-        ensure_topics(bootstrap)
-        children, ports = start_children(cfg, work, bootstrap, status)
-        print(f"[online] policy :{ports['policy']}  rm :{ports['rm']}  feedback :{ports['feedback']}  kafka {bootstrap}"
-              f"  store {work / 'store'}", flush=True)
-        if cfg.web_port:
-            children["web"] = start_web(cfg, work, ports)
-        if cfg.policy_replicas > 1 or cfg.rm_replicas > 1:
-            print(f"[online] replicas: policy {ports['policy_targets']}  rm {ports['rm_targets']}", flush=True)
-        sim = Simulator(ports["policy_targets"], f"127.0.0.1:{ports['feedback']}", users_prompts,
-                        SimConfig(users=cfg.users, noise=cfg.noise, max_new_tokens=cfg.max_new_tokens,
-                                  think_s=cfg.think_s, seed=cfg.seed)).start()
-        print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons", flush=True)
-        if wait_for_versions(cfg, children["trainer"], sim, status, stop, t0):
-            sim.stop()   # every version is measured the same way, on a quiet server (replica 0: pins are per replica)
-            measured = measure_versions(f"127.0.0.1:{ports['policy']}", work / "store", measure_prompts,
-                                        cfg.measure_samples, cfg.max_new_tokens, seed=cfg.seed,
-                                        log=lambda s: print(s, flush=True))
-    finally:
-        summary = sim.summary() if sim else None
-        if sim:
-            sim.stop()
-        for c in reversed(list(children.values())):
-            # torchrun gives its ranks 30 s after SIGTERM before it kills them; stopping it sooner
-            # would orphan them (each rank runs in a session of its own)
-            c.stop(60 if c.name == "trainer" else 30)
-        if broker is not None:
-            stop_broker(broker)
-    if not measured:
-        print("[online] stopped before the versions could be measured", flush=True)
-        return 1
-    report_result(cfg, status.of("cycle"), measured, summary, (time.monotonic() - t0) / 60)
-    return 0
-
-
 def report_result(cfg: OnlineConfig, cycles: list[dict], measured: dict, live: dict, minutes: float) -> None:
     """Writes the report folder, prints the verdict line and, last, one JSON object."""
-    from . import report
     rep = report.write(cfg.report, cycles, measured, live["served"])
     fit = rep["reward_vs_sqrt_kl"]
     first, last = min(measured), max(measured)
@@ -327,8 +321,8 @@ def report_result(cfg: OnlineConfig, cycles: list[dict], measured: dict, live: d
                       "requests_failed": live["requests_failed"]}))
 
 
-def wait_for_versions(cfg: OnlineConfig, trainer: Child, sim, status: TrainerStatus, stop: threading.Event,
-                      t0: float) -> bool:
+def wait_for_versions(cfg: OnlineConfig, trainer: ChildProcess, sim: Simulator, status: TrainerStatus,
+                      stop: threading.Event, t0: float) -> bool:
     """Prints each cycle as the trainer's status file reports it; True once --cycles versions are
     published (the trainer then starts no more cycles), False on Ctrl-C or --timeout-s."""
     shown, last_status = 0, time.monotonic()
@@ -341,7 +335,7 @@ def wait_for_versions(cfg: OnlineConfig, trainer: Child, sim, status: TrainerSta
         if sum(bool(c.get("published")) for c in cycles) >= cfg.cycles:
             return True
         if trainer.proc.poll() is not None:
-            raise RuntimeError(f"the trainer exited ({trainer.proc.returncode}); see {trainer.log.name}")
+            raise RuntimeError(f"the trainer exited ({trainer.proc.returncode}); see {trainer.log_path}")
         if time.monotonic() - last_status > 30:
             s = sim.summary()
             print(f"[online] {s['requests_ok']} requests served, {s['comparisons']} comparisons, "

@@ -9,7 +9,6 @@ lines of every rank, prefixed; the file carries rank 0's records only, unchanged
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 
@@ -40,14 +39,8 @@ class TrainerStatus:
         """Every record of this event read so far, oldest first."""
         return [r for r in self.records if r.get("event") == event]
 
-    def wait_ready(self, alive, timeout: float) -> dict:
-        """The trainer's "ready" record; raises when `alive()` turns False or after timeout seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.poll()
-            if ready := self.of("ready"):
-                return ready[-1]
-            if not alive():
-                raise RuntimeError(f"the trainer exited before it was ready (no ready record in {self.path})")
-            time.sleep(0.2)
-        raise TimeoutError(f"the trainer wrote no ready record to {self.path} in {timeout:.0f}s")
+    def ready(self) -> dict | None:
+        """The trainer's latest "ready" record after a poll (None before it wrote one): a callback for
+        ChildProcess.wait_until, which also notices the trainer exiting before it is ready."""
+        self.poll()
+        return ready[-1] if (ready := self.of("ready")) else None

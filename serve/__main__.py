@@ -5,28 +5,29 @@ import logging
 import signal
 import threading
 
+import torch
+
+from common import model_store
 from common.config_cli import parse_config
 from common.lifecycle import exit_now, stop_server
 from common.metrics_http import serve_metrics
 from protos.build import ensure_generated
 
+from .config import ServerConfig
+from .loader import load_policy
+from .quantize import QuantizationUnsupported
+
+ensure_generated()
+from .server import serve  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
-    ensure_generated()
-    from .config import ServerConfig
     cfg = parse_config(ServerConfig, argv, prog="python -m serve")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
-
-    from .loader import load_policy
-    from .quantize import QuantizationUnsupported
-    from .server import serve
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = cfg.model
     if cfg.store:  # the newest version of the store that verifies
-        from common import model_store
         store = model_store.ModelStore(cfg.store)
         try:
             path = store.path(store.newest_verified()[0]) / "policy"

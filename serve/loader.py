@@ -68,7 +68,9 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     nn.Linear is then packed per cpu_pack. Raises serve.quantize.QuantizationUnsupported for a mode
     this torch build, CPU or device cannot run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub download at run time is a bug
-    from transformers import AutoTokenizer  # heavy import, at the edge
+    # imported after HF_HUB_OFFLINE is set: huggingface_hub reads it once, when it is first imported
+    # (the policy server imports transformers nowhere else before its first load)
+    from transformers import AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").exists():
@@ -133,7 +135,7 @@ def model_from_checkpoint(path: Path, dtype: torch.dtype) -> CausalLM:
     leaves unconverted is copied, once (own_memory). load_policy of that checkpoint, CPU seconds on 2
     Xeon cores shared with other work: 1.9 -> 1.1 (2 torch threads), 1.15 -> 0.5 (1 thread).
     Folders without safetensors weights go through transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # heavy import, at the edge
+    from transformers import AutoConfig, AutoModelForCausalLM  # local like load_policy's: after HF_HUB_OFFLINE
 
     shards = safetensors_shards(path)
     if not shards:

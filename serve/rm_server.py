@@ -102,7 +102,7 @@ def score(m: LoadedRM, items: list[tuple[str, str, bool]], batch: int) -> list[f
     return out
 
 
-def rm_canary(cand: LoadedRM, current) -> None:
+def rm_canary(cand: LoadedRM, current: LoadedRM) -> None:
     s = score(cand, [("Hello?", "Hi, how can I help you?", False), ("What is 2+2?", "4", False)], 8)
     if not all(map(lambda x: x == x and abs(x) < 1e6, s)):
         raise Refused(f"{cand.version}: non-finite or absurd scores on the canary pairs: {s}")
@@ -147,8 +147,8 @@ def serve(cfg: RMServerConfig):
         raise SystemExit(str(e)) from e
     holder = {"current": current}
 
-    def apply(new: ServedModel) -> None:
-        holder["current"] = new.obj   # a reference swap: requests in flight keep the object they read
+    def apply(new: ServedModel[LoadedRM]) -> None:
+        holder["current"] = new.loaded   # a reference swap: requests in flight keep the object they read
         MODEL.info({"version": new.version})
 
     dtype = getattr(torch, cfg.dtype)

@@ -296,7 +296,7 @@ def policy_canary(cand: LoadedPolicy, current: LoadedPolicy | None) -> None:
 @dataclass(frozen=True)
 class StoreFollower:
     """What follow_store started; the watcher is stopped at shutdown."""
-    manager: VersionManager
+    manager: VersionManager[LoadedPolicy]
     watcher: UpdateWatcher | None   # None without Kafka: versions change only through the admin RPCs
 
 
@@ -304,8 +304,8 @@ def follow_store(cfg: ServerConfig, engine: Engine, server) -> StoreFollower:
     """Hot-swap from the model store: VersionManager + (with Kafka) the model-updates watcher + admin RPCs."""
     store = ModelStore(cfg.store)
 
-    def apply(new: ServedModel) -> None:
-        pol = new.obj
+    def apply(new: ServedModel[LoadedPolicy]) -> None:
+        pol = new.loaded
         engine.swap(pol.model, new.version, pol.end_ids, pol.decode, policy=pol)
         metrics.MODEL_VERSION.info({"version": new.version, "path": str(pol.path)})
 

@@ -17,9 +17,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generic, TypeVar
+
+import grpc
+from kafka import KafkaConsumer, TopicPartition
 
 from common import model_store
+from feedback.topics import MODEL_UPDATES
+from protos.build import ensure_generated
+
+ensure_generated()
+from rlhf.v1 import models_pb2 as mpb  # noqa: E402
+from rlhf.v1 import models_pb2_grpc as mgrpc  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +40,23 @@ class Refused(Exception):
     """A version that may not be served: corrupt, incomplete, incompatible or failing the canary."""
 
 
+Loaded = TypeVar("Loaded")   # what a server loads from a version: serve.loader.LoadedPolicy, serve.rm_server.LoadedRM
+
+
 @dataclass
-class ServedModel:
-    """What a server needs to swap in: the loaded object plus its version."""
+class ServedModel(Generic[Loaded]):
+    """What a server swaps in: a loaded version."""
     version: str
-    obj: object
+    loaded: Loaded
 
 
 @dataclass
-class VersionManager:
+class VersionManager(Generic[Loaded]):
     store: model_store.ModelStore
-    load: Callable[[str], object]                 # version -> loaded object (standby copy)
-    canary: Callable[[object, object], None]      # (candidate, current) -> raises Refused
-    apply: Callable[[ServedModel], None]          # makes the candidate the served version
-    current: ServedModel
+    load: Callable[[str], Loaded]                 # version -> a standby copy
+    canary: Callable[[Loaded, Loaded], None]      # (candidate, current) -> raises Refused
+    apply: Callable[[ServedModel[Loaded]], None]  # makes the candidate the served version
+    current: ServedModel[Loaded]
     on_event: Callable[[str, str], None] = lambda result, version: None   # metrics hook
     pinned: bool = False
     history: list[str] = field(default_factory=list)   # versions served, oldest first
@@ -54,7 +66,7 @@ class VersionManager:
     def __post_init__(self) -> None:
         self.history.append(self.current.version)
 
-    def switch_to(self, version: str) -> ServedModel:
+    def switch_to(self, version: str) -> ServedModel[Loaded]:
         """Steps 1-4 for one version; raises Refused (and counts it) if it may not be served."""
         with self.lock:
             if version == self.current.version:
@@ -67,18 +79,18 @@ class VersionManager:
                     raise Refused(str(e)) from e
                 ends.append(time.monotonic())
                 try:
-                    obj = self.load(version)
+                    loaded = self.load(version)
                 except Exception as e:  # a checkpoint that does not load is incompatible, not a crash
                     raise Refused(f"{version} does not load: {e}") from e
                 ends.append(time.monotonic())
-                self.canary(obj, self.current.obj)
+                self.canary(loaded, self.current.loaded)
                 ends.append(time.monotonic())
             except Refused as e:
                 self.refused[version] = str(e)
                 self.on_event("refused", version)
                 log.error("refusing version %s, still serving %s: %s", version, self.current.version, e)
                 raise
-            new = ServedModel(version, obj)
+            new = ServedModel(version, loaded)
             self.apply(new)
             ends.append(time.monotonic())
             self.current = new
@@ -113,12 +125,12 @@ class VersionManager:
         return None
 
     # admin operations
-    def pin(self, version: str) -> ServedModel:
+    def pin(self, version: str) -> ServedModel[Loaded]:
         new = self.switch_to(version)
         self.pinned = True
         return new
 
-    def unpin(self) -> ServedModel:
+    def unpin(self) -> ServedModel[Loaded]:
         self.pinned = False
         for v in reversed(self.store.versions()):
             if v in self.refused or self._older_than_current(v):
@@ -129,7 +141,7 @@ class VersionManager:
                 continue
         return self.current
 
-    def rollback(self) -> ServedModel:
+    def rollback(self) -> ServedModel[Loaded]:
         """Back to the version served before the current one, pinned (so updates do not undo it).
         The version rolled back from leaves the history: a second rollback goes one further back
         (v0 v1 v2 -> v1 -> v0), not forth again to v2."""
@@ -173,10 +185,6 @@ class UpdateWatcher:
         return self
 
     def _run(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
-        from feedback.topics import MODEL_UPDATES
-        from rlhf.v1 import models_pb2
         while not self._stop.is_set():
             try:
                 c = KafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=None,
@@ -194,7 +202,7 @@ class UpdateWatcher:
                     for recs in c.poll(timeout_ms=500).values():
                         for r in recs:
                             try:
-                                upd = models_pb2.ModelUpdate.FromString(r.value)
+                                upd = mpb.ModelUpdate.FromString(r.value)
                             except Exception as e:
                                 log.warning("unreadable model update at offset %d: %s", r.offset, e)
                                 continue
@@ -213,13 +221,8 @@ class UpdateWatcher:
         self._thread.join(timeout=5)
 
 
-def add_admin_service(server, manager: VersionManager, authorize=None) -> None:
+def add_admin_service(server, manager: VersionManager) -> None:
     """Registers rlhf.v1.AdminService (list / pin / unpin / rollback) for this manager."""
-    import grpc
-
-    from rlhf.v1 import models_pb2 as mpb
-    from rlhf.v1 import models_pb2_grpc as mgrpc
-
     class Admin(mgrpc.AdminServiceServicer):
         def _result(self, fn, context):
             try:

@@ -4,47 +4,27 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from common.child_process import REPO, ChildProcess
 from common.net import free_port
 
-REPO = Path(__file__).resolve().parent.parent
 
+class ServerProc(ChildProcess):
+    """A server under test, started and waited for: .match is the first match of ready_pattern in
+    its output. Its log is a file in $TMPDIR (the failure message of a test names it)."""
 
-class ServerProc:
     def __init__(self, module: str, args: list[str], ready_pattern: str, timeout: float = 120.0,
                  env: dict | None = None):
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{module.replace('.', '_')}-{os.getpid()}-{time.time_ns()}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{module} exited with {self.proc.returncode}:\n{self.output()}")
-            m = re.search(ready_pattern, self.output())
-            if m:
-                self.match = m
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"{module} not ready in {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"{module.replace('.', '_')}-{os.getpid()}-{time.time_ns()}.log"
+        super().__init__(module, args, log, env=env)
+        try:
+            self.match = self.wait_for(ready_pattern, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
 
 
 def start_policy_server(model: Path, **flags) -> tuple[ServerProc, int, int]:

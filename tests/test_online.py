@@ -72,24 +72,25 @@ def test_status_file_reader_takes_complete_records_only(tmp_path):
     with open(path, "a") as f:
         f.write('{"event": "cycle", "cycle": 1')   # a write in progress
     assert [r["event"] for r in st.poll()] == ["ready"]
-    assert st.wait_ready(lambda: True, 5)["admin"] == "127.0.0.1:1"
+    assert st.ready()["admin"] == "127.0.0.1:1"
     with open(path, "a") as f:
         f.write(', "published": true}\n')
     append_status(str(path), "cycle", {"cycle": 2, "published": False})
     assert [(r["cycle"], r["published"]) for r in st.poll()] == [(1, True), (2, False)]
     assert st.poll() == [] and [r["cycle"] for r in st.of("cycle")] == [1, 2]
-    with pytest.raises(RuntimeError, match="exited"):
-        TrainerStatus(tmp_path / "never.jsonl").wait_ready(lambda: False, 5)
+    assert TrainerStatus(tmp_path / "never.jsonl").ready() is None
 
 
 def test_trainer_procs_runs_the_trainer_under_torchrun_with_the_same_interpreter(tmp_path):
-    """--trainer-procs 2: torchrun's module under the main job's interpreter (Child runs sys.executable),
-    a standalone rendezvous, the trainer's threads split between its ranks, the status file passed."""
+    """--trainer-procs 2: torchrun's module under the main job's interpreter (ChildProcess runs
+    sys.executable -m), a standalone rendezvous, the trainer's threads split between its ranks, the
+    status file passed."""
     from online.__main__ import OnlineConfig, trainer_command
-    one = trainer_command(OnlineConfig(), tmp_path, "127.0.0.1:9", tmp_path / "s.jsonl")
-    two = trainer_command(OnlineConfig(trainer_procs=2), tmp_path, "127.0.0.1:9", tmp_path / "s.jsonl")
-    assert one[:2] == ["-m", "train.loop"] and one[one.index("--threads") + 1] == "2"
-    assert two[:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train.loop"]
+    module, one = trainer_command(OnlineConfig(), tmp_path, "127.0.0.1:9", tmp_path / "s.jsonl")
+    assert module == "train.loop" and one[one.index("--threads") + 1] == "2"
+    module, two = trainer_command(OnlineConfig(trainer_procs=2), tmp_path, "127.0.0.1:9", tmp_path / "s.jsonl")
+    assert module == "torch.distributed.run"
+    assert two[:5] == ["--standalone", "--nproc_per_node", "2", "-m", "train.loop"]
     assert two[two.index("--threads") + 1] == "1" and two[two.index("--status-file") + 1] == str(tmp_path / "s.jsonl")
     with pytest.raises(ValueError):
         OnlineConfig(trainer_procs=0)

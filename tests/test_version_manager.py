@@ -25,9 +25,9 @@ def _store(tmp_path, n: int) -> ModelStore:
 def _manager(store: ModelStore, refuse: set[str] = frozenset()) -> tuple[VersionManager, list[str]]:
     applied: list[str] = []
 
-    def canary(obj, current):
-        if obj in refuse:
-            raise Refused(f"{obj} fails the canary")
+    def canary(loaded, current):
+        if loaded in refuse:
+            raise Refused(f"{loaded} fails the canary")
     m = VersionManager(store, load=lambda v: v, canary=canary, apply=lambda s: applied.append(s.version),
                        current=ServedModel("v0000", "v0000"))
     return m, applied

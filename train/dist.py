@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -80,7 +82,6 @@ def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of model under FSDP2: each block of its top-level layer lists (transformer layers of
     the HF families we train) is one unit, gathered only while it runs; the rest (embeddings, tied
     LM head, value or reward head) is the root unit, so tied weights stay in one unit."""
-    from torch.distributed.fsdp import fully_shard
     shard = copy.deepcopy(model)
     inside: set[int] = set()
     for m in shard.modules():
@@ -93,7 +94,6 @@ def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded_copy(trained: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
     return isinstance(trained, FSDPModule)
 
 
@@ -106,7 +106,6 @@ def synced(trained: torch.nn.Module, model: torch.nn.Module):
     if not is_sharded_copy(trained):
         yield
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(trained, model.state_dict(), options=full)
     yield
