@@ -101,3 +101,13 @@ def test_a_flipped_bit_in_the_weights_is_refused_with_the_real_loader(tmp_path, 
     assert loaded == [] and m.current.version == "v0000" and "v0001" in m.refused
     m.offer("v0002")                          # an intact version still goes through load and canary
     assert loaded == ["v0002"] and m.current.version == "v0002"
+
+
+def test_the_policy_canary_refuses_weights_that_give_non_finite_logits(tiny_gpt2):
+    served = load_policy(tiny_gpt2, cpu_pack="none")
+    policy_canary(load_policy(tiny_gpt2, cpu_pack="none"), served)   # an intact copy passes
+    broken = load_policy(tiny_gpt2, cpu_pack="none")
+    with torch.no_grad():
+        next(p for n, p in broken.model.named_parameters() if "ln_f" in n or "norm" in n).fill_(float("nan"))
+    with pytest.raises(Refused, match="non-finite logits on the canary prompt \\(prefill\\)"):
+        policy_canary(broken, served)
