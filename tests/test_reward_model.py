@@ -35,7 +35,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def test_rm_learns_a_synthetic_preference(which, tiny_bert, tiny_gpt2, tmp_path):
     backbone = tiny_bert if which == "bert" else tiny_gpt2
     tr, te = split(synthetic_pairs(300), 0.2, seed=0)
-    cfg = RMTrainConfig(out=tmp_path / "rm", backbone=str(backbone), max_length=48, epochs=3, batch_pairs=16,
+    cfg = RMTrainConfig(out=tmp_path / "rm", backbone=str(backbone), max_length=48, epochs=3, batch_groups=16,
                         lr=1e-3, head_lr=3e-3)
     rm, tok, m = train(cfg, tr, te, progress=False)
     assert rm.rcfg.pooling == ("mean" if which == "bert" else "last")
@@ -133,7 +133,7 @@ def test_relevance_is_off_for_causal_backbones(tiny_gpt2):
 
 
 def test_group_by_length_keeps_every_pair_once():
-    from train.rm_train import group_by_length
+    from train.rm_update import group_by_length
     g = torch.Generator().manual_seed(0)
     lengths = [random.Random(i).randint(10, 2000) for i in range(400)]
     batches = [list(range(i, i + 8)) for i in range(0, 400, 8)]
@@ -149,7 +149,7 @@ def test_group_by_length_keeps_every_pair_once():
 def test_eval_command_prints_json_last(tiny_bert, tmp_path):
     tr, te = split(synthetic_pairs(60, seed=1), 0.5, seed=0)
     rm, tok, _ = train(RMTrainConfig(out=tmp_path / "rm", backbone=str(tiny_bert), max_length=32, epochs=1,
-                                     batch_pairs=8), tr, te, progress=False)
+                                     batch_groups=8), tr, te, progress=False)
     want = evaluate(rm, tok, te)
     assert want["accuracy"] > 0.6, want     # above chance: a swapped chosen/rejected would read below 0.5
     reward_model.save(rm, tok, tmp_path / "rm")

@@ -18,9 +18,8 @@ import torch
 from common import model_store as ms
 from online.trainer_status import TrainerStatus
 from tests.helpers import REPO, ServerProc
-from train.rm_update import Group, group_loss_sum
+from train.rm_update import Group, group_loss
 from train import rm_losses
-from serve.reward_model import RewardConfig
 
 
 # ---- model store ----
@@ -70,23 +69,11 @@ def test_store_refuses_corrupt_and_incomplete_versions(tmp_path):
 # ---- RM update ----
 
 def test_group_losses_kwise_k2_is_bradley_terry_and_ties():
-    class Fixed(torch.nn.Module):  # "RM" whose score is read from the text
-        rcfg = RewardConfig(pooling="mean")
-
-        def forward(self, input_ids, **_):
-            return input_ids.float()
-
-    texts = {"3": 3.0, "1": 1.0, "0": 0.0}
-    enc = lambda tok, ts, rcfg: {"input_ids": torch.tensor([texts[t] for t in ts])}  # noqa: E731
-    import train.rm_update as ru
-    orig, ru.encode = ru.encode, enc
-    try:
-        bt = group_loss_sum(Fixed(), None, [Group(("3", "1"))], 8)
-        tie = group_loss_sum(Fixed(), None, [Group(("3", "1"), tie=True)], 8)
-        three = group_loss_sum(Fixed(), None, [Group(("3", "1", "0"))], 8)
-    finally:
-        ru.encode = orig
+    bt = group_loss(torch.tensor([3.0, 1.0]), [Group(("a", "b"))])
+    tie = group_loss(torch.tensor([3.0, 1.0]), [Group(("a", "b"), tie=True)])
+    three = group_loss(torch.tensor([3.0, 1.0, 0.0]), [Group(("a", "b", "c"))])
     assert torch.allclose(bt, rm_losses.pairwise_loss(torch.tensor([3.0]), torch.tensor([1.0]), torch.ones(1)))
+    assert torch.allclose(bt, rm_losses.kwise_ranking_loss(torch.tensor([[3.0, 1.0]]), torch.tensor([2])))
     assert torch.allclose(tie, rm_losses.pairwise_loss(torch.tensor([3.0]), torch.tensor([1.0]), torch.full((1,), .5)))
     import math
     want = -(math.log(1 / (1 + math.exp(-2))) + math.log(1 / (1 + math.exp(-3))) + math.log(1 / (1 + math.exp(-1)))) / 3

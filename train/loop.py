@@ -36,21 +36,29 @@ import signal
 import sys
 import threading
 import time
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import model_store
+from common import auth, model_store
 from common.config_cli import parse_config
 from common.data import HH_PAIRS
+from feedback.consumer import ConsumerConfig, FeedbackConsumer
+from feedback.kafka_io import AckedProducer
+from feedback.topics import MODEL_UPDATES, ensure_topics
 from protos.build import ensure_generated
 
 ensure_generated()
 from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
 from rlhf.v1 import models_pb2  # noqa: E402
+from rlhf.v1 import models_pb2_grpc as mgrpc  # noqa: E402
 
 from serve import reward_model  # noqa: E402
+from serve.loader import end_of_turn_ids  # noqa: E402
 from serve.reward_model import rm_text  # noqa: E402
 
 from . import dist, rules  # noqa: E402
@@ -61,6 +69,7 @@ from .ppo import run as run_ppo  # noqa: E402
 from .ppo import save_ppo_state  # noqa: E402
 from .rm_eval import score_texts  # noqa: E402
 from .rm_update import Group, RMUpdateConfig, heldout_correctness, train_rm  # noqa: E402
+from .sft import corpus  # noqa: E402
 
 log = logging.getLogger("train.loop")
 V0 = model_store.version_name(0)
@@ -161,7 +170,6 @@ class Models:
 
 
 def load_policy_hf(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     policy = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token_id is None:
@@ -187,7 +195,6 @@ def weights_checksum(model) -> float:
 def policy_end_ids(path: Path, tok) -> tuple[int, ...]:
     """Where the policy server stops a response for this folder (serve.loader.end_of_turn_ids):
     rollouts stop, and count as ended, at the same tokens."""
-    from serve.loader import end_of_turn_ids
     return end_of_turn_ids(tok, path, tok.eos_token_id)
 
 
@@ -256,7 +263,6 @@ def split_heldout(groups: list[Group], frac: float) -> tuple[list[Group], list[G
 def load_ptx(cfg: TrainerConfig, tok) -> PtxBatches | None:
     if cfg.ppo.ptx_coef <= 0:
         return None
-    from .sft import corpus
     return PtxBatches(ptx_sequences(corpus(cfg.ptx_data), tok, cfg.ppo.ptx_length), cfg.ppo.ptx_batch, cfg.seed)
 
 
@@ -282,9 +288,6 @@ def version_infos(store: model_store.ModelStore, serving: str, cache: dict) -> l
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig):
-        from feedback.consumer import ConsumerConfig, FeedbackConsumer
-        from feedback.kafka_io import AckedProducer
-        from feedback.topics import ensure_topics
         self.cfg = cfg
         self.store = model_store.ModelStore(cfg.store)
         self.consumer = self.producer = None
@@ -337,7 +340,6 @@ class Trainer:
               f"committed offsets {self.consumer.committed()})", flush=True)
 
     def announce(self, manifest: dict) -> None:
-        from feedback.topics import MODEL_UPDATES
         v = manifest["version"]
         msg = models_pb2.ModelUpdate(version=v, path=str(self.store.path(v).resolve()), parent=manifest.get("parent") or "",
                                      created_unix_ms=manifest.get("created_unix_ms", 0),
@@ -438,7 +440,8 @@ class Trainer:
             best_rm, best_tok = reward_model.load(self.store.path(m.rm_best) / "rm")
             incumbents["best"] = heldout_correctness(best_rm, best_tok, test)[0]
         rm = copy.deepcopy(m.rm)
-        res.update(train_rm(rm, m.rm_tok, train, self.cfg.rm, seed=seed))
+        fit = train_rm(rm, m.rm_tok, train, self.cfg.rm, seed=seed)
+        res.update(rm_loss=fit["rm_loss"], rm_steps=fit["rm_steps"])
         candidate, _ = heldout_correctness(rm, m.rm_tok, test)
         gate = rules.rm_gate(candidate, incumbents, clusters, self.cfg.rm_gate_z, self.cfg.rm_gate_min_pairs)
         gate = dist.broadcast_object(gate)   # rank 0's verdict for all: ranks that disagreed would fall out of step
@@ -537,13 +540,6 @@ class Trainer:
 
 def serve_admin(tr: Trainer, port: int, tokens: str):
     """The trainer's AdminService: PauseTraining and ListVersions (admin role when auth is on)."""
-    from concurrent import futures
-
-    import grpc
-
-    from common import auth
-    from rlhf.v1 import models_pb2_grpc as mgrpc
-
     class Admin(mgrpc.AdminServiceServicer):
         def PauseTraining(self, request, context):
             with tr.admin_lock:

@@ -1,17 +1,20 @@
-"""One reward-model update of the online loop: continue training the current RM on all
-preference groups seen so far (Bai et al. 2022 retrain the RM on the growing dataset each
-iteration), data-parallel when launched under torchrun.
+"""Reward-model training: the one loop behind the online trainer's RM update (each cycle continues
+the current RM on all preference groups seen so far, as Bai et al. 2022 retrain theirs on the
+growing dataset) and `python -m train.rm_train` (a fresh RM on shipped pairs), data-parallel when
+launched under torchrun.
 
-A group is one comparison or ranking: its texts best first. Comparisons and rankings share the
-InstructGPT K-wise loss (a comparison is K = 2, where it is Bradley-Terry); a tie is a
-comparison trained with target 1/2 (rm_losses.pairwise_loss). Each global batch of groups is
-split across ranks; every rank's loss is its sum divided by the global group count, so the
-DDP-averaged gradient times the world size is the single-process gradient of the whole batch.
+A group is one comparison or ranking: its texts best first; a pair of train.rm_train is a group of
+2. A comparison (K = 2) is trained with the Bradley-Terry loss, a tie as a comparison with target
+1/2, a ranking of K > 2 with the InstructGPT K-wise loss (train/rm_losses.py; for K = 2 it is
+Bradley-Terry). Each global batch of groups is split across ranks; every rank's loss is its mean
+weighted by its share of the global batch, times the world size, so the DDP-averaged gradient is
+the single-process gradient of the whole batch.
 """
 from __future__ import annotations
 
 import math
 import sys
+from itertools import accumulate
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,88 +35,172 @@ class Group:
     prompt: str = ""          # the prompt all its texts answer (the held-out split is by prompt)
 
 
+LR_SCHEDULES = ("constant", "warmup-decay")
+"""The --lr-schedule choices (lr_factor)."""
+
+
 @dataclass(frozen=True)
 class RMUpdateConfig:
-    """Reward-model training inside a cycle."""
+    """How a reward model is trained: the online trainer's --rm.* options (train.rm_train's
+    RMTrainConfig extends it with its own defaults)."""
 
     epochs: float = 2.0
     """Passes over all groups seen so far."""
     batch_groups: int = 16
     """Comparisons/rankings per optimiser step (global, over all ranks)."""
     lr: float = 3e-5
-    """Backbone learning rate (constant; the RM continues from the previous version)."""
+    """Backbone learning rate (the peak under warmup-decay)."""
+    lr_schedule: str = "constant"
+    """constant, or warmup-decay (linear warm-up over the first 5% of the steps, then linear decay). Constant
+    here: each cycle continues the previous version's RM."""
     head_lr: float = 1e-3
-    """Scalar head learning rate."""
+    """Learning rate of the scalar head (and the relevance weight)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of the backbone (not on biases and norms)."""
     max_length: int = 128
-    """Tokens per (prompt, response) text, truncated from the left."""
+    """Tokens per (prompt, response) text: the response keeps its start, the dialogue its end."""
     max_steps: int = 200
-    """Optimiser steps per cycle at most (bounds a cycle's time as the dataset grows)."""
+    """Optimiser steps at most (bounds a cycle's time as the dataset grows; 0: no limit)."""
+    group_by_length: bool = False
+    """Batch groups of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
     parallel: str = "ddp"
     """Under torchrun: ddp (each rank holds the whole RM, its gradients and Adam's state) or fsdp (FSDP2:
     gradients and Adam's state sharded across ranks; see train/dist.py)."""
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.batch_groups < 1 or self.max_steps < 1 or self.max_length < 8:
-            raise ValueError("epochs > 0, batch_groups >= 1, max_steps >= 1, max_length >= 8 required")
+        if self.epochs <= 0 or self.batch_groups < 1 or self.max_steps < 0 or self.max_length < 8:
+            raise ValueError("epochs > 0, batch_groups >= 1, max_steps >= 0, max_length >= 8 required")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.parallel not in dist.PARALLEL:
             raise ValueError(f"parallel must be one of {dist.PARALLEL}, got {self.parallel!r}")
 
 
-def group_loss_sum(rm, tok, groups: list[Group], max_length: int) -> torch.Tensor:
-    """Sum over groups of each group's loss (K-wise, or BT with target 1/2 for ties)."""
-    texts = [t for g in groups for t in g.texts]
-    rcfg = replace((rm.module if hasattr(rm, "module") else rm).rcfg, max_length=max_length)
-    s = rm(**encode(tok, texts, rcfg))
-    total = s.new_zeros(())
-    i = 0
-    ranked, ks = [], []
-    for g in groups:
-        k = len(g.texts)
-        r = s[i:i + k]
-        i += k
-        if g.tie:
-            total = total + rm_losses.pairwise_loss(r[:1], r[1:2], torch.full((1,), 0.5))
-        else:
-            ranked.append(r)
-            ks.append(k)
-    if ranked:
-        K = max(ks)
-        padded = torch.stack([torch.cat([r, r.new_zeros(K - len(r))]) for r in ranked])   # (B, K)
-        total = total + rm_losses.kwise_ranking_loss(padded, torch.tensor(ks)) * len(ranked)
-    return total
+# ---- decisions: steps, learning rate, batch order (pure) ----
+
+def rm_steps(n_groups: int, cfg: RMUpdateConfig) -> int:
+    """Optimiser steps for cfg.epochs over n_groups (at least 1), capped by cfg.max_steps (if > 0)."""
+    steps = max(1, math.ceil(n_groups * cfg.epochs / cfg.batch_groups))
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, progress: bool = True) -> dict:
+def lr_factor(step: int, steps: int, schedule: str) -> float:
+    """The multiplier of the base learning rates at optimiser step `step` (from 0) of `steps`:
+    1 ("constant"), or a linear warm-up over the first steps // 20 steps to 1 and a linear decay
+    after it, to 1 / (steps - warm-up + 1) at the last step ("warmup-decay")."""
+    if schedule == "constant":
+        return 1.0
+    warm = max(1, steps // 20)
+    return min((step + 1) / warm, max(0.0, (steps - step) / (steps - warm + 1)))
+
+
+def group_by_length(batches: list[list[int]], lengths: list[int], cap: int, g: torch.Generator,
+                    window: int = 50) -> list[list[int]]:
+    """Re-batches each window of `window` batches so a batch holds items of similar length
+    (lengths in characters, capped where truncation would cut them anyway), then shuffles the
+    batches within the window: same items per window, same batch sizes, less padding."""
+    out = []
+    for w in range(0, len(batches), window):
+        chunk = batches[w:w + window]
+        sizes = [len(b) for b in chunk]
+        flat = sorted((i for b in chunk for i in b), key=lambda i: min(lengths[i], cap))
+        regrouped, k = [], 0
+        for n in sizes:
+            regrouped.append(flat[k:k + n])
+            k += n
+        out += [regrouped[j] for j in torch.randperm(len(regrouped), generator=g).tolist()]
+    return out
+
+
+def batch_order(groups: list[Group], steps: int, cfg: RMUpdateConfig, seed: int) -> list[list[int]]:
+    """The groups (indices) of each of the `steps` global batches: consecutive random permutations
+    of all groups drawn from `seed`, cut into batches of cfg.batch_groups, then (group_by_length)
+    regrouped by length with the same generator. ceil(epochs) + 1 permutations are drawn (more if
+    the steps need them): their count sets the generator's state for the regrouping, and so
+    train.rm_train's batches."""
+    g = torch.Generator().manual_seed(seed)
+    n, b = len(groups), cfg.batch_groups
+    perms = max(math.ceil(cfg.epochs) + 1, math.ceil(steps * b / n))
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(perms)])[:steps * b]
+    batches = [order[i:i + b].tolist() for i in range(0, len(order), b)]
+    if cfg.group_by_length:   # ~6 characters a token: longer texts are truncated to the same length
+        batches = group_by_length(batches, [max(map(len, grp.texts)) for grp in groups], cfg.max_length * 6, g)
+    return batches
+
+
+# ---- the loss ----
+
+def group_loss(scores: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+    """Mean over groups of each group's loss, from (T,) scores of their texts in order (group by
+    group, best first): Bradley-Terry for comparisons (target 1/2 for ties), K-wise for rankings."""
+    sizes = [len(grp.texts) for grp in groups]
+    starts = [0, *accumulate(sizes)][:-1]
+    pairs = [i for i, k in enumerate(sizes) if k == 2]
+    rankings = [i for i, k in enumerate(sizes) if k > 2]
+    loss = scores.new_zeros(())
+    if pairs:   # each part weighted by its share of the groups; a part that is all of them by 1.0
+        better, worse = scores[[starts[i] for i in pairs]], scores[[starts[i] + 1 for i in pairs]]
+        target = torch.tensor([0.5 if groups[i].tie else 1.0 for i in pairs], dtype=scores.dtype)
+        loss = loss + rm_losses.pairwise_loss(better, worse, target) * (len(pairs) / len(groups))
+    if rankings:
+        K = max(sizes[i] for i in rankings)
+        padded = torch.stack([torch.cat([scores[starts[i]:starts[i] + sizes[i]], scores.new_zeros(K - sizes[i])])
+                              for i in rankings])                                             # (B, K)
+        loss = loss + rm_losses.kwise_ranking_loss(padded, torch.tensor([sizes[i] for i in rankings])) \
+            * (len(rankings) / len(groups))
+    return loss
+
+
+# ---- the loop ----
+
+def rm_optimizer(net, cfg: RMUpdateConfig) -> torch.optim.AdamW:
+    """AdamW over the backbone (weight decay except on biases and norms, as BERT's recipe) at
+    cfg.lr and the head at cfg.head_lr without decay."""
+    decay, no_decay = [], []
+    for n, p in net.backbone.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+                              {"params": net.head_parameters(), "weight_decay": 0.0, "lr": cfg.head_lr}],
+                             fused=True)   # one kernel for all parameters: 7x faster steps than the default on CPU
+
+
+def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, progress: bool = True,
+             cosines: list[torch.Tensor] | None = None) -> dict:
     """Trains rm in place on groups (the same list on every rank), batches in an order drawn from
-    `seed`. Returns {"rm_loss", "rm_steps"}."""
+    `seed`. `cosines`: each group's (K,) relevance cosines, computed once for an RM with the
+    relevance feature (train.rm_train.relevance_cosines; the encoder is frozen); without them such
+    an RM runs its frozen encoder at every step. Returns {"rm_loss": the mean loss of the last
+    quarter of the steps, "rm_steps", "losses": the loss of each step}."""
     if not groups:
-        return {"rm_loss": float("nan"), "rm_steps": 0}
+        return {"rm_loss": float("nan"), "rm_steps": 0, "losses": []}
     model = dist.wrap(rm, cfg.parallel)
     net = dist.unwrap(model)   # rm itself, or its FSDP2 copy: the parameters the optimiser steps
-    opt = torch.optim.AdamW([{"params": net.backbone.parameters(), "lr": cfg.lr, "weight_decay": 0.01},
-                             {"params": net.head_parameters(), "lr": cfg.head_lr, "weight_decay": 0.0}],
-                            fused=True)   # one kernel for all parameters: 7x faster steps than the default on CPU
-    steps = min(cfg.max_steps, max(1, math.ceil(len(groups) * cfg.epochs / cfg.batch_groups)))
-    g = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(len(groups), generator=g)
-                       for _ in range(math.ceil(steps * cfg.batch_groups / len(groups)) + 1)])
+    opt = rm_optimizer(net, cfg)
+    steps = rm_steps(len(groups), cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.lr_schedule))
+    batches = batch_order(groups, steps, cfg, seed)
+    rcfg = replace(net.rcfg, max_length=cfg.max_length, relevance=net.rcfg.relevance and cosines is None)
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="rm", disable=not (progress and dist.is_main()), file=sys.stderr, leave=False)
     with dist.synced(model, rm):
         for step in bar:
-            batch = [groups[j] for j in order[step * cfg.batch_groups:(step + 1) * cfg.batch_groups].tolist()]
-            mine = dist.shard(batch)
-            loss = group_loss_sum(model, tok, mine, cfg.max_length) / len(batch) * dist.world_size()
+            mine = dist.shard(batches[step])
+            rel = {} if cosines is None else {"rel_cos": torch.cat([cosines[i] for i in mine])}
+            scores = model(**encode(tok, [t for i in mine for t in groups[i].texts], rcfg), **rel)
+            share = len(mine) * dist.world_size() / len(batches[step])   # 1.0 in one process
+            loss = group_loss(scores, [groups[i] for i in mine]) * share
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(dist.global_sum(loss.item()) / dist.world_size())
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     rm.eval()
     tail = losses[-max(1, len(losses) // 4):]
-    return {"rm_loss": sum(tail) / len(tail), "rm_steps": steps}
+    return {"rm_loss": sum(tail) / len(tail), "rm_steps": steps, "losses": losses}
 
 
 @torch.no_grad()
