@@ -108,3 +108,14 @@ def test_rm_train_config_extends_the_trainers_rm_config_and_flags_stay():
         RMUpdateConfig(lr_schedule="cosine")
     with pytest.raises(ValueError, match="holdout"):
         RMTrainConfig(out="x", holdout=1.0)
+
+
+def test_training_sets_every_dropout_to_the_configured_rate(tiny_bert):
+    rm, tok = reward_model.build(str(tiny_bert), 32)   # the backbone's own dropout, 0.1
+    drops = [m for m in rm.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.1 for m in drops)
+    train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(max_steps=1), progress=False)
+    assert all(m.p == 0.0 for m in drops)          # the default: no dropout, as TRL's RewardTrainer
+    rm, tok = reward_model.build(str(tiny_bert), 32)
+    train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(max_steps=1, dropout=-1), progress=False)
+    assert all(m.p == 0.1 for m in rm.modules() if isinstance(m, torch.nn.Dropout))   # -1: left as built

@@ -63,6 +63,9 @@ class RMUpdateConfig:
     """Optimiser steps at most (bounds a cycle's time as the dataset grows; 0: no limit)."""
     group_by_length: bool = False
     """Batch groups of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
+    dropout: float = 0.0
+    """Dropout of every layer while training (-1: the backbone's own, 0.1 for MiniLM). 0, as TRL's
+    RewardTrainer (its disable_dropout): a step 1.4x faster on MiniLM, at the same held-out accuracy (bench/RESULTS.md)."""
     parallel: str = "ddp"
     """Under torchrun: ddp (each rank holds the whole RM, its gradients and Adam's state) or fsdp (FSDP2:
     gradients and Adam's state sharded across ranks; see train/dist.py)."""
@@ -165,6 +168,13 @@ def rm_optimizer(net, cfg: RMUpdateConfig) -> torch.optim.AdamW:
                              fused=True)   # one kernel for all parameters: 7x faster steps than the default on CPU
 
 
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of model at p (HF attention reads its Dropout module's p too)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
 def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, progress: bool = True,
              cosines: list[torch.Tensor] | None = None) -> dict:
     """Trains rm in place on groups (the same list on every rank), batches in an order drawn from
@@ -174,6 +184,8 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, p
     quarter of the steps, "rm_steps", "losses": the loss of each step}."""
     if not groups:
         return {"rm_loss": float("nan"), "rm_steps": 0, "losses": []}
+    if cfg.dropout >= 0:
+        set_dropout(rm, cfg.dropout)
     model = dist.wrap(rm, cfg.parallel)
     net = dist.unwrap(model)   # rm itself, or its FSDP2 copy: the parameters the optimiser steps
     opt = rm_optimizer(net, cfg)
