@@ -19,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+from .durable import fsync_dir, fsync_tree
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -46,22 +48,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(Path(dirpath) / f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
 
 
 def _files(root: Path) -> list[str]:
@@ -109,9 +95,9 @@ class ModelStore:
         manifest = {"version": version, "parent": parent, "created_unix_ms": int(time.time() * 1000),
                     "files": files, "metrics": metrics, "offsets": offsets, **(extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.rename(tmp, final)   # atomic on one filesystem: readers see all of it or nothing
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return final
 
     def newest_verified(self) -> tuple[str, dict]:
