@@ -74,10 +74,6 @@ class FeedbackConfig(AuthOptions):
             raise ValueError("max_text_chars and workers must be >= 1; max_lookup_waits and lookup_slots >= 0")
 
 
-class BadFeedback(ValueError):
-    pass
-
-
 class LookupBudget:
     """One call's allowance for waiting on response ids not yet in the interactions index: a
     single deadline for the whole call (the configured wait, or the caller's deadline if sooner)
