@@ -115,6 +115,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 def test_each_role_against_each_rpc(servers):
     ports, ca, procs = servers
     calls, chans = _calls(ports, ca)

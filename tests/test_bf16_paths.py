@@ -3,6 +3,7 @@ rollouts with rollout_dtype bfloat16, each against fp32 on the same weights."""
 from __future__ import annotations
 
 import grpc
+import pytest
 import torch
 
 from rlhf.v1 import models_pb2 as mpb
@@ -21,6 +22,7 @@ def _scores(port: int) -> tuple[list[float], str]:
     return list(r.scores), r.model_version
 
 
+@pytest.mark.slow
 def test_rm_server_in_bf16_scores_as_fp32_does_to_bf16_rounding(tiny_store):
     procs, scores = [], {}
     try:

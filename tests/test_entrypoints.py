@@ -26,6 +26,7 @@ def test_bad_config_is_a_clear_error():
     assert out.returncode == 2 and "dtype must be float32 or bfloat16" in out.stderr
 
 
+@pytest.mark.slow
 def test_demo_serves_and_answers(tiny_gpt2):
     out = subprocess.run([sys.executable, "-m", "serve.demo", "--model", str(tiny_gpt2), "--port", str(free_port()),
                           "--metrics-port", "0", "--exit-after-sample"], cwd=REPO, capture_output=True, text=True,
