@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,11 +52,12 @@ def ours_rm(steps: int, batch: int, max_length: int) -> dict:
     torch.manual_seed(0)
     rm, tok = reward_model.build(reward_model.default_backbone(), max_length)
     data = [Group(p) for p in pairs(steps * batch)]
-    train_rm(rm, tok, data[:batch], RMUpdateConfig(epochs=1, batch_groups=batch, max_steps=1, max_length=max_length),
-             progress=False)   # warm-up step
+    # without dropout, as TRL's RewardConfig (disable_dropout=True) and train.rm_train; the online trainer
+    # keeps the backbone's dropout (--rm.dropout -1, see RMUpdateConfig.dropout)
+    cfg = RMUpdateConfig(epochs=1, batch_groups=batch, max_steps=steps, max_length=max_length, lr=5e-5, dropout=0.0)
+    train_rm(rm, tok, data[:batch], replace(cfg, max_steps=1), progress=False)   # warm-up step
     t0 = time.perf_counter()
-    st = train_rm(rm, tok, data, RMUpdateConfig(epochs=1, batch_groups=batch, max_steps=steps, max_length=max_length,
-                                                lr=5e-5), progress=False)
+    st = train_rm(rm, tok, data, cfg, progress=False)
     dt = time.perf_counter() - t0
     return {"pairs_per_s": steps * batch / dt, "seconds": dt, "final_loss": st["rm_loss"]}
 

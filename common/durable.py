@@ -23,7 +23,7 @@ def fsync_tree(root: Path) -> None:
     """fsync every file under root, then every directory (their entries)."""
     for dirpath, _, files in os.walk(root):
         for f in files:
-            with open(Path(dirpath) / f, "rb+") as fh:
+            with open(Path(dirpath) / f, "rb") as fh:   # fsync needs no write access
                 os.fsync(fh.fileno())
         fsync_dir(Path(dirpath))
 

@@ -17,6 +17,7 @@ Ctrl-C stops everything cleanly (children get SIGTERM, the broker is stopped).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import re
@@ -219,15 +220,17 @@ class StartedParts:
 
     def close(self) -> dict | None:
         """Stops everything; returns the simulator's summary (None if it never started)."""
-        summary = self.sim.summary() if self.sim else None
-        if self.sim:
-            self.sim.stop()
-        for child in reversed(list(self.children.values())):
-            # torchrun gives its ranks 30 s after SIGTERM before it kills them; stopping it sooner
-            # would orphan them (each rank runs in a session of its own)
-            child.stop(60 if child.name == "trainer" else 30)
-        if self.broker is not None:
-            stop_broker(self.broker)
+        summary = None
+        with contextlib.ExitStack() as later:   # each stop runs even if one before it raised
+            if self.broker is not None:
+                later.callback(stop_broker, self.broker)
+            for child in self.children.values():   # stopped in reverse order of starting
+                # torchrun gives its ranks 30 s after SIGTERM before it kills them; stopping it sooner
+                # would orphan them (each rank runs in a session of its own)
+                later.callback(child.stop, 60 if child.name == "trainer" else 30)
+            if self.sim:
+                later.callback(self.sim.stop)
+                summary = self.sim.summary()
         return summary
 
 
@@ -335,6 +338,9 @@ def wait_for_versions(cfg: OnlineConfig, trainer: ChildProcess, sim: Simulator, 
         if sum(bool(c.get("published")) for c in cycles) >= cfg.cycles:
             return True
         if trainer.proc.poll() is not None:
+            status.poll()   # it may have written its last record just before exiting
+            if sum(bool(c.get("published")) for c in status.of("cycle")) >= cfg.cycles:
+                continue
             raise RuntimeError(f"the trainer exited ({trainer.proc.returncode}); see {trainer.log_path}")
         if time.monotonic() - last_status > 30:
             s = sim.summary()

@@ -114,8 +114,16 @@ def test_training_sets_every_dropout_to_the_configured_rate(tiny_bert):
     rm, tok = reward_model.build(str(tiny_bert), 32)   # the backbone's own dropout, 0.1
     drops = [m for m in rm.modules() if isinstance(m, torch.nn.Dropout)]
     assert drops and all(m.p == 0.1 for m in drops)
-    train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(max_steps=1), progress=False)
-    assert all(m.p == 0.0 for m in drops)          # the default: no dropout, as TRL's RewardTrainer
+    train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(max_steps=1, dropout=0.0), progress=False)
+    assert all(m.p == 0.0 for m in drops)          # no dropout, as TRL's RewardTrainer and train.rm_train
     rm, tok = reward_model.build(str(tiny_bert), 32)
-    train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(max_steps=1, dropout=-1), progress=False)
-    assert all(m.p == 0.1 for m in rm.modules() if isinstance(m, torch.nn.Dropout))   # -1: left as built
+    train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(max_steps=1), progress=False)
+    assert all(m.p == 0.1 for m in rm.modules() if isinstance(m, torch.nn.Dropout))   # the trainer's default: as built
+
+
+def test_more_ranks_than_groups_per_batch_is_refused_on_every_rank(tiny_bert, monkeypatch):
+    from train import dist
+    monkeypatch.setattr(dist, "world_size", lambda: 2)   # as under torchrun with 2 ranks
+    rm, tok = reward_model.build(str(tiny_bert), 32)
+    with pytest.raises(ValueError, match="batch_groups=1 gives some of the 2 ranks no group"):
+        train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(batch_groups=1), progress=False)

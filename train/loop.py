@@ -417,7 +417,7 @@ class Trainer:
         res.update(norm_gain=gain, norm_offset=offset)
         stats = run_ppo(self.ppo, prompts, self._scorer(rm, gain, offset), seed)          # 5
         self._record_ppo(stats, res)
-        if dist.broadcast_object(any(x.get("nan") for x in stats)):
+        if any(dist.all_gather_list([any(x.get("nan") for x in stats)])):   # some statistics are per rank
             return self._refuse(res, "PPO gate: a statistic is NaN or infinite")
         cand = self.ppo.sample(probe, self._raw_scorer(rm), seed)                         # 6
         for gate in (rules.kl_gate(cand["kl"], cfg.kl_budget),
@@ -572,7 +572,9 @@ def append_status(path: str, event: str, fields: dict) -> None:
     line = json.dumps({"event": event, "unix_time": round(time.time(), 3), **fields}) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())
+        data = line.encode()
+        while data:   # os.write may write less than asked (a full disk): never leave half a line
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -620,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
                 if tr.versions_left() == 0 and not said_limit:
                     said_limit = True
                     print(f"reached --max-versions {cfg.max_versions}: no more cycles start", flush=True)
+            if dist.is_main():   # a signal that came during ingest: stop now, not after a whole cycle
+                stopping = stopping or stop["flag"]
+                go = go and not stopping
             # rank 0 decides for every rank (its Kafka view, its admin thread's pause, its signal): a
             # rank deciding on its own would leave the others waiting in a collective
             go, stopping = dist.broadcast_object((go, stopping))

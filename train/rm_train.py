@@ -80,6 +80,9 @@ class RMTrainConfig(RMUpdateConfig):
     """Seed of the split, the head's init and the batch order."""
     threads: int = 0
     """torch threads (0: torch's default)."""
+    dropout: float = 0.0
+    """Dropout while training (-1: the backbone's own, 0.1 for MiniLM). 0 trains 40% faster here at the
+    same held-out accuracy (bench/RESULTS.md)."""
     relevance: bool = True
     """Add the learned relevance feature: cosine of the last human turn and the response under a frozen
     copy of the pretrained encoder (encoder backbones only; see serve/reward_model.py)."""

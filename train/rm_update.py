@@ -63,9 +63,11 @@ class RMUpdateConfig:
     """Optimiser steps at most (bounds a cycle's time as the dataset grows; 0: no limit)."""
     group_by_length: bool = False
     """Batch groups of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
-    dropout: float = 0.0
+    dropout: float = -1.0
     """Dropout of every layer while training (-1: the backbone's own, 0.1 for MiniLM). 0, as TRL's
-    RewardTrainer (its disable_dropout): a step 1.4x faster on MiniLM, at the same held-out accuracy (bench/RESULTS.md)."""
+    RewardTrainer (its disable_dropout) and train.rm_train, makes a MiniLM step ~1.2x faster; the online
+    trainer keeps the backbone's: with 0, one of three seeds of bench/online_learning.py published a
+    version worse than its parent (bench/RESULTS.md, session 9)."""
     parallel: str = "ddp"
     """Under torchrun: ddp (each rank holds the whole RM, its gradients and Adam's state) or fsdp (FSDP2:
     gradients and Adam's state sharded across ranks; see train/dist.py)."""
@@ -184,6 +186,9 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, p
     quarter of the steps, "rm_steps", "losses": the loss of each step}."""
     if not groups:
         return {"rm_loss": float("nan"), "rm_steps": 0, "losses": []}
+    if dist.world_size() > cfg.batch_groups:   # every rank checks the same: they fail together, none waits
+        raise ValueError(f"batch_groups={cfg.batch_groups} gives some of the {dist.world_size()} ranks no "
+                         "group to train on: use at least one group per rank")
     if cfg.dropout >= 0:
         set_dropout(rm, cfg.dropout)
     model = dist.wrap(rm, cfg.parallel)
