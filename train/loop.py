@@ -349,7 +349,16 @@ class Trainer:
 
     # -- ingest and cadence (rank 0) --
     def ingest(self) -> int:
-        n = self.consumer.poll_once(timeout_ms=200)
+        """Stores what has arrived: polls until a poll brings nothing (20 polls at most), so the cycle
+        rule decides on what every partition held, not on the partitions one fetch happened to return
+        (with one partition a poll returned all of it; with three, a cycle could start on a third and
+        a --max-cycles trainer stop before storing the rest). Returns records seen."""
+        n = 0
+        for _ in range(20):
+            got = self.consumer.poll_once(timeout_ms=200)
+            n += got
+            if not got:
+                break
         lag = self.consumer.lag()
         if lag is not None:
             M.CONSUMER_LAG.set(lag)
