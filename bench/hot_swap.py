@@ -120,6 +120,8 @@ def run_one(size: str, bootstrap: str, steady_s: float, clients: int, tmp: Path)
             t.join(timeout=120)
     finally:
         srv.stop()
+    # the server's own account of the swap: "swapped to v0001 in 1.21s (verify 0.34s, load ...)"
+    server_line = next((ln.split("swapped to ", 1)[1] for ln in srv.output().splitlines() if "swapped to v0001" in ln), "")
     warm = log[0][0] + min(2.0, steady_s / 3)  # skip the first requests (allocation, caches)
     steady = [lat for s, lat, v, st in log if warm <= s and s + lat <= t_steady_end and st == "OK"]
     swap = [lat for s, lat, v, st in log if s + lat >= t_ann and s <= t_first + 2.0]
@@ -128,7 +130,7 @@ def run_one(size: str, bootstrap: str, steady_s: float, clients: int, tmp: Path)
             "steady_p99_s": p99(steady), "swap_p99_s": p99(swap), "p99_swap_over_steady": p99(swap) / p99(steady),
             "mixed_versions_after_first_new": sum(v == "v0000" and s > t_first for s, _, v, _ in log),
             "steady_versions": sorted({v for s, lat, v, st in log if s + lat <= t_steady_end and st == "OK"}),
-            "loadavg_1m_before_swap": load_1m}
+            "loadavg_1m_before_swap": load_1m, "server_swap": server_line}
 
 
 def main() -> None:
@@ -153,7 +155,8 @@ def main() -> None:
             for size in sizes:
                 r = run_one(size, bc.bootstrap, steady, a.clients, tmp)
                 print(f"{size}: swap {r['swap_seconds']:.2f}s, p99 swap/steady {r['p99_swap_over_steady']:.2f}, "
-                      f"failed {r['failed_requests']} of {r['requests']}", file=sys.stderr, flush=True)
+                      f"failed {r['failed_requests']} of {r['requests']}; server: {r['server_swap']}",
+                      file=sys.stderr, flush=True)
                 runs.append(r)
         finally:
             stop(bc)

@@ -47,8 +47,10 @@ def pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
 def ours_rm(steps: int, batch: int, max_length: int) -> dict:
     import torch
 
+    from common.malloc import keep_freed_memory
     from serve import reward_model
     from train.rm_update import Group, RMUpdateConfig, train_rm
+    keep_freed_memory()   # as train.loop and train.rm_train do at start-up
     torch.manual_seed(0)
     rm, tok = reward_model.build(reward_model.default_backbone(), max_length)
     data = [Group(p) for p in pairs(steps * batch)]

@@ -28,6 +28,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from . import packed_encoder
+
 CAUSAL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"}
 
 
@@ -53,6 +55,18 @@ def mean_pool(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """(B, T, H) states, (B, T) mask -> (B, H) mean over the masked positions."""
     m = m.to(h.dtype)
     return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+
+
+def encoder_mean_pool(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """(B, T) inputs of an encoder and (B, T) pooling weights -> (B, H) mean of its last hidden states
+    over the weighted tokens; BERT-family encoders run on their real tokens only (serve/packed_encoder)."""
+    if packed_encoder.supports(encoder):
+        h, idx = packed_encoder.packed_hidden(encoder, input_ids, attention_mask, token_type_ids)
+        return packed_encoder.packed_mean_pool(h, idx, weight)
+    kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    h = encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state       # (B, T, H)
+    return mean_pool(h, weight)
 
 
 class RewardModel(nn.Module):
@@ -83,8 +97,8 @@ class RewardModel(nn.Module):
         -> (B,) cosines."""
         enc = self.relevance_encoder
         with torch.no_grad():
-            q = mean_pool(enc(input_ids=rel_q_ids, attention_mask=rel_q_mask).last_hidden_state, rel_q_mask)
-            r = mean_pool(enc(input_ids=rel_r_ids, attention_mask=rel_r_mask).last_hidden_state, rel_r_mask)
+            q = encoder_mean_pool(enc, rel_q_ids, rel_q_mask, None, rel_q_mask)
+            r = encoder_mean_pool(enc, rel_r_ids, rel_r_mask, None, rel_r_mask)
             return torch.nn.functional.cosine_similarity(q, r, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -97,15 +111,16 @@ class RewardModel(nn.Module):
         drown the one turn that differs. With rcfg.relevance, `encode` also gives the last human
         turn and the response tokenised alone (rel_*) for the relevance feature, unless their
         (B,) cosines are given as rel_cos (train/rm_train.relevance_cosines)."""
-        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state  # (B, T, H)
-        m = attention_mask.to(h.dtype)
         if self.rcfg.pooling == "mean":
+            m = attention_mask
             if token_type_ids is not None:
-                resp = m * token_type_ids.to(h.dtype)
-                m = torch.where(resp.sum(1, keepdim=True) > 0, resp, m)
-            pooled = mean_pool(h, m)
+                resp = m * token_type_ids
+                m = torch.where(resp.sum(1, keepdim=True) > 0, resp, m)                 # (B, T) tokens to average
+            pooled = encoder_mean_pool(self.backbone, input_ids, attention_mask, token_type_ids, m)
         else:  # last real token; works for left or right padding
+            kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state  # (B, T, H)
+            m = attention_mask.to(h.dtype)
             idx = torch.where(m.flip(1).cumsum(1) == 1, 1, 0).flip(1).argmax(1)       # last index with mask 1
             pooled = h[torch.arange(h.shape[0]), idx]
         score = self.head(pooled).squeeze(-1)

@@ -10,7 +10,8 @@ import torch
 from common.config_cli import parse_config
 from serve import reward_model
 from train.rm_train import RMTrainConfig, relevance_cosines
-from train.rm_update import (Group, RMUpdateConfig, batch_order, group_loss, lr_factor, rm_steps, train_rm)
+from train.rm_update import (Group, RMUpdateConfig, batch_inputs, batch_order, group_loss, lr_factor, rm_steps,
+                             train_rm)
 
 
 def test_lr_factor_constant_and_warmup_decay_by_hand():
@@ -127,3 +128,19 @@ def test_more_ranks_than_groups_per_batch_is_refused_on_every_rank(tiny_bert, mo
     rm, tok = reward_model.build(str(tiny_bert), 32)
     with pytest.raises(ValueError, match="batch_groups=1 gives some of the 2 ranks no group"):
         train_rm(rm, tok, [Group(("a good answer", "a bad one"))], RMUpdateConfig(batch_groups=1), progress=False)
+
+
+def test_texts_tokenised_once_give_the_inputs_encode_gives_per_batch(tiny_bert):
+    rm, tok = reward_model.build(tiny_bert, 24)
+    groups = [Group((f"\n\nHuman: tell me about {'rivers ' * i}\n\nAssistant: {'yes ' * (3 * i)}",
+                     "\n\nHuman: hi\n\nAssistant: no")) for i in range(1, 7)]
+    groups.append(Group(("\n\nHuman: a\n\nAssistant: 1", "\n\nHuman: a\n\nAssistant: 2", "\n\nHuman: a\n\nAssistant: 3")))
+    batches = [[6, 0], [5, 2, 1], [3]]
+    inputs = batch_inputs(tok, groups, batches, rm.rcfg)
+    for b in batches:
+        want = reward_model.encode(tok, [t for i in b for t in groups[i].texts], rm.rcfg)
+        got = inputs(b)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    assert inputs([5])["input_ids"].shape[1] == 24   # truncated at max_length, as encode does

@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common import auth, model_store
 from common.config_cli import parse_config
 from common.data import HH_PAIRS
+from common.malloc import keep_freed_memory
 from feedback.consumer import ConsumerConfig, FeedbackConsumer
 from feedback.kafka_io import AckedProducer
 from feedback.topics import MODEL_UPDATES, ensure_topics
@@ -603,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TrainerConfig, argv, prog="python -m train.loop", description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    keep_freed_memory()   # the same large buffers every step: no page faults on each (common/malloc.py)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist.init(torch.device("cpu"))   # the trainer keeps its tensors on the CPU: gloo, whatever the machine has

@@ -53,6 +53,7 @@ from serve.model import from_hf
 
 from . import dist
 from . import ppo_math as P
+from .optim import clip_and_step
 
 
 @dataclass(frozen=True)
@@ -375,8 +376,7 @@ class PPOTrainer:
                     loss = P.masked_total(0.5 * (v - returns[idx, :T]) ** 2, sub.mask, n_tok / dist.world_size())
                     self.critic_opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.critic_d.parameters(), self.cfg.critic_max_grad_norm)
-                    self.critic_opt.step()
+                    clip_and_step(self.critic_opt, self.critic_d.parameters(), self.cfg.critic_max_grad_norm)
                     losses.append(dist.global_sum(loss.item()) / dist.world_size())
         return sum(losses) / max(1, len(losses))
 
@@ -419,10 +419,8 @@ class PPOTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         (loss + cfg.vf_coef * vf).backward()
-        torch.nn.utils.clip_grad_norm_(self.policy_d.parameters(), cfg.max_grad_norm)
-        torch.nn.utils.clip_grad_norm_(self.critic_d.parameters(), cfg.critic_max_grad_norm)
-        self.opt.step()
-        self.critic_opt.step()
+        clip_and_step(self.opt, self.policy_d.parameters(), cfg.max_grad_norm)
+        clip_and_step(self.critic_opt, self.critic_d.parameters(), cfg.critic_max_grad_norm)
         return {"pg_loss": dist.global_sum(pg.item()) / w, "vf_loss": dist.global_sum(vf.item()) / w,
                 "clipfrac": float(pst["clipfrac"]), "approx_kl": float(pst["approx_kl"])}
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from common.config_cli import parse_config
 from common.data import HH_PAIRS, require
+from common.malloc import keep_freed_memory
 from serve import reward_model
 
 from . import rm_losses
@@ -125,6 +126,7 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(RMTrainConfig, argv, prog="python -m train.rm_train", description=__doc__)
+    keep_freed_memory()   # the same large buffers every step: no page faults on each (common/malloc.py)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from serve.reward_model import encode
 
 from . import dist, rm_losses
+from .optim import clip_and_step
 from .rm_eval import score_texts
 from .rules import pair_correctness
 
@@ -156,6 +157,41 @@ def group_loss(scores: torch.Tensor, groups: list[Group]) -> torch.Tensor:
     return loss
 
 
+# ---- the inputs: tokenised once, padded per batch ----
+
+def pretokenize(tok, texts: list[str], rcfg, chunk: int = 256) -> list[dict[str, torch.Tensor]]:
+    """Each text's RM inputs (serve.reward_model.encode) without padding: one tokenizer call per
+    `chunk` texts instead of one per step, and a text seen in several epochs is tokenised once.
+    Needs right padding (load_tokenizer's) and no relevance inputs (they carry their own padding)."""
+    rows = []
+    for i in range(0, len(texts), chunk):
+        enc = encode(tok, texts[i:i + chunk], rcfg)
+        for j, n in enumerate(enc["attention_mask"].sum(1).tolist()):
+            rows.append({k: v[j, :n] for k, v in enc.items()})
+    return rows
+
+
+def collate(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads pretokenize's rows into (B, T) tensors: what encode gives for those texts together."""
+    return {k: torch.nn.utils.rnn.pad_sequence([r[k] for r in rows], batch_first=True,
+                                               padding_value=pad_id if k == "input_ids" else 0)
+            for k in rows[0]}
+
+
+def batch_inputs(tok, groups: list[Group], batches: list[list[int]], rcfg):
+    """A function from a list of group indices to the RM inputs of their texts (in order): from
+    texts tokenised once up front where that gives the same tensors, else encode per batch."""
+    if rcfg.relevance or tok.padding_side != "right":
+        return lambda mine: encode(tok, [t for i in mine for t in groups[i].texts], rcfg)
+    used = sorted({i for b in batches for i in b})
+    rows = pretokenize(tok, [t for i in used for t in groups[i].texts], rcfg)
+    first, k = {}, 0
+    for i in used:
+        first[i], k = k, k + len(groups[i].texts)
+    return lambda mine: collate([rows[first[i] + j] for i in mine for j in range(len(groups[i].texts))],
+                                tok.pad_token_id)
+
+
 # ---- the loop ----
 
 def rm_optimizer(net, cfg: RMUpdateConfig) -> torch.optim.AdamW:
@@ -198,6 +234,7 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, p
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, cfg.lr_schedule))
     batches = batch_order(groups, steps, cfg, seed)
     rcfg = replace(net.rcfg, max_length=cfg.max_length, relevance=net.rcfg.relevance and cosines is None)
+    inputs = batch_inputs(tok, groups, [dist.shard(b) for b in batches], rcfg)
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="rm", disable=not (progress and dist.is_main()), file=sys.stderr, leave=False)
@@ -205,12 +242,11 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, p
         for step in bar:
             mine = dist.shard(batches[step])
             rel = {} if cosines is None else {"rel_cos": torch.cat([cosines[i] for i in mine])}
-            scores = model(**encode(tok, [t for i in mine for t in groups[i].texts], rcfg), **rel)
+            scores = model(**inputs(mine), **rel)
             share = len(mine) * dist.world_size() / len(batches[step])   # 1.0 in one process
             loss = group_loss(scores, [groups[i] for i in mine]) * share
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            clip_and_step(opt, model.parameters(), 1.0)
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(dist.global_sum(loss.item()) / dist.world_size())
