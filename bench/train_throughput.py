@@ -67,6 +67,10 @@ def ours_rm(steps: int, batch: int, max_length: int) -> dict:
 TRL_SCRIPT = r"""
 import json, sys, time, os
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+if sys.argv[6] == "same-allocator":   # the allocator settings our trainer sets (common/malloc.py)
+    sys.path.insert(0, sys.argv[7])
+    from common.malloc import keep_freed_memory
+    assert keep_freed_memory()
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -117,11 +121,14 @@ def trl_python() -> str | None:
     return str(py)
 
 
-def trl_rm(py: str, steps: int, batch: int, max_length: int) -> dict:
+def trl_rm(py: str, steps: int, batch: int, max_length: int, allocator: str = "default") -> dict:
+    """TRL's RewardTrainer in its own process; allocator "same-allocator" gives it the glibc settings
+    our trainer processes set at start-up (common/malloc.py), "default" runs it as a TRL user would."""
     from serve.reward_model import default_backbone
     data = pairs((steps + 1) * batch)
     with tempfile.TemporaryDirectory() as d:
-        r = subprocess.run([py, "-c", TRL_SCRIPT, str(default_backbone()), str(steps), str(batch), str(max_length), d],
+        r = subprocess.run([py, "-c", TRL_SCRIPT, str(default_backbone()), str(steps), str(batch), str(max_length), d,
+                            allocator, str(REPO)],
                            input=json.dumps(data), capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"TRL RewardTrainer failed: {r.stderr[-2000:]}")
@@ -174,6 +181,12 @@ def main() -> None:
         res["trl_rm"] = trl_rm(py, rm_steps, batch, max_length)
         res["rm_ratio_ours_over_trl"] = res["ours_rm"]["pairs_per_s"] / res["trl_rm"]["pairs_per_s"]
         print(f"TRL:  RM {res['trl_rm']['pairs_per_s']:.2f} pairs/s", file=sys.stderr, flush=True)
+        # the same comparison with TRL given our allocator settings: what the code alone is worth
+        res["trl_rm_same_allocator"] = trl_rm(py, rm_steps, batch, max_length, "same-allocator")
+        res["rm_ratio_ours_over_trl_same_allocator"] = (res["ours_rm"]["pairs_per_s"]
+                                                        / res["trl_rm_same_allocator"]["pairs_per_s"])
+        print(f"TRL with our allocator settings: RM {res['trl_rm_same_allocator']['pairs_per_s']:.2f} pairs/s",
+              file=sys.stderr, flush=True)
     else:
         res["trl_rm"] = "not run"
     res["ours_ppo"] = ours_ppo(ppo_iters, rollouts)

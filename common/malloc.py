@@ -17,9 +17,13 @@ M_TRIM_THRESHOLD = -1   # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 
 
-def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 2 << 30) -> bool:
-    """Raises glibc's mmap and trim thresholds (bytes) for this process. True if glibc took both;
-    False where there is no glibc (musl, macOS): nothing changes there."""
+def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+    """Raises glibc's mmap and trim thresholds (bytes, each below 2 GiB: mallopt takes a C int) for
+    this process. True if glibc took both; False where there is no glibc (musl, macOS): nothing
+    changes there."""
+    for v in (mmap_threshold, trim_threshold):
+        if not 0 <= v < 1 << 31:
+            raise ValueError(f"mallopt takes an int: a threshold in [0, 2**31), got {v}")
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")

@@ -6,7 +6,9 @@ file, parent version, metrics, the Kafka offsets it was trained on) written last
 folder is renamed into place and the root fsynced. A crash at any point leaves either no
 <version> folder or a complete one; leftover .tmp-* folders are never read and are swept.
 Readers (servers, the trainer on restart) call `verify` before loading: a file whose sha256
-does not match, a missing file or an unreadable manifest refuses the version.
+does not match, a missing file or an unreadable manifest refuses the version. Files over 64 MiB also
+have a sha256 per 64 MiB piece, so a server can check them on several cores; a server checks the
+part of the version it loads (policy/ or rm/), the trainer all of it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .durable import fsync_dir, fsync_tree
@@ -47,6 +50,40 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while b := f.read(chunk):
             h.update(b)
+    return h.hexdigest()
+
+
+PIECE_BYTES = 64 << 20
+"""Files over this size also get a sha256 per piece of this size in the manifest ("pieces"), so a
+reader can check one file's pieces on several cores (sha256 itself is sequential: ~1.2 GB/s a core
+here, 0.3 s for a GPT-2-small policy, on a hot swap's critical path)."""
+
+
+def hash_pieces(path: Path, piece: int = PIECE_BYTES, chunk: int = 1 << 20) -> tuple[str, list[str]]:
+    """One read of the file: the sha256 of all of it and of each `piece` bytes ([] for a file of at
+    most one piece)."""
+    whole, pieces = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while True:
+            h, n = hashlib.sha256(), 0
+            while n < piece and (b := f.read(min(chunk, piece - n))):
+                whole.update(b)
+                h.update(b)
+                n += len(b)
+            if n:
+                pieces.append(h.hexdigest())
+            if n < piece:
+                break
+    return whole.hexdigest(), pieces if len(pieces) > 1 else []
+
+
+def sha256_range(path: Path, offset: int, length: int, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0 and (b := f.read(min(chunk, length))):
+            h.update(b)
+            length -= len(b)
     return h.hexdigest()
 
 
@@ -91,9 +128,14 @@ class ModelStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write_files(tmp)
-        files = {f: sha256_file(tmp / f) for f in _files(tmp)}
+        files, pieces = {}, {}
+        for f in _files(tmp):
+            files[f], p = hash_pieces(tmp / f, PIECE_BYTES)
+            if p:
+                pieces[f] = p
         manifest = {"version": version, "parent": parent, "created_unix_ms": int(time.time() * 1000),
-                    "files": files, "metrics": metrics, "offsets": offsets, **(extra or {})}
+                    "files": files, "pieces": pieces, "piece_bytes": PIECE_BYTES, "metrics": metrics,
+                    "offsets": offsets, **(extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         fsync_tree(tmp)
         os.rename(tmp, final)   # atomic on one filesystem: readers see all of it or nothing
@@ -128,17 +170,40 @@ def read_manifest(folder: Path) -> dict:
     return m
 
 
-def verify(folder: str | os.PathLike) -> dict:
-    """Checks every file against the manifest's sha256 (and that no listed file is missing).
-    Returns the manifest; raises CorruptCheckpoint naming the first problem."""
+def verify(folder: str | os.PathLike, part: str | None = None, workers: int = 1) -> dict:
+    """Checks the version's files against the manifest's sha256 (and that no listed file is missing):
+    all of them, or those under `part`/ (the one subfolder a server loads: "policy", "rm"). With the
+    manifest's per-piece digests, a large file's pieces are hashed on `workers` threads (hashlib
+    releases the GIL); each byte is still checked against a sha256 the publisher wrote. Returns the
+    manifest; raises CorruptCheckpoint naming the first problem."""
     folder = Path(folder)
     m = read_manifest(folder)
     if m["version"] != folder.name:
         raise CorruptCheckpoint(f"{folder}: manifest says version {m['version']!r}")
-    for rel, digest in m["files"].items():
+    rels = [r for r in m["files"] if part is None or r.startswith(part.strip("/") + "/")]
+    if not rels:
+        raise CorruptCheckpoint(f"{folder}: the manifest lists no file under {part}/")
+    jobs: list[tuple[str, int, int, str]] = []   # (file, offset, length or -1 for all of it, sha256)
+    for rel in rels:
         p = folder / rel
         if not p.is_file():
             raise CorruptCheckpoint(f"{folder}: {rel} is missing")
-        if sha256_file(p) != digest:
-            raise CorruptCheckpoint(f"{folder}: {rel} does not match its sha256")
+        pieces, size = m.get("pieces", {}).get(rel), p.stat().st_size
+        if not pieces:
+            jobs.append((rel, 0, -1, m["files"][rel]))
+            continue
+        piece = int(m["piece_bytes"])
+        if -(-size // piece) != len(pieces):
+            raise CorruptCheckpoint(f"{folder}: {rel} does not match its sha256 (size {size})")
+        jobs += [(rel, i * piece, piece, d) for i, d in enumerate(pieces)]
+
+    def matches(job: tuple[str, int, int, str]) -> bool:
+        rel, offset, length, digest = job
+        got = sha256_file(folder / rel) if length < 0 else sha256_range(folder / rel, offset, length)
+        return got == digest
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for (rel, *_), ok in zip(jobs, pool.map(matches, jobs)):
+            if not ok:
+                raise CorruptCheckpoint(f"{folder}: {rel} does not match its sha256")
     return m

@@ -186,6 +186,7 @@ class Engine:
         self.on_step = on_step or (lambda stats: None)
         self._stop = False
         self._draining = False
+        self._held = False     # a swap is being prepared: admit nothing, let the batch drain (hold)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- client side (any thread) ----
@@ -226,6 +227,20 @@ class Engine:
             self.cv.notify_all()
         return req
 
+    def hold(self) -> None:
+        """A swap is being prepared: admit nothing more and let the running batch finish, so it drains
+        while the new version is verified and loaded instead of after (then the swap applies at once).
+        Requests wait in the queue; `swap` or `release` ends the hold."""
+        with self.cv:
+            self._held = True
+            self.cv.notify_all()
+
+    def release(self) -> None:
+        """The prepared version was refused: admit again, on the current version."""
+        with self.cv:
+            self._held = False
+            self.cv.notify_all()
+
     def swap(self, model: CausalLM, version: str, eos_id: int | Iterable[int] | None,
              decode: Callable[[list[int]], str], policy: LoadedPolicy | None = None, timeout: float | None = None) -> bool:
         """Serve `model` as `version` once the running batch has drained. Blocks until swapped
@@ -239,6 +254,7 @@ class Engine:
     def _apply_swap(self) -> None:
         """Engine thread, batch empty: new weights, and a new cache if the shapes changed."""
         sw, self._swap = self._swap, None
+        self._held = False
         if sw.model.args != self.model.args or next(sw.model.parameters()).dtype != self.dtype:
             p = next(sw.model.parameters())
             self.device, self.dtype = p.device, p.dtype
@@ -258,7 +274,8 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
-                while not self._stop and not self.waiting and not self.active and self._swap is None:
+                # idle: nothing running, no swap to apply, and nothing to admit (or admission held)
+                while not self._stop and not self.active and self._swap is None and (self._held or not self.waiting):
                     self.cv.wait()
                 if self._stop:
                     break
@@ -268,7 +285,7 @@ class Engine:
                 with self.cv:
                     if self._swap is not None and not self.active:
                         self._apply_swap()
-                    admitted = self._admit() if self._swap is None else []   # drain before a swap
+                    admitted = self._admit() if self._swap is None and not self._held else []   # drain before a swap
                 if admitted or self.active:
                     prefilled = self._step(admitted)
             except Exception as e:  # a bug must not hang clients: fail everything live, keep serving

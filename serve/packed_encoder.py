@@ -26,6 +26,11 @@ def supports(backbone: torch.nn.Module) -> bool:
         return False
     if not (hasattr(backbone, "embeddings") and hasattr(backbone, "encoder")):
         return False
+    # the attention written here is eager's and sdpa's; a registered custom one, or gradient
+    # checkpointing (which this forward would silently drop), keeps the HF forward
+    if getattr(cfg, "_attn_implementation", "eager") not in ("eager", "sdpa") or \
+            getattr(backbone, "is_activation_checkpointing", getattr(backbone, "gradient_checkpointing", False)):
+        return False
     return all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in backbone.parameters())
 
 
@@ -50,7 +55,7 @@ def packed_hidden(bert: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         qkv = h.new_zeros(B * T, 3 * H).index_copy(0, idx, qkv)                    # padded rows stay 0
         q, k, v = qkv.view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4)           # each (B, nh, T, hd)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keys,
-                                             dropout_p=sa.dropout.p if bert.training else 0.0)
+                                             dropout_p=sa.dropout.p if sa.training else 0.0)
         ctx = ctx.transpose(1, 2).reshape(B * T, H).index_select(0, idx)          # (N, H); padded queries dropped
         out = layer.attention.output
         h = out.LayerNorm(out.dropout(out.dense(ctx)) + h)

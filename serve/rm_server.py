@@ -154,7 +154,7 @@ def serve(cfg: RMServerConfig):
     dtype = getattr(torch, cfg.dtype)
     mgr = VersionManager(store=store, load=lambda v: load_rm(store, v, dtype), canary=rm_canary, apply=apply,
                          current=ServedModel(current.version, current),
-                         on_event=lambda result, v: VERSION_EVENTS.labels(result).inc())
+                         on_event=lambda result, v: VERSION_EVENTS.labels(result).inc(), part="rm")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
                          interceptors=auth.interceptors(cfg.auth_tokens))

@@ -319,7 +319,8 @@ def follow_store(cfg: ServerConfig, engine: Engine, server) -> StoreFollower:
                                                 device=cfg.device, cpu_pack=cfg.cpu_pack,
                                                 quantize_mode=cfg.quantize),
         canary=policy_canary, apply=apply, current=ServedModel(engine.model_version, engine.policy),
-        on_event=lambda result, v: metrics.VERSION_EVENTS.labels(result).inc())
+        on_event=lambda result, v: metrics.VERSION_EVENTS.labels(result).inc(),
+        hold=engine.hold, release=engine.release, part="policy")
     add_admin_service(server, mgr)
     watcher = UpdateWatcher(cfg.kafka_bootstrap, mgr, "policy-server").start() if cfg.kafka_bootstrap else None
     return StoreFollower(mgr, watcher)

@@ -1,12 +1,16 @@
 """Hot-swap of model versions for a running server (policy or RM), and its admin RPCs.
 
 The model-updates topic only says "a version exists"; the model store is the truth. On an update:
-  1. verify: every file's sha256 against the version's manifest (common/model_store.verify);
-  2. load into a standby copy on the watcher thread, off the request path;
+  1. verify: the sha256 of every file the server loads (its part of the version: policy/ or rm/)
+     against the version's manifest, a large file's pieces on two threads (common/model_store.verify);
+  2. load into a standby copy on the watcher thread, off the request path; from here the server is
+     held (`hold`: the policy engine admits nothing new, and its running batch drains while the
+     version loads instead of after);
   3. canary: the server's own check on fixed inputs (finite logits/logprobs/scores, sane output)
      and compatibility with what is served (e.g. the same tokenizer);
-  4. swap: the server's `apply` (the policy engine drains its batch and swaps between steps; the
-     RM server swaps a reference between requests).
+  4. swap: the server's `apply` (the policy engine swaps between steps once its batch has drained,
+     and the requests that waited start on the new version; the RM server swaps a reference between
+     requests). A version refused in 2-3 releases the hold: the waiting requests run on the old one.
 A version that fails 1-3 is refused (a log line, rlhf_<server>_version_events_total{result="refused"}) and the
 current one keeps serving. Admin: list, pin (serve this version, ignore updates), unpin, roll back.
 """
@@ -58,6 +62,10 @@ class VersionManager(Generic[Loaded]):
     apply: Callable[[ServedModel[Loaded]], None]  # makes the candidate the served version
     current: ServedModel[Loaded]
     on_event: Callable[[str, str], None] = lambda result, version: None   # metrics hook
+    hold: Callable[[], None] = lambda: None      # a swap starts: stop admitting, let the batch drain meanwhile
+    release: Callable[[], None] = lambda: None   # the version was refused: admit again
+    part: str | None = None                      # the subfolder of a version this server loads: verify only it
+    verify_workers: int = 2                      # threads hashing a large file's pieces
     pinned: bool = False
     history: list[str] = field(default_factory=list)   # versions served, oldest first
     refused: dict[str, str] = field(default_factory=dict)
@@ -72,12 +80,15 @@ class VersionManager(Generic[Loaded]):
             if version == self.current.version:
                 return self.current
             ends = [time.monotonic()]   # the start, then the end of each step: where a slow swap spent its time
+            held = False
             try:
                 try:
-                    model_store.verify(self.store.path(version))
+                    model_store.verify(self.store.path(version), self.part, self.verify_workers)
                 except (model_store.CorruptCheckpoint, ValueError) as e:
                     raise Refused(str(e)) from e
                 ends.append(time.monotonic())
+                self.hold()   # the running batch drains during steps 2-3 (apply then has nothing to wait for)
+                held = True
                 try:
                     loaded = self.load(version)
                 except Exception as e:  # a checkpoint that does not load is incompatible, not a crash
@@ -86,9 +97,15 @@ class VersionManager(Generic[Loaded]):
                 self.canary(loaded, self.current.loaded)
                 ends.append(time.monotonic())
             except Refused as e:
+                if held:
+                    self.release()
                 self.refused[version] = str(e)
                 self.on_event("refused", version)
                 log.error("refusing version %s, still serving %s: %s", version, self.current.version, e)
+                raise
+            except BaseException:
+                if held:
+                    self.release()
                 raise
             new = ServedModel(version, loaded)
             self.apply(new)
@@ -161,7 +178,7 @@ class VersionManager(Generic[Loaded]):
             info = {"version": v, "serving": v == self.current.version, "verified": False, "refused_reason": "",
                     "created_unix_ms": 0}
             try:
-                m = model_store.verify(self.store.path(v))
+                m = model_store.verify(self.store.path(v), self.part, self.verify_workers)
                 info.update(verified=True, created_unix_ms=int(m.get("created_unix_ms", 0)))
             except model_store.CorruptCheckpoint as e:
                 info["refused_reason"] = str(e)

@@ -2,6 +2,7 @@
 sequences finish; the n samples of a request share one prefill."""
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -212,3 +213,33 @@ def test_kept_prefixes_do_not_survive_a_weight_swap(tiny_gpt2):
         engine.stop()
     assert b.model_version == "v1"
     assert sum(s["prefill_tokens"] for s in stats) == len(b.prompt)   # nothing of v0's KV reused
+
+
+def test_a_hold_drains_the_batch_and_queues_new_requests_until_the_swap(tiny_gpt2):
+    """VersionManager holds the engine while it verifies and loads a version: the running batch goes on
+    to its end, new requests wait (not refused), and they start on the new version once it is swapped
+    in; a refused version releases them onto the old one."""
+    _, engine = _engine(tiny_gpt2)
+    new = load_policy(tiny_gpt2, dtype=torch.float32)
+    spec = SamplingSpec(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    engine.start()
+    try:
+        running = engine.submit(Request(prompt=[5, 17, 33], spec=spec))
+        assert isinstance(running.events.get(timeout=60), TokenEvent)
+        engine.hold()
+        queued = engine.submit(Request(prompt=[7, 8], spec=spec))
+        _wait_done([running])                                    # the batch finishes during the hold
+        time.sleep(0.3)
+        assert queued.events.empty() and queued.seqs[0].out == []   # ... and nothing new was admitted
+        assert engine.swap(new.model, "v1", new.eos_id, new.decode, timeout=60)
+        _wait_done([queued])
+        assert running.model_version != "v1" and queued.model_version == "v1"
+        engine.hold()                                            # a refused version: release, old weights
+        later = engine.submit(Request(prompt=[9], spec=spec))
+        time.sleep(0.3)
+        assert later.seqs[0].out == []
+        engine.release()
+        _wait_done([later])
+        assert later.model_version == "v1"
+    finally:
+        engine.stop()

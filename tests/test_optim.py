@@ -1,11 +1,17 @@
 """Clipping inside the fused optimiser step (train/optim.py) against clip_grad_norm_ + step."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from common.malloc import keep_freed_memory
 from train.optim import clip_and_step, clip_scale, global_norm
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_clip_scale_by_hand():
@@ -51,5 +57,21 @@ def test_other_optimisers_take_the_plain_path():
     torch.testing.assert_close(p.detach(), torch.tensor([1 - 0.6, 1 - 0.8, 1.0]), atol=1e-5, rtol=0)
 
 
+def test_a_subset_of_the_optimisers_parameters_takes_the_plain_path():
+    """The norm over `params` must not scale gradients outside them: clip only what is asked."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.0, fused=True)
+    a.grad, b.grad = torch.tensor([30.0, 40.0]), torch.tensor([3.0, 4.0])
+    ref_a, ref_b = a.detach().clone(), b.detach().clone()
+    clip_and_step(opt, [a], 1.0)   # a clipped to norm 1, b stepped unclipped: Adam's first step is -lr*sign
+    torch.testing.assert_close(a.detach(), ref_a - 0.1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.detach(), ref_b - 0.1, atol=1e-5, rtol=0)
+    assert torch.allclose(b.grad, torch.tensor([3.0, 4.0]))   # b's gradient was not scaled by a's clip
+
+
 def test_glibc_takes_the_allocator_thresholds():
-    assert keep_freed_memory() is True    # Linux with glibc, as every machine this runs on
+    # in a child process: the thresholds would stay for the rest of this test session
+    code = "from common.malloc import keep_freed_memory; import sys; sys.exit(0 if keep_freed_memory() else 3)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0   # Linux with glibc
+    with pytest.raises(ValueError):
+        keep_freed_memory(trim_threshold=1 << 31)

@@ -3,12 +3,14 @@ load and canary are tested with their servers): swaps, refusals, pin/unpin and r
 the policy server's own load and canary, that a flipped bit in the weights is still refused."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import pytest
 import torch
 
-from common.model_store import ModelStore
+from common import model_store
+from common.model_store import CorruptCheckpoint, ModelStore, verify
 from serve.loader import load_policy
 from serve.server import policy_canary
 from serve.versions import Refused, ServedModel, VersionManager
@@ -111,3 +113,56 @@ def test_the_policy_canary_refuses_weights_that_give_non_finite_logits(tiny_gpt2
         next(p for n, p in broken.model.named_parameters() if "ln_f" in n or "norm" in n).fill_(float("nan"))
     with pytest.raises(Refused, match="non-finite logits on the canary prompt \\(prefill\\)"):
         policy_canary(broken, served)
+
+
+def test_the_engine_is_held_during_a_swap_and_released_when_refused(tmp_path):
+    store = _store(tmp_path, 3)
+    calls: list[str] = []
+    m = VersionManager(store, load=lambda v: calls.append(f"load {v}") or v,
+                       canary=lambda o, c: (_ for _ in ()).throw(Refused("bad")) if o == "v0002" else None,
+                       apply=lambda s: calls.append(f"apply {s.version}"), current=ServedModel("v0000", "v0000"),
+                       hold=lambda: calls.append("hold"), release=lambda: calls.append("release"))
+    m.switch_to("v0001")
+    with pytest.raises(Refused):
+        m.switch_to("v0002")
+    (store.path("v0001") / "weights.txt").write_text("flipped bits")
+    m.current = ServedModel("v0000", "v0000")
+    with pytest.raises(Refused):
+        m.switch_to("v0001")     # refused by verify: before any hold
+    assert calls == ["hold", "load v0001", "apply v0001", "hold", "load v0002", "release"]
+
+
+def test_a_server_verifies_the_part_it_loads(tmp_path):
+    """The policy server checks policy/ and the RM server rm/; a corrupt file elsewhere in the version
+    is the other server's refusal (and the trainer's, which verifies all of it)."""
+    store = ModelStore(tmp_path / "store")
+    store.publish("v0001", lambda d: [(d / p).mkdir() or (d / p / "w.bin").write_bytes(p.encode() * 100)
+                                      for p in ("policy", "rm")], parent=None, metrics={}, offsets={})
+    (store.path("v0001") / "rm" / "w.bin").write_bytes(b"flipped" * 100)
+    assert verify(store.path("v0001"), part="policy")["version"] == "v0001"
+    for part in ("rm", None):
+        with pytest.raises(CorruptCheckpoint, match="rm/w.bin does not match"):
+            verify(store.path("v0001"), part=part)
+    with pytest.raises(CorruptCheckpoint, match="no file under critic/"):
+        verify(store.path("v0001"), part="critic")
+
+
+@pytest.mark.parametrize("size", [3 * 1024 + 1, 4 * 1024])   # a partial last piece; pieces exactly
+def test_large_files_are_checked_piece_by_piece_on_several_threads(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(model_store, "PIECE_BYTES", 1024)
+    store = ModelStore(tmp_path / "store")
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    store.publish("v0001", lambda d: (d / "w.bin").write_bytes(data), parent=None, metrics={}, offsets={})
+    m = store.manifest("v0001")
+    assert m["piece_bytes"] == 1024 and len(m["pieces"]["w.bin"]) == -(-size // 1024)
+    assert m["files"]["w.bin"] == hashlib.sha256(data).hexdigest()   # the whole-file digest stays
+    hashed: list[tuple[int, int]] = []
+    real = model_store.sha256_range
+    monkeypatch.setattr(model_store, "sha256_range", lambda p, o, n: hashed.append((o, n)) or real(p, o, n))
+    verify(store.path("v0001"), workers=2)
+    assert sorted(hashed) == [(i * 1024, 1024) for i in range(-(-size // 1024))]
+    w = store.path("v0001") / "w.bin"
+    for bad in (data[:-1], data + b"!", data[:1500] + b"?" + data[1501:]):   # shorter, longer, one byte
+        w.write_bytes(bad)
+        with pytest.raises(CorruptCheckpoint, match="w.bin does not match"):
+            verify(store.path("v0001"), workers=2)

@@ -33,7 +33,10 @@ def clip_and_step(opt: torch.optim.Optimizer, params, max_norm: float) -> float:
     gradient norm before clipping."""
     params = [p for p in params if p.grad is not None]
     fused = isinstance(opt, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in opt.param_groups)
-    if not params or not fused or any(type(p.grad) is not torch.Tensor for p in params) \
+    # grad_scale divides every gradient the optimiser steps: only right when those are the clipped ones
+    stepped = {id(p) for g in opt.param_groups for p in g["params"] if p.grad is not None}
+    if not params or not fused or stepped != {id(p) for p in params} \
+            or any(type(p.grad) is not torch.Tensor or p.grad.device != params[0].grad.device for p in params) \
             or getattr(opt, "grad_scale", None) is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
