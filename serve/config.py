@@ -65,6 +65,8 @@ class ServerConfig(AuthOptions):
     """Reference (initial) policy for served KL ("": the model store's v0000/policy when --store is set)."""
     rm_target: str = ""
     """host:port of the RM server, or of its replicas comma-separated (round robin), for served reward ("" disables)."""
+    rm_token_file: str = ""
+    """File holding the token served scoring presents to an RM server that checks tokens (a client-role token of its --auth-tokens file; "" sends none)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.served_score_fraction <= 1:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.auth import bearer
 from common.replicas import replica_channel
 from rlhf.v1 import models_pb2, models_pb2_grpc
 
@@ -38,8 +39,10 @@ class Sample:
 
 
 class ServedScorer:
-    def __init__(self, fraction: float, reference, rm_target: str, max_queue: int = 256, seed: int = 0):
+    def __init__(self, fraction: float, reference, rm_target: str, max_queue: int = 256, seed: int = 0,
+                 rm_token: str = ""):
         self.fraction, self.reference, self.rm_target = fraction, reference, rm_target
+        self._metadata = bearer(rm_token)   # an RM server with --auth-tokens refuses calls without one
         self.q: queue.Queue[Sample | None] = queue.Queue(maxsize=max_queue)
         self.rng = random.Random(seed)
         self._rm = None
@@ -76,7 +79,7 @@ class ServedScorer:
         if self._rm is not None:
             r = self._rm.Score(models_pb2.ScoreRequest(items=[models_pb2.ScoreItem(prompt=s.prompt, response=s.response,
                                                                                  truncated=s.truncated)]),
-                               timeout=30)
+                               timeout=30, metadata=self._metadata)
             metrics.SERVED_REWARD.labels(s.version).observe(r.scores[0])
         metrics.SERVED_SCORED.labels(s.version).inc()
 

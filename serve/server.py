@@ -335,7 +335,8 @@ def build_scorer(cfg: ServerConfig):
     reference = load_policy(ref_path, cpu_pack="none") if ref_path else None
     if reference is None and not cfg.rm_target:
         log.warning("--served-score-fraction set but neither a reference policy nor --rm-target: nothing to score")
-    return ServedScorer(cfg.served_score_fraction, reference, cfg.rm_target)
+    token = Path(cfg.rm_token_file).read_text().strip() if cfg.rm_token_file else ""
+    return ServedScorer(cfg.served_score_fraction, reference, cfg.rm_target, rm_token=token)
 
 
 def serve(cfg: ServerConfig, policy: LoadedPolicy):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -137,3 +138,39 @@ def test_each_role_against_each_rpc(servers):
                 pb_grpc.PolicyServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(),
                                                            metadata=bearer(TOKENS["admin"]), timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_served_scoring_presents_its_token_to_an_rm_server_that_checks_tokens(tmp_path):
+    """The policy server's served scoring calls RewardService.Score with --rm-token-file's token: a real
+    gRPC server with the servers' own interceptors answers it; without the token the call is refused
+    and counted as a scoring error, never raised into serving."""
+    from concurrent import futures
+
+    from common.auth import interceptors
+    from serve import metrics
+    from serve.served_scoring import Sample, ServedScorer
+    (tmp_path / "tokens.txt").write_text(f"{TOKENS['client']} client\n")
+    seen: list[str] = []
+
+    class RM(mgrpc.RewardServiceServicer):
+        def Score(self, request, context):
+            seen.append(request.items[0].response)
+            return mpb.ScoreResponse(scores=[0.25])
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=interceptors(str(tmp_path / "tokens.txt")))
+    mgrpc.add_RewardServiceServicer_to_server(RM(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        def score_one(token: str, text: str) -> float:
+            errors = metrics.SERVED_SCORING_ERRORS._value.get()
+            scorer = ServedScorer(1.0, None, f"127.0.0.1:{port}", rm_token=token)
+            scorer.offer(Sample("v0000", None, [1], [2], "\n\nHuman: hi\n\nAssistant:", text))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and text not in seen and metrics.SERVED_SCORING_ERRORS._value.get() == errors:
+                time.sleep(0.05)
+            return metrics.SERVED_SCORING_ERRORS._value.get() - errors
+        assert score_one(TOKENS["client"], "with token") == 0 and seen == ["with token"]
+        assert score_one("", "without") == 1 and seen == ["with token"]
+    finally:
+        server.stop(0)
