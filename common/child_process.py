@@ -1,6 +1,7 @@
 """A child process of the main job, a test or a bench: `python -u -m <module> <args>` from the repo
-root, its stdout and stderr copied line by line into a log file (and kept, for output() and
-wait_for), waited for until it is ready, stopped with SIGTERM and, after a grace period, SIGKILL.
+root, its stdout and stderr copied line by line into a log file (and its last lines kept in memory,
+for output() and wait_for: a server the main job runs for days must not grow with its log), waited
+for until it is ready, stopped with SIGTERM and, after a grace period, SIGKILL.
 
     server = ChildProcess("serve.rm_server", [...], Path("logs/rm-server.log"))
     port = server.wait_for(r"rm server listening on \\S+:(\\d+)", 300).group(1)
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -29,10 +31,10 @@ class ChildProcess:
     children in order; env entries are added to this process's environment."""
 
     def __init__(self, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 own_session: bool = False, name: str = ""):
+                 own_session: bool = False, name: str = "", keep_lines: int = 20_000):
         self.name = name or module
         self.log_path = Path(log_path)
-        self._lines: list[str] = []
+        self._lines: deque[str] = deque(maxlen=keep_lines)   # the log file has every line
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace",
@@ -49,7 +51,7 @@ class ChildProcess:
                 self._lines.append(line)
 
     def output(self) -> str:
-        """What the child printed so far; once it has exited, all of it."""
+        """The last `keep_lines` lines the child printed so far; once it has exited, up to its end."""
         if self.proc.poll() is not None:
             self._copier.join(timeout=5)   # the copier may still hold its last lines
         return "".join(self._lines)

@@ -192,7 +192,9 @@ def verify(folder: str | os.PathLike, part: str | None = None, workers: int = 1)
         if not pieces:
             jobs.append((rel, 0, -1, m["files"][rel]))
             continue
-        piece = int(m["piece_bytes"])
+        piece = m.get("piece_bytes")
+        if not isinstance(piece, int) or piece <= 0 or not isinstance(pieces, list):
+            raise CorruptCheckpoint(f"{folder}: {MANIFEST} has pieces for {rel} without a valid piece_bytes")
         if -(-size // piece) != len(pieces):
             raise CorruptCheckpoint(f"{folder}: {rel} does not match its sha256 (size {size})")
         jobs += [(rel, i * piece, piece, d) for i, d in enumerate(pieces)]

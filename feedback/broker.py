@@ -243,7 +243,14 @@ def start(cfg: BrokerConfig) -> int:
     wanted = {n.node_id for n in cfg.nodes()}
     if all(read_pid(cfg, k) for k in wanted) and live_brokers(cfg.bootstrap) == wanted:
         return read_pid(cfg, 1)
-    launched = {n.node_id: _launch(cfg, n) for n in cfg.nodes() if read_pid(cfg, n.node_id) is None}
+    launched = {}
+    try:
+        for n in cfg.nodes():
+            if read_pid(cfg, n.node_id) is None:
+                launched[n.node_id] = _launch(cfg, n)
+    except BaseException:   # a node that could not even launch (no java, a full disk): none left half-started
+        stop(cfg, node_ids=set(launched))
+        raise
     deadline = time.monotonic() + cfg.start_timeout_s
     while time.monotonic() < deadline:
         for k, proc in launched.items():

@@ -31,3 +31,11 @@ def test_a_child_deaf_to_sigterm_is_killed_after_the_timeout(tmp_path):
     child.wait_for(r"ready on port", 60)   # SIGTERM is ignored from here on
     child.stop(timeout=1)
     assert child.proc.returncode == -signal.SIGKILL
+
+
+def test_only_the_last_lines_stay_in_memory_and_the_log_has_them_all(tmp_path):
+    child = ChildProcess(WORKER, ["chatty"], tmp_path / "chatty.log", keep_lines=10)
+    child.proc.wait(timeout=60)
+    child.stop()
+    assert child.output() == "".join(f"line {i}\n" for i in range(20, 30))
+    assert (tmp_path / "chatty.log").read_text() == "starting\n" + "".join(f"line {i}\n" for i in range(30))

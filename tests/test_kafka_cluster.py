@@ -292,3 +292,23 @@ def _wait(cond, what: str, timeout_s: float = 30.0, detail=lambda: "") -> None:
     while not cond():
         assert time.monotonic() < deadline, f"not {what} within {timeout_s}s {detail()}"
         time.sleep(0.1)
+
+
+def test_a_node_that_cannot_launch_leaves_no_other_node_running(tmp_path, monkeypatch):
+    """start() launches every node before waiting; when a later one cannot even launch (here its port
+    is taken), the nodes this call already started are stopped, not left running without a quorum."""
+    import socket
+
+    from feedback import broker
+    procs = []
+    real = broker._launch
+    monkeypatch.setattr(broker, "_launch", lambda cfg, node: procs.append(real(cfg, node)) or procs[-1])
+    cfg = BrokerConfig.on_free_ports(tmp_path / "kafka", brokers=2)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", cfg.node(2).port))
+        squatter.listen()
+        with pytest.raises(RuntimeError, match="is taken"):
+            start(cfg)
+    assert len(procs) == 1                       # node 1 had started
+    assert procs[0].wait(timeout=30) is not None  # and was stopped
+    assert read_pid(cfg, 1) is None and not (cfg.node(1).data_dir / "broker.pid").exists()
