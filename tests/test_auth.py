@@ -1,6 +1,7 @@
 """Token roles against every RPC of the policy, feedback and RM servers, with TLS on and off."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 
@@ -35,17 +36,20 @@ def servers(request, tmp_path_factory, tiny_store, kafka_broker):
         flags += ["--tls-cert", str(tmp / "cert.pem"), "--tls-key", str(tmp / "key.pem")]
         ca = str(tmp / "cert.pem")
     ports = {k: free_port() for k in ("policy", "rm", "feedback")}
-    procs = [
-        ServerProc("serve", ["--store", str(tiny_store), "--port", str(ports["policy"]), "--metrics-port", "0",
-                             *flags], r"policy server listening", timeout=300),
-        ServerProc("serve.rm_server", ["--store", str(tiny_store), "--port", str(ports["rm"]), "--metrics-port", "0",
-                                       *flags], r"rm server listening", timeout=300),
-        ServerProc("feedback.service", ["--bootstrap", kafka_broker, "--port", str(ports["feedback"]),
-                                        "--metrics-port", "0", *flags], r"feedback service listening"),
+    starts = [
+        lambda: ServerProc("serve", ["--store", str(tiny_store), "--port", str(ports["policy"]), "--metrics-port", "0",
+                                     *flags], r"policy server listening", timeout=300),
+        lambda: ServerProc("serve.rm_server", ["--store", str(tiny_store), "--port", str(ports["rm"]),
+                                               "--metrics-port", "0", *flags], r"rm server listening", timeout=300),
+        lambda: ServerProc("feedback.service", ["--bootstrap", kafka_broker, "--port", str(ports["feedback"]),
+                                                "--metrics-port", "0", *flags], r"feedback service listening"),
     ]
-    yield ports, ca, procs
-    for p in procs:
-        p.stop()
+    with contextlib.ExitStack() as started:   # a server that fails to start stops the ones before it
+        procs = []
+        for start in starts:
+            procs.append(start())
+            started.callback(procs[-1].stop)
+        yield ports, ca, procs
 
 
 def _code(fn) -> str:

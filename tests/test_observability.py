@@ -2,6 +2,7 @@
 promtool accepts the deploy config and rules; every metric the dashboard and alerts use exists."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -53,30 +54,32 @@ def services(kafka_broker, tiny_store, tiny_hh_policy, tiny_bert, tmp_path_facto
     from feedback.kafka_io import AckedProducer
     from feedback.topics import FEEDBACK
     tmp = tmp_path_factory.mktemp("obs")
-    rport, rmport = free_port(), free_port()
-    rm = ServerProc("serve.rm_server", ["--store", str(tiny_store), "--port", str(rport), "--metrics-port",
-                                         str(rmport), "--threads", "1"], r"rm server listening", timeout=300)
-    pport, pmport = free_port(), free_port()
-    policy = ServerProc("serve", ["--store", str(tiny_store), "--port", str(pport), "--metrics-port", str(pmport),
-                                  "--served-score-fraction", "1.0", "--rm-target", f"127.0.0.1:{rport}",
-                                  "--threads", "1"], r"policy server listening", timeout=300)
-    fmport = free_port()
-    fbs, fport = start_feedback_service(kafka_broker)
-    fbs.stop()   # restart with a metrics port
-    fport = free_port()
-    fbs = ServerProc("feedback.service", ["--bootstrap", kafka_broker, "--port", str(fport), "--metrics-port",
-                                          str(fmport)], r"feedback service listening")
-    p = AckedProducer(kafka_broker, client_id="obs-test")   # one bad record: the consumer dead-letters it
-    p.wait(p.send_async(FEEDBACK, b"bad", b"\xff not a protobuf"))
-    p.close()
-    tmport = free_port()
-    trainer = ServerProc("train.loop", ["--bootstrap", kafka_broker, "--group", f"obs-{time.time_ns()}", "--store",
-                                        str(tmp / "store"), "--db", str(tmp / "t.db"), "--init-policy",
-                                        str(tiny_hh_policy), "--rm-backbone", str(tiny_bert), "--metrics-port",
-                                        str(tmport), "--cycle-comparisons", "100000"], r"trainer resumed", timeout=300)
-    yield {"policy": (pport, pmport), "rm": (rport, rmport), "feedback": (fport, fmport), "trainer": tmport}
-    for s in (trainer, fbs, policy, rm):
-        s.stop()
+    with contextlib.ExitStack() as started:   # a part that fails to start stops the ones before it
+        def up(proc):
+            started.callback(proc.stop)
+            return proc
+        rport, rmport = free_port(), free_port()
+        up(ServerProc("serve.rm_server", ["--store", str(tiny_store), "--port", str(rport), "--metrics-port",
+                                           str(rmport), "--threads", "1"], r"rm server listening", timeout=300))
+        pport, pmport = free_port(), free_port()
+        up(ServerProc("serve", ["--store", str(tiny_store), "--port", str(pport), "--metrics-port", str(pmport),
+                                "--served-score-fraction", "1.0", "--rm-target", f"127.0.0.1:{rport}",
+                                "--threads", "1"], r"policy server listening", timeout=300))
+        fmport = free_port()
+        fbs, _ = start_feedback_service(kafka_broker)
+        fbs.stop()   # restart with a metrics port
+        fport = free_port()
+        up(ServerProc("feedback.service", ["--bootstrap", kafka_broker, "--port", str(fport), "--metrics-port",
+                                           str(fmport)], r"feedback service listening"))
+        p = AckedProducer(kafka_broker, client_id="obs-test")   # one bad record: the consumer dead-letters it
+        p.wait(p.send_async(FEEDBACK, b"bad", b"\xff not a protobuf"))
+        p.close()
+        tmport = free_port()
+        up(ServerProc("train.loop", ["--bootstrap", kafka_broker, "--group", f"obs-{time.time_ns()}", "--store",
+                                     str(tmp / "store"), "--db", str(tmp / "t.db"), "--init-policy",
+                                     str(tiny_hh_policy), "--rm-backbone", str(tiny_bert), "--metrics-port",
+                                     str(tmport), "--cycle-comparisons", "100000"], r"trainer resumed", timeout=300))
+        yield {"policy": (pport, pmport), "rm": (rport, rmport), "feedback": (fport, fmport), "trainer": tmport}
 
 
 def _traffic(services) -> None:
