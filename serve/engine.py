@@ -186,7 +186,7 @@ class Engine:
         self.on_step = on_step or (lambda stats: None)
         self._stop = False
         self._draining = False
-        self._held = False     # a swap is being prepared: admit nothing, let the batch drain (hold)
+        self._held = False     # a swap is coming (`hold`, `swap`): admit nothing, let the batch drain
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- client side (any thread) ----
@@ -248,6 +248,7 @@ class Engine:
         sw = _Swap(model, version, eos_id, decode, policy)
         with self.cv:
             self._swap = sw
+            self._held = True   # drain before a swap (already so after `hold`)
             self.cv.notify_all()
         return sw.done.wait(timeout)
 
@@ -285,7 +286,7 @@ class Engine:
                 with self.cv:
                     if self._swap is not None and not self.active:
                         self._apply_swap()
-                    admitted = self._admit() if self._swap is None and not self._held else []   # drain before a swap
+                    admitted = [] if self._held else self._admit()   # held: a swap is coming, drain first
                 if admitted or self.active:
                     prefilled = self._step(admitted)
             except Exception as e:  # a bug must not hang clients: fail everything live, keep serving
