@@ -1,8 +1,8 @@
 """Hot-swap of model versions for a running server (policy or RM), and its admin RPCs.
 
 The model-updates topic only says "a version exists"; the model store is the truth. On an update:
-  1. verify: the sha256 of every file the server loads (its part of the version: policy/ or rm/)
-     against the version's manifest, a large file's pieces on two threads (common/model_store.verify);
+  1. verify: the BLAKE3 of every file the server loads (its part of the version: policy/ or rm/)
+     against the version's manifest, on two threads (common/model_store.verify);
   2. load into a standby copy on the watcher thread, off the request path; from here the server is
      held (`hold`: the policy engine admits nothing new, and its running batch drains while the
      version loads instead of after);
@@ -65,7 +65,7 @@ class VersionManager(Generic[Loaded]):
     hold: Callable[[], None] = lambda: None      # a swap starts: stop admitting, let the batch drain meanwhile
     release: Callable[[], None] = lambda: None   # the version was refused: admit again
     part: str | None = None                      # the subfolder of a version this server loads: verify only it
-    verify_workers: int = 2                      # threads hashing a large file's pieces
+    verify_workers: int = 2                      # threads hashing a file
     pinned: bool = False
     history: list[str] = field(default_factory=list)   # versions served, oldest first
     refused: dict[str, str] = field(default_factory=dict)

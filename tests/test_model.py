@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from serve.model import KVCache, PackedLinear, StepLayout, from_hf, num_parameters, pack_for_cpu
+from serve.model import KVCache, PackedLinear, StepLayout, from_hf, num_parameters, pack_for_cpu, transposed
 
 
 @pytest.fixture(params=[("gpt2", "none"), ("llama", "none"), ("gpt2", "all"), ("llama", "all")], ids="-".join)
@@ -80,3 +80,12 @@ def test_num_parameters_is_the_checkpoints_whatever_the_packing(tiny_gpt2, tiny_
         want = hf.num_parameters()
         for pack in ("none", "lm_head", "all"):
             assert num_parameters(pack_for_cpu(from_hf(hf), pack)) == want, (path, pack)
+
+
+@pytest.mark.parametrize("shape", [(768, 2304), (300, 517), (5, 3), (256, 256)])
+def test_transposed_equals_a_plain_transposed_copy(shape):
+    w = torch.randn(shape)
+    t = transposed(w)
+    assert t.is_contiguous() and torch.equal(t, w.t().contiguous())
+    col = w[:, 1:]   # a column slice (non-contiguous), as the fused qkv weight is split
+    assert torch.equal(transposed(col), col.t().contiguous())

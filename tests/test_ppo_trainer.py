@@ -145,4 +145,4 @@ def test_list_versions_verifies_each_version(tmp_path):
     assert [(i.version, i.verified, i.serving) for i in infos] == [("v0000", True, False), ("v0001", True, True)]
     (tmp_path / "v0000" / "w.bin").write_bytes(b"corrupt")
     bad = version_infos(st, "v0001", cache)[0]
-    assert not bad.verified and "sha256" in bad.refused_reason
+    assert not bad.verified and "does not match its blake3" in bad.refused_reason

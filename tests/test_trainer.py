@@ -53,7 +53,7 @@ def test_store_refuses_corrupt_and_incomplete_versions(tmp_path):
     st = ms.ModelStore(tmp_path)
     st.publish("v0000", _write({"policy/a.bin": b"abc"}), None, {}, {})
     (tmp_path / "v0000" / "policy" / "a.bin").write_bytes(b"abd")
-    with pytest.raises(ms.CorruptCheckpoint, match="sha256"):
+    with pytest.raises(ms.CorruptCheckpoint, match="does not match its blake3"):
         ms.verify(tmp_path / "v0000")
     (tmp_path / "v0001").mkdir()   # no manifest: a copy that never finished
     with pytest.raises(ms.CorruptCheckpoint, match="no manifest"):

@@ -98,7 +98,7 @@ def test_a_flipped_bit_in_the_weights_is_refused_with_the_real_loader(tmp_path, 
     current = load_policy(store.path("v0000") / "policy", cpu_pack="none")
     m = VersionManager(store, load=load, canary=policy_canary, apply=lambda s: None,
                        current=ServedModel("v0000", current))
-    with pytest.raises(Refused, match="model.safetensors does not match its sha256"):
+    with pytest.raises(Refused, match="model.safetensors does not match its blake3"):
         m.switch_to("v0001")
     assert loaded == [] and m.current.version == "v0000" and "v0001" in m.refused
     m.offer("v0002")                          # an intact version still goes through load and canary
@@ -147,22 +147,44 @@ def test_a_server_verifies_the_part_it_loads(tmp_path):
         verify(store.path("v0001"), part="critic")
 
 
-@pytest.mark.parametrize("size", [3 * 1024 + 1, 4 * 1024])   # a partial last piece; pieces exactly
-def test_large_files_are_checked_piece_by_piece_on_several_threads(tmp_path, monkeypatch, size):
-    monkeypatch.setattr(model_store, "PIECE_BYTES", 1024)
+def test_the_manifest_holds_sha256_and_blake3_and_readers_check_blake3_on_several_threads(tmp_path, monkeypatch):
+    blake3 = pytest.importorskip("blake3")
     store = ModelStore(tmp_path / "store")
-    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    data = bytes(range(256)) * 40_000 + b"x"   # ~10 MB: BLAKE3 splits it across threads
     store.publish("v0001", lambda d: (d / "w.bin").write_bytes(data), parent=None, metrics={}, offsets={})
     m = store.manifest("v0001")
-    assert m["piece_bytes"] == 1024 and len(m["pieces"]["w.bin"]) == -(-size // 1024)
-    assert m["files"]["w.bin"] == hashlib.sha256(data).hexdigest()   # the whole-file digest stays
-    hashed: list[tuple[int, int]] = []
-    real = model_store.sha256_range
-    monkeypatch.setattr(model_store, "sha256_range", lambda p, o, n: hashed.append((o, n)) or real(p, o, n))
+    assert m["files"]["w.bin"] == hashlib.sha256(data).hexdigest()     # what sha256sum checks by hand
+    assert m["blake3"]["w.bin"] == blake3.blake3(data).hexdigest()
+    checked: list[tuple[str, int]] = []
+    real = model_store.file_matches
+    monkeypatch.setattr(model_store, "file_matches", lambda p, a, d, t: checked.append((a, t)) or real(p, a, d, t))
     verify(store.path("v0001"), workers=2)
-    assert sorted(hashed) == [(i * 1024, 1024) for i in range(-(-size // 1024))]
+    assert checked == [("blake3", 2)]
     w = store.path("v0001") / "w.bin"
     for bad in (data[:-1], data + b"!", data[:1500] + b"?" + data[1501:]):   # shorter, longer, one byte
         w.write_bytes(bad)
-        with pytest.raises(CorruptCheckpoint, match="w.bin does not match"):
+        with pytest.raises(CorruptCheckpoint, match="w.bin does not match its blake3"):
             verify(store.path("v0001"), workers=2)
+
+
+def test_a_manifest_without_blake3_is_checked_by_sha256(tmp_path, monkeypatch):
+    """Versions published before BLAKE3 (or where the package is missing) verify by their sha256; every
+    byte is still checked."""
+    store = ModelStore(tmp_path / "store")
+    monkeypatch.setattr(model_store, "_blake3", lambda: None)   # a publisher without the blake3 package
+    store.publish("v0001", lambda d: (d / "w.bin").write_bytes(b"weights" * 1000), parent=None, metrics={}, offsets={})
+    assert "blake3" not in store.manifest("v0001")
+    monkeypatch.undo()
+    assert verify(store.path("v0001"))["version"] == "v0001"
+    (store.path("v0001") / "w.bin").write_bytes(b"weights" * 999 + b"weighs")
+    with pytest.raises(CorruptCheckpoint, match="w.bin does not match its sha256"):
+        verify(store.path("v0001"))
+
+
+def test_an_unreadable_blake3_table_refuses_the_version(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    store.publish("v0001", lambda d: (d / "w.bin").write_bytes(b"w"), parent=None, metrics={}, offsets={})
+    mf = store.path("v0001") / model_store.MANIFEST
+    mf.write_text(mf.read_text().replace('"blake3": {', '"blake3": ["x"], "unused": {'))
+    with pytest.raises(CorruptCheckpoint, match="unreadable blake3"):
+        verify(store.path("v0001"))
