@@ -21,6 +21,7 @@ from common.auth_options import AuthOptions
 from common.config_cli import parse_config
 from common.lifecycle import exit_now, stop_server
 from common.model_store import CorruptCheckpoint, ModelStore
+from common.omp import release_thread_pool
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -109,8 +110,13 @@ def rm_canary(cand: LoadedRM, current: LoadedRM) -> None:
 
 
 class RewardServicer(mgrpc.RewardServiceServicer):
+    """Score calls arrive on many gRPC threads and run the model on one (`scoring`): a thread that runs
+    torch keeps an OpenMP pool, and pools beyond the CPUs' count stop spinning and run every op slower
+    (common/omp.py); the calls would compete for the same cores anyway."""
+
     def __init__(self, cfg: RMServerConfig, holder: dict):
         self.cfg, self.holder = cfg, holder
+        self.scoring = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-score")
 
     def Score(self, request, context):
         t0, status = time.monotonic(), "OK"
@@ -125,7 +131,8 @@ class RewardServicer(mgrpc.RewardServiceServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"items[{i}]: prompt and response must be <= {self.cfg.max_text_chars} characters")
             m = self.holder["current"]   # one version for the whole request
-            s = score(m, [(it.prompt, it.response, it.truncated) for it in request.items], self.cfg.batch)
+            s = self.scoring.submit(score, m, [(it.prompt, it.response, it.truncated) for it in request.items],
+                                    self.cfg.batch).result()
             for x in s:
                 SCORES.observe(x)
             ITEMS.inc(n)
@@ -173,6 +180,7 @@ def serve(cfg: RMServerConfig):
     for result in ("swapped", "refused"):
         VERSION_EVENTS.labels(result)
     watcher = UpdateWatcher(cfg.kafka_bootstrap, mgr, "rm-server").start() if cfg.kafka_bootstrap else None
+    release_thread_pool()   # this thread loaded the RM and now waits: scoring runs on its own (common/omp.py)
     return server, port, mgr, watcher
 
 

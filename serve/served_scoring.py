@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from common.auth import bearer
+from common.omp import release_thread_pool
 from common.replicas import replica_channel
 from rlhf.v1 import models_pb2, models_pb2_grpc
 
@@ -68,6 +69,8 @@ class ServedScorer:
             except Exception as e:   # scoring must never take serving down
                 metrics.SERVED_SCORING_ERRORS.inc()
                 log.warning("served scoring failed: %s", e)
+            finally:   # this thread waits now: a live OpenMP pool here would slow the engine's (common/omp.py)
+                release_thread_pool()
 
     def _score(self, s: Sample) -> None:
         if self.reference is not None:

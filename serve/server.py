@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common import auth
 from common.model_store import ModelStore
+from common.omp import release_thread_pool
 from rlhf.v1 import policy_pb2 as pb
 from rlhf.v1 import policy_pb2_grpc as pb_grpc
 
@@ -368,4 +369,5 @@ def serve(cfg: ServerConfig, policy: LoadedPolicy):
     for result in ("swapped", "refused"):   # series exist from the start (dashboards, alert rules)
         metrics.VERSION_EVENTS.labels(result)
     metrics.MODEL_VERSION.info({"version": policy.version, "path": str(policy.path)})
+    release_thread_pool()   # the load's OpenMP pool would halve the engine thread's speed (common/omp.py)
     return server, port, engine, interactions

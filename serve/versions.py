@@ -27,6 +27,7 @@ import grpc
 from kafka import KafkaConsumer, TopicPartition
 
 from common import model_store
+from common.omp import release_thread_pool
 from feedback.topics import MODEL_UPDATES
 from protos.build import ensure_generated
 
@@ -87,8 +88,8 @@ class VersionManager(Generic[Loaded]):
                 except (model_store.CorruptCheckpoint, ValueError) as e:
                     raise Refused(str(e)) from e
                 ends.append(time.monotonic())
-                self.hold()   # the running batch drains during steps 2-3 (apply then has nothing to wait for)
                 held = True
+                self.hold()   # the running batch drains during steps 2-3 (apply then has nothing to wait for)
                 try:
                     loaded = self.load(version)
                 except Exception as e:  # a checkpoint that does not load is incompatible, not a crash
@@ -107,6 +108,8 @@ class VersionManager(Generic[Loaded]):
                 if held:
                     self.release()
                 raise
+            finally:   # load and canary ran torch on this thread: its OpenMP pool would slow the engine's
+                release_thread_pool()
             new = ServedModel(version, loaded)
             self.apply(new)
             ends.append(time.monotonic())

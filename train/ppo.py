@@ -47,6 +47,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 
+from common.omp import release_thread_pool
 from serve import kernels
 from serve.engine import DoneEvent, Engine, EngineConfig, Request, SamplingSpec, end_id_set
 from serve.model import from_hf
@@ -247,6 +248,7 @@ def generate(policy, prompts: list[list[int]], cfg: PPOConfig, end_ids: Iterable
         model = model.to(getattr(torch, cfg.rollout_dtype))
     ecfg = EngineConfig(max_batch_size=min(64, len(prompts)), max_queue=len(prompts) + 1,
                         max_context=max_context)
+    release_thread_pool()   # this thread waits while the engine's runs the model: one live OpenMP pool (common/omp.py)
     engine = Engine(model, ecfg, end_ids, decode=lambda ids: "", model_version="rollout").start()
     try:
         reqs = [engine.submit(Request(prompt=p, stream=False, spec=SamplingSpec(
