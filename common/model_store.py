@@ -186,6 +186,10 @@ def verify(folder: str | os.PathLike, part: str | None = None, workers: int = 1)
         if not p.is_file():
             raise CorruptCheckpoint(f"{folder}: {rel} is missing")
         algo, digest = ("blake3", fast[rel]) if fast and fast.get(rel) and have_blake3 else ("sha256", m["files"][rel])
-        if not file_matches(p, algo, digest, workers):
+        try:
+            ok = file_matches(p, algo, digest, workers)
+        except OSError as e:   # unreadable, or gone since is_file(): refused like a mismatch, not retried forever
+            raise CorruptCheckpoint(f"{folder}: {rel} cannot be read: {e}") from e
+        if not ok:
             raise CorruptCheckpoint(f"{folder}: {rel} does not match its {algo}")
     return m

@@ -21,26 +21,39 @@ import ctypes
 import os
 import re
 from functools import cache
+from pathlib import Path
 
 OMP_PAUSE_HARD = 2   # omp_pause_resource_t (OpenMP 5.0): free the pool's threads and state
 
 
+def torch_libgomp(mapped: list[str], torch_dir: Path) -> str | None:
+    """Of the libgomp files mapped into the process, the one torch runs: the copy inside torch's own
+    folder (PyPI wheels ship torch/lib/libgomp.so.1), else the only one mapped (a build linked to the
+    system's). None when that is ambiguous: other packages bring their own copies (scikit-learn's and
+    ctranslate2's wheels do), and pausing one of those would free nothing of torch's."""
+    gomp = sorted({p for p in mapped if re.search(r"/libgomp[^/]*\.so[^/]*$", p)})
+    own = [p for p in gomp if Path(p).is_relative_to(torch_dir)]
+    return own[0] if own else gomp[0] if len(gomp) == 1 else None
+
+
 @cache
 def _libgomp() -> ctypes.CDLL | None:
-    """The libgomp this process runs (the one torch loaded), or None (another OpenMP runtime, or none)."""
+    """torch's libgomp, or None (another OpenMP runtime, none, or not Linux)."""
+    import torch
     try:
         with open(f"/proc/{os.getpid()}/maps") as f:
-            paths = sorted(set(re.findall(r"(/\S*libgomp[^/\s]*\.so[^/\s]*)", f.read())))
-    except OSError:   # not Linux
+            mapped = [line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6]
+    except OSError:
         return None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)   # already loaded: the same handle, nothing new is mapped
-            lib.omp_pause_resource_all.argtypes, lib.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
-            return lib
-        except (OSError, AttributeError):   # a libgomp before OpenMP 5.0 has no omp_pause_resource_all
-            continue
-    return None
+    path = torch_libgomp(mapped, Path(torch.__file__).resolve().parent)
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)   # already loaded: the same handle, nothing new is mapped
+        lib.omp_pause_resource_all.argtypes, lib.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
+    except (OSError, AttributeError):   # a libgomp before OpenMP 5.0 has no omp_pause_resource_all
+        return None
+    return lib
 
 
 def release_thread_pool() -> bool:
@@ -48,6 +61,5 @@ def release_thread_pool() -> bool:
     frees the calling thread's pool). Call it from a thread that is done with torch work for a while,
     never from inside a torch op. True if a libgomp pool was released (or there was none to release);
     False where the process does not run libgomp: nothing changes there."""
-    import torch  # noqa: F401  (loads torch's libgomp before we look for it)
-    lib = _libgomp()
+    lib = _libgomp()   # imports torch first: its libgomp is mapped before we look
     return lib is not None and lib.omp_pause_resource_all(OMP_PAUSE_HARD) == 0

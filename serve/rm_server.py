@@ -131,12 +131,17 @@ class RewardServicer(mgrpc.RewardServiceServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"items[{i}]: prompt and response must be <= {self.cfg.max_text_chars} characters")
             m = self.holder["current"]   # one version for the whole request
-            s = self.scoring.submit(score, m, [(it.prompt, it.response, it.truncated) for it in request.items],
-                                    self.cfg.batch).result()
+            fut = self.scoring.submit(score, m, [(it.prompt, it.response, it.truncated) for it in request.items],
+                                      self.cfg.batch)
+            context.add_callback(fut.cancel)   # a call cancelled or past its deadline leaves the queue
+            s = fut.result()
             for x in s:
                 SCORES.observe(x)
             ITEMS.inc(n)
             return mpb.ScoreResponse(scores=s, model_version=m.version)
+        except futures.CancelledError:   # the call ended while it waited for the scoring thread
+            status = "CANCELLED"
+            raise
         except Exception:
             if status == "OK":
                 status = "INTERNAL"

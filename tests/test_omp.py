@@ -43,3 +43,14 @@ def test_release_frees_the_calling_threads_pool_and_torch_goes_on():
     with_pool, after, other_with, other_after = map(int, r.stdout.split()[-4:])
     assert after == with_pool - 1                 # the main thread's worker exited
     assert other_after == other_with - 1          # and the other thread's, not the main thread's
+
+
+def test_torch_libgomp_is_torchs_own_copy_or_the_only_one():
+    from common.omp import torch_libgomp
+    torch_dir = Path("/site/torch")
+    sk = "/site/scikit_learn.libs/libgomp-e985bcbb.so.1.0.0"
+    assert torch_libgomp([sk, "/site/torch/lib/libgomp.so.1", "/usr/lib/libc.so.6"], torch_dir) == "/site/torch/lib/libgomp.so.1"
+    assert torch_libgomp(["/usr/lib/x86_64-linux-gnu/libgomp.so.1", "/usr/lib/libc.so.6"], torch_dir) \
+        == "/usr/lib/x86_64-linux-gnu/libgomp.so.1"                   # a torch linked to the system's
+    assert torch_libgomp([sk, "/usr/lib/x86_64-linux-gnu/libgomp.so.1"], torch_dir) is None   # which one is torch's?
+    assert torch_libgomp(["/usr/lib/libiomp5.so"], torch_dir) is None                        # another runtime

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 
+import blake3
+
 import pytest
 import torch
 
@@ -74,7 +76,7 @@ def test_a_corrupt_version_is_refused_before_loading(tmp_path):
 
 def _flip_a_weight_byte(weights) -> None:
     """One bit flipped in the middle of the tensor data, past the safetensors header: the file still
-    parses and loads (to different weights), so only the sha256 can tell."""
+    parses and loads (to different weights), so only the digest can tell."""
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
@@ -148,7 +150,6 @@ def test_a_server_verifies_the_part_it_loads(tmp_path):
 
 
 def test_the_manifest_holds_sha256_and_blake3_and_readers_check_blake3_on_several_threads(tmp_path, monkeypatch):
-    blake3 = pytest.importorskip("blake3")
     store = ModelStore(tmp_path / "store")
     data = bytes(range(256)) * 40_000 + b"x"   # ~10 MB: BLAKE3 splits it across threads
     store.publish("v0001", lambda d: (d / "w.bin").write_bytes(data), parent=None, metrics={}, offsets={})
@@ -187,4 +188,14 @@ def test_an_unreadable_blake3_table_refuses_the_version(tmp_path):
     mf = store.path("v0001") / model_store.MANIFEST
     mf.write_text(mf.read_text().replace('"blake3": {', '"blake3": ["x"], "unused": {'))
     with pytest.raises(CorruptCheckpoint, match="unreadable blake3"):
+        verify(store.path("v0001"))
+
+
+def test_a_file_that_cannot_be_read_refuses_the_version(tmp_path, monkeypatch):
+    """An I/O error while hashing is a refusal (CorruptCheckpoint), not an exception the update watcher
+    would retry forever."""
+    store = ModelStore(tmp_path / "store")
+    store.publish("v0001", lambda d: (d / "w.bin").write_bytes(b"w"), parent=None, metrics={}, offsets={})
+    monkeypatch.setattr(model_store, "file_matches", lambda *a: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(CorruptCheckpoint, match="w.bin cannot be read"):
         verify(store.path("v0001"))

@@ -248,8 +248,10 @@ def generate(policy, prompts: list[list[int]], cfg: PPOConfig, end_ids: Iterable
         model = model.to(getattr(torch, cfg.rollout_dtype))
     ecfg = EngineConfig(max_batch_size=min(64, len(prompts)), max_queue=len(prompts) + 1,
                         max_context=max_context)
-    release_thread_pool()   # this thread waits while the engine's runs the model: one live OpenMP pool (common/omp.py)
     engine = Engine(model, ecfg, end_ids, decode=lambda ids: "", model_version="rollout").start()
+    # this thread waits while the engine's runs the model: one live OpenMP pool (common/omp.py); after
+    # Engine(), whose KV cache fill is itself a parallel op on this thread
+    release_thread_pool()
     try:
         reqs = [engine.submit(Request(prompt=p, stream=False, spec=SamplingSpec(
             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=seed * 100_003 + i)))
