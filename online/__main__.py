@@ -79,6 +79,8 @@ class OnlineConfig:
     """Mean pause of a simulated user between requests."""
     cycle_comparisons: int = 64
     """New comparisons that start a training cycle."""
+    first_cycle_comparisons: int = 128
+    """New comparisons that start the first cycle (0: --cycle-comparisons): the first RM learns from them alone."""
     max_new_tokens: int = 24
     """Response length of served answers (and PPO rollouts)."""
     measure_prompts: int = 128
@@ -105,6 +107,8 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         if self.cycles < 1 or self.users < 1 or self.cycle_comparisons < 1:
             raise ValueError("cycles, users and cycle_comparisons must be >= 1")
+        if self.first_cycle_comparisons < 0:
+            raise ValueError("first_cycle_comparisons must be >= 0 (0: --cycle-comparisons)")
         if self.measure_prompts < 2 or self.measure_samples < 1:
             raise ValueError("measure_prompts must be >= 2 and measure_samples >= 1")
         if not 0 <= self.web_port < 65536:
@@ -135,6 +139,7 @@ def trainer_command(cfg: OnlineConfig, work: Path, bootstrap: str, status: Path)
     of it, each with 2 // N threads."""
     loop_args = ["--bootstrap", bootstrap, "--store", str(work / "store"), "--db", str(work / "trainer.db"),
                  "--init-policy", str(cfg.init_policy), "--cycle-comparisons", str(cfg.cycle_comparisons),
+                 "--first-cycle-comparisons", str(cfg.first_cycle_comparisons),
                  "--min-comparisons", str(min(16, cfg.cycle_comparisons)), "--max-versions", str(cfg.cycles),
                  "--ppo.max-new-tokens", str(cfg.max_new_tokens), "--metrics-port", str(free_port()),
                  "--threads", str(max(1, 2 // cfg.trainer_procs)), "--admin-port", str(free_port()),
@@ -256,7 +261,8 @@ def start_loop(cfg: OnlineConfig, work: Path, status: TrainerStatus, users_promp
     parts.sim = Simulator(ports["policy_targets"], f"127.0.0.1:{ports['feedback']}", users_prompts,
                           SimConfig(users=cfg.users, noise=cfg.noise, max_new_tokens=cfg.max_new_tokens,
                                     think_s=cfg.think_s, seed=cfg.seed)).start()
-    print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons", flush=True)
+    print(f"[online] {cfg.users} simulated users; a cycle every {cfg.cycle_comparisons} comparisons"
+          + (f" (the first after {cfg.first_cycle_comparisons})" if cfg.first_cycle_comparisons else ""), flush=True)
     return ports
 
 

@@ -34,7 +34,8 @@ def test_main_job_tiny_random_policy_fast_ppo_publishes_three_measured_versions(
     are noise, its RM stays near chance (0.50-0.67 held-out), and its true score moved by -0.01 to
     +0.12 from run to run, too little to assert on."""
     r = subprocess.run([sys.executable, "-m", "online", "--init-policy", str(tiny_hh_policy), "--rm-backbone", "",
-                        "--cycles", "3", "--cycle-comparisons", "48", "--measure-prompts", "64",
+                        "--cycles", "3", "--cycle-comparisons", "48", "--first-cycle-comparisons", "64",
+                        "--measure-prompts", "64",
                         "--workdir", str(tmp_path / "run"), "--report", str(tmp_path / "report"), "--trainer-args",
                         "--rm.lr 5e-5 --rm.max-steps 16 --rm.batch-groups 8 --rm.max-length 64 "
                         "--ppo.lr 1e-3 --ppo.iterations 12 --ppo.rollouts 32 --ppo.missing-eos-penalty 0.5"],

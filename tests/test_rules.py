@@ -110,3 +110,9 @@ def test_cycle_seed_comes_from_the_version_not_a_counter():
     assert len({rules.cycle_seed(0, v, 200) for v in range(50)}) == 50   # a restart at v0003 != v0000's
     assert rules.cycle_seed(0, 3, 201) != s and rules.cycle_seed(1, 3, 200) != s
     assert 0 <= s < 2 ** 31
+
+
+def test_the_first_cycle_waits_for_its_own_count():
+    assert rules.groups_for_cycle(1, 64, 128) == 128     # only v0000 published: the first cycle
+    assert rules.groups_for_cycle(2, 64, 128) == 64      # later cycles
+    assert rules.groups_for_cycle(1, 64, 0) == 64        # 0: no separate first count

