@@ -54,9 +54,9 @@ def _blake3():
     return blake3
 
 
-def file_digests(path: Path, chunk: int = 1 << 20) -> tuple[str, str | None]:
-    """One read of the file: its sha256 and its BLAKE3 (None without the blake3 package)."""
-    b3 = _blake3()
+def file_digests(path: Path, with_blake3: bool = True, chunk: int = 1 << 20) -> tuple[str, str | None]:
+    """One read of the file: its sha256 and its BLAKE3 (None if not asked for or without the blake3 package)."""
+    b3 = _blake3() if with_blake3 else None
     sha, fast = hashlib.sha256(), b3.blake3() if b3 else None
     with open(path, "rb") as f:
         while b := f.read(chunk):
@@ -75,11 +75,7 @@ def file_matches(path: Path, algo: str, digest: str, threads: int = 1) -> bool:
         h = _blake3().blake3(max_threads=max(1, threads))
         h.update_mmap(str(path))    # memory-mapped, hashed on `threads` threads with the GIL released
         return h.hexdigest() == digest
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest() == digest
+    return file_digests(path, with_blake3=False)[0] == digest
 
 
 def _files(root: Path) -> list[str]:
