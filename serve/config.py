@@ -67,6 +67,8 @@ class ServerConfig(AuthOptions):
     """host:port of the RM server, or of its replicas comma-separated (round robin), for served reward ("" disables)."""
     rm_token_file: str = ""
     """File holding the token served scoring presents to an RM server that checks tokens (a client-role token of its --auth-tokens file; "" sends none)."""
+    rm_tls_ca: str = ""
+    """CA certificate (PEM) to verify an RM server that serves TLS (its --tls-cert) against ("": plaintext to the RM server)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.served_score_fraction <= 1:
@@ -89,3 +91,5 @@ class ServerConfig(AuthOptions):
                 raise ValueError(f"{k} must be >= 1")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens_limit")
+        if self.rm_tls_ca and not Path(self.rm_tls_ca).is_file():
+            raise ValueError(f"rm_tls_ca: no such file {self.rm_tls_ca!r}")

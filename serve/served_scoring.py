@@ -41,14 +41,14 @@ class Sample:
 
 class ServedScorer:
     def __init__(self, fraction: float, reference, rm_target: str, max_queue: int = 256, seed: int = 0,
-                 rm_token: str = ""):
+                 rm_token: str = "", rm_tls_ca: str = ""):
         self.fraction, self.reference, self.rm_target = fraction, reference, rm_target
         self._metadata = bearer(rm_token)   # an RM server with --auth-tokens refuses calls without one
         self.q: queue.Queue[Sample | None] = queue.Queue(maxsize=max_queue)
         self.rng = random.Random(seed)
         self._rm = None
         if rm_target:   # one RM server, or its replicas "h:p,h:p" (round robin)
-            self._channel = replica_channel(rm_target)
+            self._channel = replica_channel(rm_target, rm_tls_ca)   # TLS verified against rm_tls_ca when given
             self._rm = models_pb2_grpc.RewardServiceStub(self._channel)
         self._thread = threading.Thread(target=self._run, name="served-scoring", daemon=True)
         self._thread.start()

@@ -337,7 +337,7 @@ def build_scorer(cfg: ServerConfig):
     if reference is None and not cfg.rm_target:
         log.warning("--served-score-fraction set but neither a reference policy nor --rm-target: nothing to score")
     token = Path(cfg.rm_token_file).read_text().strip() if cfg.rm_token_file else ""
-    return ServedScorer(cfg.served_score_fraction, reference, cfg.rm_target, rm_token=token)
+    return ServedScorer(cfg.served_score_fraction, reference, cfg.rm_target, rm_token=token, rm_tls_ca=cfg.rm_tls_ca)
 
 
 def serve(cfg: ServerConfig, policy: LoadedPolicy):

@@ -178,3 +178,47 @@ def test_served_scoring_presents_its_token_to_an_rm_server_that_checks_tokens(tm
         assert score_one("", "without") == 1 and seen == ["with token"]
     finally:
         server.stop(0)
+
+
+def _self_signed(tmp) -> tuple[bytes, bytes]:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp / "key.pem"),
+                    "-out", str(tmp / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return (tmp / "key.pem").read_bytes(), (tmp / "cert.pem").read_bytes()
+
+
+def test_served_scoring_reaches_an_rm_server_over_tls(tmp_path):
+    """--rm-tls-ca: served scoring verifies a TLS RM server against the CA and scores through it; without
+    the CA (plaintext to a TLS port) every call fails and is counted as a scoring error, not raised."""
+    from concurrent import futures
+
+    from serve import metrics
+    from serve.config import ServerConfig
+    from serve.served_scoring import Sample, ServedScorer
+    key, cert = _self_signed(tmp_path)
+    seen: list[str] = []
+
+    class RM(mgrpc.RewardServiceServicer):
+        def Score(self, request, context):
+            seen.append(request.items[0].response)
+            return mpb.ScoreResponse(scores=[0.5])
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    mgrpc.add_RewardServiceServicer_to_server(RM(), server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    server.start()
+    try:
+        def score_one(ca: str, text: str) -> float:
+            errors = metrics.SERVED_SCORING_ERRORS._value.get()
+            scorer = ServedScorer(1.0, None, f"127.0.0.1:{port}", rm_tls_ca=ca)
+            scorer.offer(Sample("v0000", None, [1], [2], "\n\nHuman: hi\n\nAssistant:", text))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and text not in seen and metrics.SERVED_SCORING_ERRORS._value.get() == errors:
+                time.sleep(0.05)
+            return metrics.SERVED_SCORING_ERRORS._value.get() - errors
+        assert score_one(str(tmp_path / "cert.pem"), "over tls") == 0 and seen == ["over tls"]
+        assert score_one("", "plaintext") == 1 and seen == ["over tls"]
+    finally:
+        server.stop(0)
+    with pytest.raises(ValueError, match="rm_tls_ca"):
+        ServerConfig(rm_tls_ca=str(tmp_path / "missing.pem"))
