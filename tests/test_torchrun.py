@@ -31,17 +31,23 @@ def _wait_records(status: TrainerStatus, event: str, n: int, proc: subprocess.Po
 
 
 @pytest.mark.slow
-def test_trainer_under_torchrun_two_ranks_publishes_two_versions(kafka_broker, tiny_hh_policy, tiny_bert, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_trainer_under_torchrun_two_ranks_publishes_two_versions(kafka_broker, tiny_hh_policy, tiny_bert, tmp_path,
+                                                                  parallel):
     """The publish-protocol regime of tests/test_trainer.py (gates opened: this is about the ranks
-    staying in step through whole cycles, not about what the gates decide), with 1 thread a rank."""
+    staying in step through whole cycles, not about what the gates decide), with 1 thread a rank;
+    the RM and PPO steps data-parallel (DDP) or sharded (FSDP2: what a rank publishes is gathered
+    from the shards)."""
     from transformers import AutoModelForCausalLM
 
     from serve import reward_model
     from train.loop import weights_checksum
     status = TrainerStatus(tmp_path / "status.jsonl")
-    _produce(kafka_broker, 60, seed=41)
+    seed = 41 if parallel == "ddp" else 43   # fresh event ids: the broker is shared, and the trainer reads the
+    _produce(kafka_broker, 60, seed=seed)    # topic from its start and drops ids already seen (dedupe)
     args = [*_trainer_args(tmp_path, kafka_broker, tiny_hh_policy, tiny_bert, f"torchrun-{time.time_ns()}", cycles=2),
-            "--threads", "1", "--status-file", str(status.path), "--rm-gate-min-pairs", "1000000", "--kl-budget", "1e9"]
+            "--threads", "1", "--status-file", str(status.path), "--rm-gate-min-pairs", "1000000", "--kl-budget", "1e9",
+            "--rm.parallel", parallel, "--ppo.parallel", parallel]
     log = open(tmp_path / "trainer.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "train.loop", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -50,7 +56,7 @@ def test_trainer_under_torchrun_two_ranks_publishes_two_versions(kafka_broker, t
         ready = _wait_records(status, "ready", 1, proc, log, 300)[0]
         assert ready["world_size"] == 2 and ready["version"] == "v0000"
         _wait_records(status, "cycle", 1, proc, log, 300)
-        _produce(kafka_broker, 60, seed=42)   # the second cycle's feedback
+        _produce(kafka_broker, 60, seed=seed + 1)   # the second cycle's feedback
         cycles = _wait_records(status, "cycle", 2, proc, log, 300)
         assert proc.wait(timeout=120) == 0   # --max-cycles 2: every rank leaves the loop and exits
     finally:
