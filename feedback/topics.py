@@ -7,6 +7,8 @@ store and the trainer batch by event), and would pile popular prompts onto one p
 """
 from __future__ import annotations
 
+import logging
+
 from kafka import KafkaAdminClient
 from kafka.errors import TopicAlreadyExistsError
 
@@ -19,6 +21,8 @@ MODEL_UPDATES = "rlhf.model-updates.v1"
 # 3 consumers of one group sharing the work; 1 where order matters (model updates) or volume is low
 # (dead letters). Partitions can be added later (kafka-topics --alter), never removed.
 ALL = {FEEDBACK: 3, INTERACTIONS: 3, DEAD_LETTERS: 1, MODEL_UPDATES: 1}
+
+log = logging.getLogger(__name__)
 
 
 def replication_for(brokers: int) -> tuple[int, int]:
@@ -45,6 +49,11 @@ def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None, time
         if brokers is None:
             brokers = sum(1 for b in admin.describe_cluster()["brokers"] if not b.get("is_fenced"))
         rf, min_isr = replication_for(brokers)
+        if rf < 3:   # a node down at creation would leave a bigger cluster's topics with fewer copies for good
+            log.warning("creating topics %s with %d cop%s (replication factor from %d live broker%s): a node "
+                        "lost loses acknowledged writes; a cluster of 3 or more nodes gets 3 copies when all are up "
+                        "at creation", ", ".join(sorted(missing)), rf, "y" if rf == 1 else "ies", brokers,
+                        "" if brokers == 1 else "s")
         try:
             admin.create_topics({name: {"num_partitions": n, "replication_factor": rf,
                                         "configs": {"min.insync.replicas": str(min_isr)}}

@@ -27,6 +27,28 @@ def test_replication_for_a_cluster_size():
         topics.replication_for(0)
 
 
+def test_topics_created_with_fewer_than_three_copies_say_so(kafka_broker, caplog):
+    """One live broker: the topic gets one copy, and the log says it (a 3-node cluster with a node down at
+    creation would otherwise keep fewer copies without a word); topics that exist are left alone, silently."""
+    import time
+
+    from kafka import KafkaAdminClient
+    name = f"test-few-copies-{time.time_ns()}"
+    with caplog.at_level("WARNING", logger="feedback.topics"):
+        topics.ensure_topics(kafka_broker, {name: 1})
+    assert any(name in r.getMessage() and "1 copy" in r.getMessage() for r in caplog.records), caplog.text
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker)
+    try:
+        [t] = admin.describe_topics([name])
+        assert [len(p["replica_nodes"]) for p in t["partitions"]] == [1]
+    finally:
+        admin.close()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="feedback.topics"):
+        topics.ensure_topics(kafka_broker, {name: 1})
+    assert not caplog.records
+
+
 def test_each_node_gets_its_own_ports_folder_and_id_and_every_voter(tmp_path):
     from feedback.broker import _render_properties
     one = BrokerConfig(data_dir=tmp_path)
