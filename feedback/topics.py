@@ -39,21 +39,24 @@ def ensure_topics(bootstrap: str, partitions: dict[str, int] | None = None, time
                   brokers: int | None = None) -> None:
     """Creates the project's topics if they do not exist (idempotent; existing topics are left as
     they are), replicated per replication_for(brokers); brokers=None: the live brokers the cluster
-    reports now."""
+    reports now, with a warning when that makes fewer than 3 copies (pass the cluster's size when
+    the caller knows it, as the main job does for its bundled broker)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = set(admin.list_topics())
         missing = {name: n for name, n in (partitions or ALL).items() if name not in existing}
         if not missing:
             return
-        if brokers is None:
+        counted = brokers is None
+        if counted:
             brokers = sum(1 for b in admin.describe_cluster()["brokers"] if not b.get("is_fenced"))
         rf, min_isr = replication_for(brokers)
-        if rf < 3:   # a node down at creation would leave a bigger cluster's topics with fewer copies for good
-            log.warning("creating topics %s with %d cop%s (replication factor from %d live broker%s): a node "
-                        "lost loses acknowledged writes; a cluster of 3 or more nodes gets 3 copies when all are up "
-                        "at creation", ", ".join(sorted(missing)), rf, "y" if rf == 1 else "ies", brokers,
-                        "" if brokers == 1 else "s")
+        if rf < 3:   # counted: a node down at creation would leave a bigger cluster's topics with fewer copies for good
+            log.log(logging.WARNING if counted else logging.INFO,
+                    "creating topics %s with %d cop%s (%d %sbroker%s): a node lost loses acknowledged writes; "
+                    "a cluster of 3 or more nodes gets 3 copies when all are up at creation",
+                    ", ".join(sorted(missing)), rf, "y" if rf == 1 else "ies", brokers, "live " if counted else "",
+                    "" if brokers == 1 else "s")
         try:
             admin.create_topics({name: {"num_partitions": n, "replication_factor": rf,
                                         "configs": {"min.insync.replicas": str(min_isr)}}

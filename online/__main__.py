@@ -250,7 +250,7 @@ def start_loop(cfg: OnlineConfig, work: Path, status: TrainerStatus, users_promp
         print(f"[online] starting Kafka at {parts.broker.bootstrap} ...", flush=True)
         start_broker(parts.broker)
         bootstrap = parts.broker.bootstrap
-    ensure_topics(bootstrap)
+    ensure_topics(bootstrap, brokers=parts.broker.brokers if parts.broker else None)
     ports = start_children(cfg, work, bootstrap, status, parts.children)
     print(f"[online] policy :{ports['policy']}  rm :{ports['rm']}  feedback :{ports['feedback']}  kafka {bootstrap}"
           f"  store {work / 'store'}", flush=True)
