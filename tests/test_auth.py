@@ -23,6 +23,14 @@ SECRET_PROMPT = "my-very-private-prompt-4471"
 OK, UNAUTH, DENIED, BAD = "OK", "UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT"
 
 
+def _self_signed(tmp) -> tuple[bytes, bytes]:
+    """A self-signed certificate for localhost and 127.0.0.1 in tmp (cert.pem, key.pem): (key, cert) bytes."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp / "key.pem"),
+                    "-out", str(tmp / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return (tmp / "key.pem").read_bytes(), (tmp / "cert.pem").read_bytes()
+
+
 @pytest.fixture(scope="module", params=["plaintext", "tls"])
 def servers(request, tmp_path_factory, tiny_store, kafka_broker):
     tmp = tmp_path_factory.mktemp("auth")
@@ -30,9 +38,7 @@ def servers(request, tmp_path_factory, tiny_store, kafka_broker):
     flags = ["--auth-tokens", str(tmp / "tokens.txt")]
     ca = ""
     if request.param == "tls":
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp / "key.pem"),
-                        "-out", str(tmp / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+        _self_signed(tmp)
         flags += ["--tls-cert", str(tmp / "cert.pem"), "--tls-key", str(tmp / "key.pem")]
         ca = str(tmp / "cert.pem")
     ports = {k: free_port() for k in ("policy", "rm", "feedback")}
@@ -144,6 +150,31 @@ def test_each_role_against_each_rpc(servers):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+class _RecordingRM(mgrpc.RewardServiceServicer):
+    """An RM server's Score that records each scored response and answers 0.25."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def Score(self, request, context):
+        self.seen.append(request.items[0].response)
+        return mpb.ScoreResponse(scores=[0.25])
+
+
+def _scoring_errors(port: int, rm: _RecordingRM, text: str, **scorer_kwargs) -> float:
+    """Served scoring of one sample against 127.0.0.1:port: how many scoring errors it counted (0 when
+    the RM answered) once the RM has seen `text` or an error was counted."""
+    from serve import metrics
+    from serve.served_scoring import Sample, ServedScorer
+    errors = metrics.SERVED_SCORING_ERRORS._value.get()
+    scorer = ServedScorer(1.0, None, f"127.0.0.1:{port}", **scorer_kwargs)
+    scorer.offer(Sample("v0000", None, [1], [2], "\n\nHuman: hi\n\nAssistant:", text))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and text not in rm.seen and metrics.SERVED_SCORING_ERRORS._value.get() == errors:
+        time.sleep(0.05)
+    return metrics.SERVED_SCORING_ERRORS._value.get() - errors
+
+
 def test_served_scoring_presents_its_token_to_an_rm_server_that_checks_tokens(tmp_path):
     """The policy server's served scoring calls RewardService.Score with --rm-token-file's token: a real
     gRPC server with the servers' own interceptors answers it; without the token the call is refused
@@ -151,40 +182,17 @@ def test_served_scoring_presents_its_token_to_an_rm_server_that_checks_tokens(tm
     from concurrent import futures
 
     from common.auth import interceptors
-    from serve import metrics
-    from serve.served_scoring import Sample, ServedScorer
     (tmp_path / "tokens.txt").write_text(f"{TOKENS['client']} client\n")
-    seen: list[str] = []
-
-    class RM(mgrpc.RewardServiceServicer):
-        def Score(self, request, context):
-            seen.append(request.items[0].response)
-            return mpb.ScoreResponse(scores=[0.25])
-
+    rm = _RecordingRM()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=interceptors(str(tmp_path / "tokens.txt")))
-    mgrpc.add_RewardServiceServicer_to_server(RM(), server)
+    mgrpc.add_RewardServiceServicer_to_server(rm, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        def score_one(token: str, text: str) -> float:
-            errors = metrics.SERVED_SCORING_ERRORS._value.get()
-            scorer = ServedScorer(1.0, None, f"127.0.0.1:{port}", rm_token=token)
-            scorer.offer(Sample("v0000", None, [1], [2], "\n\nHuman: hi\n\nAssistant:", text))
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and text not in seen and metrics.SERVED_SCORING_ERRORS._value.get() == errors:
-                time.sleep(0.05)
-            return metrics.SERVED_SCORING_ERRORS._value.get() - errors
-        assert score_one(TOKENS["client"], "with token") == 0 and seen == ["with token"]
-        assert score_one("", "without") == 1 and seen == ["with token"]
+        assert _scoring_errors(port, rm, "with token", rm_token=TOKENS["client"]) == 0 and rm.seen == ["with token"]
+        assert _scoring_errors(port, rm, "without", rm_token="") == 1 and rm.seen == ["with token"]
     finally:
         server.stop(0)
-
-
-def _self_signed(tmp) -> tuple[bytes, bytes]:
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp / "key.pem"),
-                    "-out", str(tmp / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
-    return (tmp / "key.pem").read_bytes(), (tmp / "cert.pem").read_bytes()
 
 
 def test_served_scoring_reaches_an_rm_server_over_tls(tmp_path):
@@ -192,32 +200,16 @@ def test_served_scoring_reaches_an_rm_server_over_tls(tmp_path):
     the CA (plaintext to a TLS port) every call fails and is counted as a scoring error, not raised."""
     from concurrent import futures
 
-    from serve import metrics
     from serve.config import ServerConfig
-    from serve.served_scoring import Sample, ServedScorer
     key, cert = _self_signed(tmp_path)
-    seen: list[str] = []
-
-    class RM(mgrpc.RewardServiceServicer):
-        def Score(self, request, context):
-            seen.append(request.items[0].response)
-            return mpb.ScoreResponse(scores=[0.5])
-
+    rm = _RecordingRM()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    mgrpc.add_RewardServiceServicer_to_server(RM(), server)
+    mgrpc.add_RewardServiceServicer_to_server(rm, server)
     port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
     server.start()
     try:
-        def score_one(ca: str, text: str) -> float:
-            errors = metrics.SERVED_SCORING_ERRORS._value.get()
-            scorer = ServedScorer(1.0, None, f"127.0.0.1:{port}", rm_tls_ca=ca)
-            scorer.offer(Sample("v0000", None, [1], [2], "\n\nHuman: hi\n\nAssistant:", text))
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and text not in seen and metrics.SERVED_SCORING_ERRORS._value.get() == errors:
-                time.sleep(0.05)
-            return metrics.SERVED_SCORING_ERRORS._value.get() - errors
-        assert score_one(str(tmp_path / "cert.pem"), "over tls") == 0 and seen == ["over tls"]
-        assert score_one("", "plaintext") == 1 and seen == ["over tls"]
+        assert _scoring_errors(port, rm, "over tls", rm_tls_ca=str(tmp_path / "cert.pem")) == 0 and rm.seen == ["over tls"]
+        assert _scoring_errors(port, rm, "plaintext", rm_tls_ca="") == 1 and rm.seen == ["over tls"]
     finally:
         server.stop(0)
     with pytest.raises(ValueError, match="rm_tls_ca"):
