@@ -374,15 +374,18 @@ class Trainer:
         M.FEEDBACK_STORED.set(st.count())
         return n
 
-    def versions_left(self) -> int | None:
+    def versions_left(self, published: int | None = None) -> int | None:
+        """Versions the trainer may still publish (None: no limit); `published`: the store's count, if known."""
         if not self.cfg.max_versions:
             return None
-        return max(0, self.cfg.max_versions - (len(self.store.versions()) - 1))
+        published = len(self.store.versions()) if published is None else published
+        return max(0, self.cfg.max_versions - (published - 1))
 
     def due(self) -> bool:
+        published = len(self.store.versions())   # one listing of the store per poll
         return rules.cycle_due(self.counter.total - self.m.groups_seen, time.monotonic() - self.last_cycle_at,
-                               paused=self.paused.is_set(), versions_left=self.versions_left(),
-                               cycle_groups=rules.groups_for_cycle(len(self.store.versions()), self.cfg.cycle_comparisons,
+                               paused=self.paused.is_set(), versions_left=self.versions_left(published),
+                               cycle_groups=rules.groups_for_cycle(published, self.cfg.cycle_comparisons,
                                                                    self.cfg.first_cycle_comparisons),
                                min_groups=self.cfg.min_comparisons,
                                cycle_seconds=self.cfg.cycle_seconds)
