@@ -46,9 +46,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 folds, a quarter epoch each")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--fold-seed", type=int, default=0,
+                    help="seed of the partition into folds (0: the folds of every figure in bench/RESULTS.md)")
     ap.add_argument("--save-diffs", type=Path, default=None,
                     help="write each pair's held-out score difference (chosen - rejected), in file order, "
-                         "as a JSON list: lets ensembles of runs be scored afterwards")
+                         "as a JSON list (null where its fold has not run yet; rewritten after every fold): "
+                         "lets ensembles and paired comparisons of runs be scored afterwards")
     ap.add_argument("rm_flags", nargs="*", help="flags for train.rm_train's config (after --)")
     a = ap.parse_args()
     import torch
@@ -63,8 +66,8 @@ def main() -> None:
         cfg = replace(cfg, epochs=0.25)
     pairs = read_pairs(cfg.data if cfg.data else HH_PAIRS)
     right, per_fold, minutes = [], [], []
-    diffs = [0.0] * len(pairs)
-    for f, test_idx in enumerate(folds_by_prompt(pairs, k)):
+    diffs = [None] * len(pairs)
+    for f, test_idx in enumerate(folds_by_prompt(pairs, k, a.fold_seed)):
         held = set(test_idx)
         tr = [p for i, p in enumerate(pairs) if i not in held]
         te = [pairs[i] for i in test_idx]
@@ -80,14 +83,14 @@ def main() -> None:
         per_fold.append(sum(r) / len(r))
         print(f"[rm_cv] fold {f + 1}/{k}: {per_fold[-1]:.3f} on {len(te)} pairs ({minutes[-1]:.1f} min)",
               file=sys.stderr, flush=True)
+        if a.save_diffs:
+            a.save_diffs.write_text(json.dumps(diffs))
         del rm
         torch.manual_seed(0)
-    if a.save_diffs:
-        a.save_diffs.write_text(json.dumps(diffs))
     acc = sum(right) / len(right)
     se = math.sqrt(acc * (1 - acc) / len(right))
     print(json.dumps({"bench": "rm_cv", "quick": a.quick, "folds": k, "pairs": len(right), "accuracy": acc, "se": se,
-                      "per_fold": per_fold, "minutes_per_fold": sum(minutes) / len(minutes),
+                      "per_fold": per_fold, "fold_seed": a.fold_seed, "minutes_per_fold": sum(minutes) / len(minutes),
                       "flags": a.rm_flags}))
 
 

@@ -111,6 +111,9 @@ class RewardModel(nn.Module):
         drown the one turn that differs. With rcfg.relevance, `encode` also gives the last human
         turn and the response tokenised alone (rel_*) for the relevance feature, unless their
         (B,) cosines are given as rel_cos (train/rm_train.relevance_cosines)."""
+        dev = self.head.weight.device   # inputs come from the tokenizer on the CPU; the RM may be on a GPU
+        input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
+        token_type_ids = None if token_type_ids is None else token_type_ids.to(dev)
         if self.rcfg.pooling == "mean":
             m = attention_mask
             if token_type_ids is not None:
@@ -127,8 +130,9 @@ class RewardModel(nn.Module):
         if self.rcfg.relevance:
             if rel_cos is None and rel_q_ids is None:
                 raise ValueError("this RM has the relevance feature: build its inputs with encode(tok, texts, rcfg)")
-            rel = (self.relevance(rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) if rel_cos is None else rel_cos)
-            rel = rel.to(score.dtype)
+            rel = (self.relevance(*(t.to(dev) for t in (rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask)))
+                   if rel_cos is None else rel_cos)
+            rel = rel.to(dev, score.dtype)
             score = score + self.relevance_weight * RELEVANCE_SCALE * rel
         return score
 

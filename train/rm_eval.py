@@ -23,12 +23,12 @@ from .pairs_data import read_pairs
 
 @torch.no_grad()
 def score_texts(rm, tok, texts: list[str], batch: int = 32, progress: bool = False) -> torch.Tensor:
-    """Raw scores (no offset) of texts, (len(texts),)."""
+    """Raw scores (no offset) of texts, (len(texts),), on the CPU (whatever device rm is on)."""
     rm.eval()
     out = []
     rng = range(0, len(texts), batch)
     for i in tqdm(rng, desc="scoring", disable=not progress, file=sys.stderr):
-        out.append(rm(**encode(tok, texts[i:i + batch], rm.rcfg)).float())
+        out.append(rm(**encode(tok, texts[i:i + batch], rm.rcfg)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -36,7 +36,9 @@ def relevance_cosines(rm: reward_model.RewardModel, tok, texts: list[str], batch
     cos = torch.empty(len(texts))
     for i in tqdm(range(0, len(texts), batch), desc="relevance feature", disable=not progress, file=sys.stderr):
         idx = order[i:i + batch]
-        cos[idx] = rm.relevance(**reward_model.relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)).float()
+        inputs = reward_model.relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)
+        dev = rm.head.weight.device
+        cos[idx] = rm.relevance(**{k: t.to(dev) for k, t in inputs.items()}).float().cpu()
     return cos
 
 
@@ -87,11 +89,15 @@ class RMTrainConfig(RMUpdateConfig):
     relevance: bool = True
     """Add the learned relevance feature: cosine of the last human turn and the response under a frozen
     copy of the pretrained encoder (encoder backbones only; see serve/reward_model.py)."""
+    device: str = "cpu"
+    """Where to train: cpu, or cuda / cuda:N when torch sees a GPU (the saved RM loads on any device)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.holdout < 1:
             raise ValueError("holdout must be in (0, 1)")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
 def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:
@@ -99,6 +105,9 @@ def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) ->
     torch.manual_seed(cfg.seed)
     rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
                                  None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: torch sees no CUDA GPU here (torch {torch.__version__})")
+    rm.to(cfg.device)
     cos = None   # (N, 2) relevance cosines of the training pairs, computed once (the encoder is frozen)
     if rm.rcfg.relevance:
         cos = relevance_cosines(rm, tok, [t for p in pairs_train for t in p], progress=progress).view(-1, 2)
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(tr)} training pairs, {len(te)} held out; backbone {cfg.backbone or 'MiniLM-L6 (packaged)'}",
           file=sys.stderr, flush=True)
     rm, tok, metrics = train(cfg, tr, te)
-    reward_model.save(rm, tok, cfg.out, extra={"metrics": metrics})
+    reward_model.save(rm.cpu(), tok, cfg.out, extra={"metrics": metrics})
     metrics["total_seconds"] = round(time.time() - t0, 1)
     print(f"held-out pairwise accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs, "
           f"ECE {metrics['ece']:.3f}; saved to {cfg.out}", file=sys.stderr)

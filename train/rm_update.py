@@ -146,13 +146,15 @@ def group_loss(scores: torch.Tensor, groups: list[Group]) -> torch.Tensor:
     loss = scores.new_zeros(())
     if pairs:   # each part weighted by its share of the groups; a part that is all of them by 1.0
         better, worse = scores[[starts[i] for i in pairs]], scores[[starts[i] + 1 for i in pairs]]
-        target = torch.tensor([0.5 if groups[i].tie else 1.0 for i in pairs], dtype=scores.dtype)
+        target = torch.tensor([0.5 if groups[i].tie else 1.0 for i in pairs], dtype=scores.dtype,
+                              device=scores.device)
         loss = loss + rm_losses.pairwise_loss(better, worse, target) * (len(pairs) / len(groups))
     if rankings:
         K = max(sizes[i] for i in rankings)
         padded = torch.stack([torch.cat([scores[starts[i]:starts[i] + sizes[i]], scores.new_zeros(K - sizes[i])])
                               for i in rankings])                                             # (B, K)
-        loss = loss + rm_losses.kwise_ranking_loss(padded, torch.tensor([sizes[i] for i in rankings])) \
+        loss = loss + rm_losses.kwise_ranking_loss(padded, torch.tensor([sizes[i] for i in rankings],
+                                                                                device=scores.device)) \
             * (len(rankings) / len(groups))
     return loss
 
