@@ -17,8 +17,9 @@
 # Writes gpu_check.log (everything printed) and gpu_check_summary.json (each step's status,
 # seconds and the benchmarks' JSON) into $OUT when it is set, else into .run/gpu_check/.
 # Without CUDA each step says "skipped: no CUDA"; a step whose Python modules do not import is
-# skipped with the import error (bench-serve needs grpcio-health-checking and grpcio-reflection,
-# and the grpcio/protobuf that rlhf/ was generated for). Wheels in .whl/, when carried along, are
+# skipped with the import error (bench-serve needs grpcio-health-checking, grpcio-reflection,
+# kafka-python (the server imports its interaction log's producer) and the grpcio/protobuf that
+# rlhf/ was generated for). Wheels in .whl/, when carried along, are
 # installed into a temporary folder first and put on PYTHONPATH. Exit status: 1 if a step failed,
 # else 2 if a step was skipped, else 0.
 set -uo pipefail
@@ -73,7 +74,7 @@ import platform
 print(f"python {platform.python_version()} ({platform.machine()})")
 MODULES = ["torch", "triton", "transformers", "tokenizers", "safetensors", "numpy", "pytest", "scipy", "grpc",
            "google.protobuf", "grpc_health.v1.health", "grpc_reflection.v1alpha.reflection", "prometheus_client",
-           "rlhf.v1.policy_pb2_grpc"]
+           "kafka", "rlhf.v1.policy_pb2_grpc"]
 for name in MODULES:
     try:
         mod = importlib.import_module(name)
@@ -197,7 +198,7 @@ main() {
         "bench/kernels.py: the fraction of the memory-bandwidth bound" \
         "$PY" bench/kernels.py
     step bench-serve json 150 \
-        "torch triton transformers tokenizers grpc google.protobuf grpc_health.v1.health grpc_reflection.v1alpha.reflection prometheus_client rlhf.v1.policy_pb2_grpc" \
+        "torch triton transformers tokenizers grpc google.protobuf grpc_health.v1.health grpc_reflection.v1alpha.reflection prometheus_client kafka rlhf.v1.policy_pb2_grpc" \
         "bench/serve_throughput.py --quick: the policy server vs transformers, both on the GPU" \
         "$PY" bench/serve_throughput.py --quick --device cuda
     summarize
