@@ -2,9 +2,11 @@
 pairs, folds split by prompt (the first human turn: hh-rlhf has several dialogues that open the
 same way, and a pair-level split lets one of them train and its sibling test).
 
-    python bench/rm_cv.py                      (5 folds of the default command, ~4 min a fold here)
+    python bench/rm_cv.py                      (5 folds of the default command, ~4 min a fold on 2 cores)
     python bench/rm_cv.py --quick              (2 folds, a quarter epoch: a smoke run)
-    python bench/rm_cv.py -- --epochs 2        (flags after -- go to train.rm_train's config)
+    python bench/rm_cv.py -- --epochs 1        (flags after -- go to train.rm_train's config; one epoch
+                                                was the default of every figure before session 13)
+    python bench/rm_cv.py -- --device cuda     (on a GPU: ~20 s a fold on an H200, several runs at once)
 
 Every pair is held out exactly once, so the pooled accuracy is over all 1,800 pairs (standard
 error ~0.011, against ~0.036 for the 180-pair split rm_train reports). Last line: one JSON object
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -47,7 +50,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 folds, a quarter epoch each")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--fold-seed", type=int, default=0,
-                    help="seed of the partition into folds (0: the folds of every figure in bench/RESULTS.md)")
+                    help="seed of the partition into folds (0: the folds of the figures in bench/RESULTS.md "
+                         "up to session 13, whose 'defaults' were one epoch: -- --epochs 1)")
     ap.add_argument("--save-diffs", type=Path, default=None,
                     help="write each pair's held-out score difference (chosen - rejected), in file order, "
                          "as a JSON list (null where its fold has not run yet; rewritten after every fold): "
@@ -83,8 +87,10 @@ def main() -> None:
         per_fold.append(sum(r) / len(r))
         print(f"[rm_cv] fold {f + 1}/{k}: {per_fold[-1]:.3f} on {len(te)} pairs ({minutes[-1]:.1f} min)",
               file=sys.stderr, flush=True)
-        if a.save_diffs:
-            a.save_diffs.write_text(json.dumps(diffs))
+        if a.save_diffs:   # whole or not at all: a reader (bench/rm_sweep.py) may look at any moment
+            tmp = a.save_diffs.with_name(a.save_diffs.name + ".tmp")
+            tmp.write_text(json.dumps(diffs))
+            os.replace(tmp, a.save_diffs)
         del rm
         torch.manual_seed(0)
     acc = sum(right) / len(right)

@@ -11,7 +11,8 @@ one rm_cv process (seeds outermost, so a deadline cuts the later seeds of every 
 later recipes); rm_cv rewrites its held-out margins after every fold, so a run the deadline stops
 still counts the folds it finished. A recipe is compared with the first on the pairs both held out
 under the same seed: the mean paired difference in accuracy and its standard error over pairs
-(each pair held out once per seed), which is far tighter than two pooled accuracies' (0.011 each).
+clustered by pair (each pair is held out once per seed, and seeds reuse the pairs), far tighter
+than two pooled accuracies' (0.011 each).
 The bundle (--bundle) holds every run's margins and the summary; last line: the summary as JSON.
 """
 from __future__ import annotations
@@ -24,11 +25,17 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from train.rules import paired_difference  # noqa: E402
 
 
 def read_recipes(path: Path) -> list[tuple[str, list[str]]]:
@@ -49,24 +56,26 @@ def correctness(diffs: list) -> dict[int, float]:
 
 
 def summarize(recipes, seeds, margins: dict) -> dict:
-    """Per recipe: accuracy over every held-out pair of its finished folds (all seeds), and the
-    paired difference to the first recipe (pooled over seeds)."""
+    """Per recipe: accuracy over every held-out pair of its finished folds (all seeds), and against
+    the first recipe on the pairs both scored under the same seed: the first's accuracy there, the
+    mean difference and its standard error clustered by pair (seeds reuse the same pairs, so one
+    pair's differences across seeds are not independent; train/rules.paired_difference)."""
     base = recipes[0][0]
     out = {}
     for name, flags in recipes:
-        right, deltas = [], []
+        right, mine, first, pair_ids = [], [], [], []
         for s in seeds:
-            c = correctness(margins.get(f"{name}/{s}", []))
+            c = correctness(margins.get(f"{name}/{s}") or [])
             right += list(c.values())
-            b = correctness(margins.get(f"{base}/{s}", []))
-            common = sorted(set(c) & set(b))
-            deltas += [c[i] - b[i] for i in common]
+            b = correctness(margins.get(f"{base}/{s}") or [])
+            for i in sorted(set(c) & set(b)):
+                mine.append(c[i]), first.append(b[i]), pair_ids.append(i)
         row = {"flags": flags, "pairs_scored": len(right),
                "accuracy": sum(right) / len(right) if right else None}
-        if name != base and len(deltas) > 1:
-            m = sum(deltas) / len(deltas)
-            var = sum((x - m) ** 2 for x in deltas) / (len(deltas) - 1)
-            row.update(vs_first=m, vs_first_se=math.sqrt(var / len(deltas)), vs_first_pairs=len(deltas))
+        if name != base and mine:
+            d = paired_difference(torch.tensor(mine), torch.tensor(first), pair_ids)
+            row.update(vs_first=d.diff, vs_first_se=d.se, vs_first_pairs=d.n,
+                       first_on_same_pairs=sum(first) / len(first))
         out[name] = row
     return out
 
@@ -78,6 +87,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="rm_cv processes at once")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / workers)")
     ap.add_argument("--deadline", type=float, default=0, help="seconds after which runs are stopped (0: none)")
+    ap.add_argument("--min-left", type=float, default=30,
+                    help="with --deadline, start no run with fewer seconds left (about a fold's time)")
     ap.add_argument("--fold-seed", type=int, default=0, help="rm_cv's partition into folds")
     ap.add_argument("--bundle", type=Path, default=None, help="JSON file: every run's margins, logs' ends and the summary")
     ap.add_argument("--quick", action="store_true", help="defaults and --lr 1e-4, seed 0, rm_cv --quick")
@@ -99,21 +110,26 @@ def main() -> None:
 
     def collect(name: str, s: int) -> None:
         f = tmp / f"{name}.{s}.json"
-        if f.exists():
+        if f.exists():   # rm_cv replaces it whole after each fold (os.replace), so it is never half written
             margins[f"{name}/{s}"] = json.loads(f.read_text())
 
+    lock = threading.Lock()   # runs finish on several threads; one writes the bundle at a time
+
     def write_bundle() -> dict:
-        summary = summarize(recipes, a.seeds, margins)
-        if a.bundle:
-            a.bundle.write_text(json.dumps({"summary": summary, "status": status, "margins": margins,
-                                            "logs": logs, "seconds": round(time.time() - t0, 1)}))
-        return summary
+        with lock:
+            summary = summarize(recipes, a.seeds, margins)
+            if a.bundle:
+                tmp_bundle = a.bundle.with_name(a.bundle.name + ".tmp")
+                tmp_bundle.write_text(json.dumps({"summary": summary, "status": status, "margins": margins,
+                                                  "logs": logs, "seconds": round(time.time() - t0, 1)}))
+                os.replace(tmp_bundle, a.bundle)
+            return summary
 
     def run(job) -> None:
         name, flags, s = job
         key = f"{name}/{s}"
         left = a.deadline - (time.time() - t0) if a.deadline else None
-        if left is not None and left < 10:
+        if left is not None and left < a.min_left:
             status[key] = "not started (deadline)"
             return
         cmd = [sys.executable, str(REPO / "bench/rm_cv.py"), "--fold-seed", str(a.fold_seed),
@@ -140,7 +156,8 @@ def main() -> None:
     summary = write_bundle()
     for name, row in summary.items():
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-        vs = (f"{row['vs_first']:+.4f} +- {row['vs_first_se']:.4f} ({row['vs_first_pairs']} pairs)"
+        vs = (f"{row['vs_first']:+.4f} +- {row['vs_first_se']:.4f} ({row['vs_first_pairs']} pairs; "
+              f"the first there {row['first_on_same_pairs']:.3f})"
               if "vs_first" in row else "")
         print(f"{name:>24}  {acc}  n={row['pairs_scored']:5d}  {vs}", file=sys.stderr)
     print(json.dumps({"bench": "rm_sweep", "seeds": a.seeds, "fold_seed": a.fold_seed, "common": a.common,

@@ -28,7 +28,13 @@ def test_summary_pairs_recipes_on_the_pairs_both_scored(tmp_path):
     # differences on pairs 0-2 (pair 3 has no base margin): 0, +1, -1 -> mean 0, sd 1, se 1/sqrt(3)
     assert s["other"]["vs_first"] == 0.0 and s["other"]["vs_first_pairs"] == 3
     assert s["other"]["vs_first_se"] == pytest.approx(1 / math.sqrt(3))
+    assert s["other"]["first_on_same_pairs"] == pytest.approx(2 / 3)
     assert "vs_first" not in s["base"]
+    # a second seed that repeats the first's margins adds no evidence: the pairs are the clusters,
+    # so the standard error stays 1/sqrt(3) (counted as 6 independent items it would be sqrt(0.8/6))
+    twice = rm_sweep.summarize(recipes, [0, 1], {**margins, "base/1": margins["base/0"], "other/1": margins["other/0"]})
+    assert twice["other"]["vs_first_pairs"] == 6 and twice["other"]["vs_first"] == 0.0
+    assert twice["other"]["vs_first_se"] == pytest.approx(1 / math.sqrt(3))
     f = tmp_path / "recipes.txt"
     f.write_text("# name, then flags\nbase\nother --lr 1e-4   # faster\n")
     assert rm_sweep.read_recipes(f) == recipes

@@ -104,7 +104,7 @@ def test_rm_train_config_extends_the_trainers_rm_config_and_flags_stay():
     tr = parse_config(RMTrainConfig, ["--out", "x", "--batch-groups", "4", "--no-group-by-length"])
     assert isinstance(tr, RMUpdateConfig) and (tr.batch_groups, tr.group_by_length) == (4, False)
     # the offline recipe's defaults
-    assert (tr.epochs, tr.lr, tr.lr_schedule, tr.max_steps) == (1.0, 5e-5, "warmup-decay", 0)
+    assert (tr.epochs, tr.lr, tr.lr_schedule, tr.max_steps) == (2.0, 5e-5, "warmup-decay", 0)
     with pytest.raises(ValueError, match="lr_schedule"):
         RMUpdateConfig(lr_schedule="cosine")
     with pytest.raises(ValueError, match="holdout"):

@@ -66,7 +66,7 @@ class RMTrainConfig(RMUpdateConfig):
     max_length: int = 128
     """Tokens per (dialogue, response) pair: the response keeps its start, the dialogue its end (256: 1.5x the time, no better on hh; bench/RESULTS.md)."""
     epochs: float = 2.0
-    """Passes over the training split (fractions allowed). 2: +0.009 +- 0.005 pairwise accuracy over 1 in 5-fold
+    """Passes over the training split (fractions allowed). 2: +0.009 +- 0.007 pairwise accuracy over 1 in 5-fold
     cross-validation, better on each of 5 seeds (bench/RESULTS.md, session 13)."""
     batch_groups: int = 8
     """Pairs per optimiser step."""
@@ -97,17 +97,21 @@ class RMTrainConfig(RMUpdateConfig):
         super().__post_init__()
         if not 0 < self.holdout < 1:
             raise ValueError("holdout must be in (0, 1)")
-        if not self.device.startswith(("cpu", "cuda")):
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
 def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:
     """A new RM trained on pairs_train by the RM loop (train_rm), normalised and evaluated on pairs_test."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: torch sees no CUDA GPU here (torch {torch.__version__})")
     torch.manual_seed(cfg.seed)
     rm, tok = reward_model.build(cfg.backbone or reward_model.default_backbone(), cfg.max_length,
                                  None if cfg.dropout < 0 else cfg.dropout, relevance=cfg.relevance)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {cfg.device}: torch sees no CUDA GPU here (torch {torch.__version__})")
     rm.to(cfg.device)
     cos = None   # (N, 2) relevance cosines of the training pairs, computed once (the encoder is frozen)
     if rm.rcfg.relevance:
