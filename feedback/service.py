@@ -305,9 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    t0 = time.monotonic()
     stopped = stop_server(server, grace=5)
+    t1 = time.monotonic()
     producer.close()
+    t2 = time.monotonic()
     index.stop()
+    log.info("stopped: gRPC %.1fs, producer %.1fs, response index %.1fs", t1 - t0, t2 - t1, time.monotonic() - t2)
     if not stopped:
         exit_now(0)
 
