@@ -2,7 +2,7 @@
 pairs, folds split by prompt (the first human turn: hh-rlhf has several dialogues that open the
 same way, and a pair-level split lets one of them train and its sibling test).
 
-    python bench/rm_cv.py                      (5 folds of the default command, ~4 min a fold on 2 cores)
+    python bench/rm_cv.py                      (5 folds of the default command, ~4.5 min a fold on 2 cores)
     python bench/rm_cv.py --quick              (2 folds, a quarter epoch: a smoke run)
     python bench/rm_cv.py -- --epochs 1        (flags after -- go to train.rm_train's config; one epoch
                                                 was the default of every figure before session 13)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -69,7 +68,9 @@ def summarize(recipes, seeds, margins: dict) -> dict:
             right += list(c.values())
             b = correctness(margins.get(f"{base}/{s}") or [])
             for i in sorted(set(c) & set(b)):
-                mine.append(c[i]), first.append(b[i]), pair_ids.append(i)
+                mine.append(c[i])
+                first.append(b[i])
+                pair_ids.append(i)
         row = {"flags": flags, "pairs_scored": len(right),
                "accuracy": sum(right) / len(right) if right else None}
         if name != base and mine:
