@@ -94,8 +94,10 @@ class RewardModel(nn.Module):
 
     def relevance(self, rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) -> torch.Tensor:
         """(B, Tq) last human turns and (B, Tr) responses, each encoded alone (relevance_inputs)
-        -> (B,) cosines."""
+        -> (B,) cosines, on the RM's device (the inputs are moved there)."""
         enc = self.relevance_encoder
+        dev = self.head.weight.device
+        rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask = (t.to(dev) for t in (rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask))
         with torch.no_grad():
             q = encoder_mean_pool(enc, rel_q_ids, rel_q_mask, None, rel_q_mask)
             r = encoder_mean_pool(enc, rel_r_ids, rel_r_mask, None, rel_r_mask)
@@ -130,8 +132,7 @@ class RewardModel(nn.Module):
         if self.rcfg.relevance:
             if rel_cos is None and rel_q_ids is None:
                 raise ValueError("this RM has the relevance feature: build its inputs with encode(tok, texts, rcfg)")
-            rel = (self.relevance(*(t.to(dev) for t in (rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask)))
-                   if rel_cos is None else rel_cos)
+            rel = (self.relevance(rel_q_ids, rel_q_mask, rel_r_ids, rel_r_mask) if rel_cos is None else rel_cos)
             rel = rel.to(dev, score.dtype)
             score = score + self.relevance_weight * RELEVANCE_SCALE * rel
         return score

@@ -36,9 +36,7 @@ def relevance_cosines(rm: reward_model.RewardModel, tok, texts: list[str], batch
     cos = torch.empty(len(texts))
     for i in tqdm(range(0, len(texts), batch), desc="relevance feature", disable=not progress, file=sys.stderr):
         idx = order[i:i + batch]
-        inputs = reward_model.relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)
-        dev = rm.head.weight.device
-        cos[idx] = rm.relevance(**{k: t.to(dev) for k, t in inputs.items()}).float().cpu()
+        cos[idx] = rm.relevance(**reward_model.relevance_inputs(tok, [texts[j] for j in idx], rm.rcfg.max_length)).float().cpu()
     return cos
 
 
