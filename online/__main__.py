@@ -46,7 +46,6 @@ ensure_generated()
 from sim.traffic import SimConfig, Simulator, prompt_split  # noqa: E402
 
 from . import report  # noqa: E402
-from .measure import measure_versions  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -289,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         ports = start_loop(cfg, work, status, users_prompts, parts)
         if wait_for_versions(cfg, parts.children["trainer"], parts.sim, status, stop, t0):
             parts.sim.stop()   # every version is measured the same way, on a quiet server (replica 0: pins are per replica)
+            # imported here, not at the top: it brings torch and transformers (~5 s), which this process needs
+            # only now; `--help` and the start of the loop (broker, children) do not wait for them
+            from .measure import measure_versions
             measured = measure_versions(f"127.0.0.1:{ports['policy']}", work / "store", measure_prompts,
                                         cfg.measure_samples, cfg.max_new_tokens, seed=cfg.seed,
                                         log=lambda s: print(s, flush=True))
