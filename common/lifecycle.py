@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -31,3 +32,27 @@ def exit_now(code: int = 0) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+class ShutdownDeadline:
+    """Ends the process `seconds` after it is started (exit_now with `code`) unless `done()` comes first:
+    a shutdown step that hangs (a Kafka client that does not close, an interpreter exit waiting for a
+    thread) cannot keep a SIGTERM'd process alive past it. For a process whose work is safe to drop by
+    then (every write it acknowledged is already durable). `step(name)` names the step in progress, for
+    the log line if the deadline passes."""
+
+    def __init__(self, seconds: float, code: int = 0):
+        self.seconds, self.code, self.current = seconds, code, "starting"
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def step(self, name: str) -> None:
+        self.current = name
+
+    def done(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        log.warning("shutdown still at step %r after %.0fs; exiting now", self.current, self.seconds)
+        exit_now(self.code)

@@ -20,7 +20,7 @@ import grpc
 from common import auth
 from common.auth_options import AuthOptions
 from common.config_cli import parse_config
-from common.lifecycle import exit_now, stop_server
+from common.lifecycle import ShutdownDeadline, exit_now, stop_server
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -295,6 +295,10 @@ def serve(cfg: FeedbackConfig):
     return server, port, producer, index
 
 
+SHUTDOWN_DEADLINE_S = 9.0
+"""SIGTERM to exit at most: gRPC's grace 5 s + 3 s margin, then closing the producer and the index."""
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(FeedbackConfig, argv, prog="python -m feedback.service")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -305,13 +309,19 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    # every submission answered OK is already in Kafka (acks=all): past the deadline nothing is lost by exiting
+    deadline = ShutdownDeadline(SHUTDOWN_DEADLINE_S)
     t0 = time.monotonic()
+    deadline.step("gRPC stop")
     stopped = stop_server(server, grace=5)
     t1 = time.monotonic()
+    deadline.step("producer close")
     producer.close()
     t2 = time.monotonic()
-    index.stop()
+    deadline.step("response index stop")
+    index.stop(timeout=2.0)   # a reader of the interactions topic: nothing of it to keep
     log.info("stopped: gRPC %.1fs, producer %.1fs, response index %.1fs", t1 - t0, t2 - t1, time.monotonic() - t2)
+    deadline.step("interpreter exit")
     if not stopped:
         exit_now(0)
 
