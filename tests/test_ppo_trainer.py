@@ -54,6 +54,21 @@ def test_ptx_draws_a_fresh_batch_for_every_optimiser_step():
     assert PtxBatches(seqs, 4, 0).draw() != PtxBatches(seqs, 4, 1).draw()
 
 
+def test_ptx_batches_follow_the_cycle_seed_not_the_process(monkeypatch):
+    """run() reseeds the pretraining stream with the cycle's seed: a restarted trainer (a new PtxBatches
+    from the same base seed) draws what the cycle's seed says, not its first cycle's batches again."""
+    seqs = [[1 + i % 90, 2 + i % 90, 3, 4, 5] for i in range(200)]
+    seen = {}
+    for cycle_seed in (11, 12):
+        ptx = PtxBatches(seqs, batch=4, seed=0)        # what every (re)started trainer builds
+        tr = trainer(PPOConfig(iterations=1, rollouts=2, ptx_coef=1.0), ptx)
+        monkeypatch.setattr(tr, "iteration", lambda prompts, score_fn, seed, warmup: {"reward": 0.0, "kl": 0.0})
+        ppo_mod.run(tr, [[1, 2], [3, 4]], None, seed=cycle_seed, progress=False)
+        seen[cycle_seed] = ptx.draw()
+    assert seen[11] != seen[12]
+    assert seen[11] == PtxBatches(seqs, 4, 11).draw()   # the stream of the cycle's seed
+
+
 def test_missing_eos_penalty_lowers_unfinished_responses_only(monkeypatch):
     monkeypatch.setattr(ppo_mod, "generate", lambda policy, prompts, cfg, eos, seed, ctx: [[5, 6, EOS], [5, 6, 7]][:len(prompts)])
     tr = trainer(PPOConfig(missing_eos_penalty=0.75, max_new_tokens=3))

@@ -144,3 +144,15 @@ def test_texts_tokenised_once_give_the_inputs_encode_gives_per_batch(tiny_bert):
         for k in want:
             assert torch.equal(got[k], want[k]), k
     assert inputs([5])["input_ids"].shape[1] == 24   # truncated at max_length, as encode does
+
+
+def test_heldout_pairs_are_clustered_by_prompt_as_the_split_sees_it(monkeypatch):
+    """"Hello  world" and "hello world" are one prompt to the held-out split (rules.prompt_key), so their
+    pairs are one cluster for the gate's standard error, not two independent ones."""
+    import train.rm_update as rm_update
+    monkeypatch.setattr(rm_update, "score_texts", lambda rm, tok, texts, batch: torch.arange(len(texts), 0, -1.0))
+    groups = [Group(("a", "b"), prompt="Hello  world"), Group(("c", "d", "e"), prompt="hello world"),
+              Group(("f", "g"), prompt="Other"), Group(("h", "i"), tie=True, prompt="Tied")]
+    right, clusters = rm_update.heldout_correctness(None, None, groups)
+    assert right.tolist() == [1.0] * 5   # scores fall along each group, best first: every pair right
+    assert clusters == ["hello world"] * 4 + ["other"]

@@ -77,6 +77,20 @@ def test_rm_gate_is_paired_against_current_and_best():
     assert g.passed and g.why.startswith("skipped")
 
 
+def test_rm_gate_does_not_judge_pairs_of_too_few_prompts():
+    """36 pairs of one 9-way ranking are one cluster: the clustered SE is infinite, so "judged" would pass
+    a candidate wrong on every pair against an incumbent right on every one. It says it could not judge;
+    from 10 prompts on it judges, and refuses that candidate."""
+    one_prompt = ["p"] * 36
+    g = rules.rm_gate(torch.zeros(36), {"current": torch.ones(36)}, one_prompt, z=2.0, min_pairs=30)
+    assert g.passed and g.why == "skipped: held-out pairs of 1 prompts < 10" and g.stats["heldout_prompts"] == 1
+    # z = 0 with one cluster was -0 * inf = NaN: even identical RMs were refused
+    assert rules.rm_gate(torch.ones(36), {"current": torch.ones(36)}, one_prompt, z=0.0, min_pairs=30).passed
+    ten = [f"p{i % 10}" for i in range(40)]
+    g = rules.rm_gate(torch.zeros(40), {"current": torch.ones(40)}, ten, z=2.0, min_pairs=30)
+    assert not g.passed and "10 prompts" in g.why
+
+
 def test_normalisation_gives_mean_0_std_1():
     gain, offset = rules.normalisation(torch.tensor([1.0, 3.0]))
     assert (gain, offset) == (1.0, 2.0)

@@ -222,6 +222,8 @@ def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafk
     assert "critic and KL beta" in r.stderr and "restored from v0001" in r.stderr, r.stderr[-2000:]
     m2 = ms.verify(store / "v0002")
     assert m2["parent"] == "v0001" and not list(store.glob(".tmp-*"))
+    # the restarted trainer normalised v0002's RM on the same initial-policy samples as v0001's
+    assert m1["reference_samples"]["responses"] and m2["reference_samples"] == m1["reference_samples"]
     assert all(m2["offsets"][k] >= v for k, v in m1["offsets"].items())
     assert _committed(kafka_broker, group, m2["offsets"]) == m2["offsets"]
     stored = {row[0] for row in sqlite3.connect(tmp_path / "trainer.db").execute("SELECT event_id FROM feedback")}

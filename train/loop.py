@@ -110,6 +110,8 @@ class TrainerConfig:
     pairs by at most this many standard errors of the paired difference (clustered by prompt)."""
     rm_gate_min_pairs: int = 30
     """The RM gate judges only with at least this many held-out pairs (fewer: too noisy; it passes and says so)."""
+    rm_gate_min_prompts: int = 10
+    """... and only when they come from at least this many prompts (its standard error is clustered by prompt)."""
     kl_budget: float = 20.0
     """Refuse to publish a policy whose mean KL to the reference, on fresh samples of it, exceeds this
     (nats per response)."""
@@ -309,7 +311,10 @@ class Trainer:
         self.m = load_models(self.store, version, manifest)
         self.ptx = load_ptx(cfg, self.m.tok)
         self.ppo = self._new_ppo()
-        self.reference_samples: tuple[list, list] | None = None   # v0000's probe samples (normalisation)
+        # v0000's samples on the first cycle's probe prompts, that each published RM is normalised on: kept in
+        # every version's manifest after that, so a restarted trainer normalises on the same ones
+        ref = manifest.get("reference_samples")
+        self.reference_samples: tuple[list, list] | None = (ref["prompts"], ref["responses"]) if ref else None
         self.cycles = 0
         self.last_cycle_at = time.monotonic()
         self.paused = threading.Event()
@@ -462,7 +467,8 @@ class Trainer:
         fit = train_rm(rm, m.rm_tok, train, self.cfg.rm, seed=seed)
         res.update(rm_loss=fit["rm_loss"], rm_steps=fit["rm_steps"])
         candidate, _ = heldout_correctness(rm, m.rm_tok, test)
-        gate = rules.rm_gate(candidate, incumbents, clusters, self.cfg.rm_gate_z, self.cfg.rm_gate_min_pairs)
+        gate = rules.rm_gate(candidate, incumbents, clusters, self.cfg.rm_gate_z, self.cfg.rm_gate_min_pairs,
+                             self.cfg.rm_gate_min_prompts)
         gate = dist.broadcast_object(gate)   # rank 0's verdict for all: ranks that disagreed would fall out of step
         res.update(gate.stats, rm_gate=gate.why)
         # the best so far on this held-out set, should the candidate be published
@@ -501,9 +507,10 @@ class Trainer:
         best = res.pop("rm_best") or version
         if dist.is_main():
             metrics = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            probe, resp = self.reference_samples
             path = self.store.publish(version, write_version(m.policy, m.tok, rm, m.rm_tok, self.ppo),
                                       parent=m.version, metrics=metrics, offsets=payload["offsets"],
-                                      extra={"rm_best": best})
+                                      extra={"rm_best": best, "reference_samples": {"prompts": probe, "responses": resp}})
             self.announce(model_store.read_manifest(path))
             self.consumer.commit_offsets(payload["offsets"])
             M.PUBLISHED_VERSION.set(model_store.version_number(version))
@@ -513,9 +520,9 @@ class Trainer:
         return res
 
     def _sample_reference(self, probe: list[list[int]]) -> tuple[list, list]:
-        """The initial policy's samples on the first cycle's probe prompts: drawn once per trainer
-        process, each rank its share, then gathered (the same on every rank), rescored by each new
-        RM to normalise it."""
+        """The initial policy's samples on the first cycle's probe prompts: drawn once in a run (then in
+        each published manifest), each rank its share, then gathered (the same on every rank), rescored by
+        each new RM to normalise it."""
         resp = generate(self.m.ref, dist.shard(probe), self.cfg.ppo, self.m.end_ids,
                         self.cfg.seed + 1_000_003 * dist.rank(), max(map(len, probe)) + self.cfg.ppo.max_new_tokens + 1)
         return probe, dist.all_gather_list(resp)

@@ -289,6 +289,11 @@ class PtxBatches:
         if not self.seqs:
             raise ValueError("PPO-ptx needs pretraining sequences of at least 2 tokens")
         self.per_rank = max(1, len(dist.shard(list(range(batch)))))
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Each rank's stream from `seed`: `run` passes the cycle's (rules.cycle_seed), so a restarted
+        trainer does not replay the batches of its first cycles."""
         self.rng = random.Random(seed * 7919 + dist.rank())
 
     def draw(self) -> list[list[int]]:
@@ -497,6 +502,8 @@ def run(trainer: PPOTrainer, prompts: list[list[int]], score_fn: Callable, seed:
     warm-up); one stats dict each. `seed` (the cycle's, rules.cycle_seed) fixes the draws."""
     cfg = trainer.cfg
     g = torch.Generator().manual_seed(seed)
+    if trainer.ptx is not None:
+        trainer.ptx.reseed(seed)
     out = []
     bar = tqdm(range(cfg.iterations), desc="ppo", disable=not (progress and dist.is_main()), file=sys.stderr,
                leave=False)

@@ -25,7 +25,7 @@ from serve.reward_model import encode
 from . import dist, rm_losses
 from .optim import clip_and_step
 from .rm_eval import score_texts
-from .rules import pair_correctness
+from .rules import pair_correctness, prompt_key
 
 
 @dataclass(frozen=True)
@@ -261,13 +261,13 @@ def train_rm(rm, tok, groups: list[Group], cfg: RMUpdateConfig, seed: int = 0, p
 @torch.no_grad()
 def heldout_correctness(rm, tok, groups: list[Group], batch: int = 32) -> tuple[torch.Tensor, list[str]]:
     """Per ordered pair of the held-out non-tie groups: (P,) 1 if the RM orders it right, 1/2 on
-    equal scores, 0 if wrong; and the prompt of each pair (the gate's clusters)."""
+    equal scores, 0 if wrong; and the prompt of each pair (the gate's clusters, as rules.prompt_key)."""
     groups = [g for g in groups if not g.tie]
     if not groups:
         return torch.zeros(0, dtype=torch.float64), []
     s = score_texts(rm, tok, [t for g in groups for t in g.texts], batch)
     right, owner = pair_correctness(s, [len(g.texts) for g in groups])
-    return right, [groups[i].prompt for i in owner]
+    return right, [prompt_key(groups[i].prompt) for i in owner]   # the prompts as the split tells them apart
 
 
 def heldout_accuracy(rm, tok, groups: list[Group], batch: int = 32) -> float:

@@ -113,19 +113,25 @@ class Gate:
 
 
 def rm_gate(candidate: torch.Tensor, incumbents: dict[str, torch.Tensor], clusters: Sequence[Hashable],
-            z: float, min_pairs: int) -> Gate:
+            z: float, min_pairs: int, min_prompts: int = 10) -> Gate:
     """The candidate RM against each incumbent ("current", "best", ...) on the same held-out pairs:
     (P,) correctness of each (pair_correctness), `clusters` the prompt of each pair. It passes iff,
     against every incumbent, mean(candidate - incumbent) >= -z * SE: the candidate may be worse only
     by what the held-out set cannot tell apart, and never by more than that below the best so far.
-    With fewer than `min_pairs` pairs it passes and says it could not judge."""
+    With fewer than `min_pairs` pairs, or pairs of fewer than `min_prompts` prompts, it passes and says
+    it could not judge: the SE is clustered by prompt, so one prompt's many pairs (a 9-way ranking has 36)
+    give no SE at all (infinite: anything would pass as "judged"), and a few prompts give one that is
+    itself too noisy for a z threshold."""
     n = len(candidate)
     acc = float(candidate.mean()) if n else float("nan")
-    stats = {"rm_accuracy": acc, "heldout_pairs": n}
+    prompts = len(set(clusters))
+    stats = {"rm_accuracy": acc, "heldout_pairs": n, "heldout_prompts": prompts}
     for name, inc in incumbents.items():
         stats[f"rm_accuracy_{name}"] = float(inc.mean()) if n else float("nan")
     if n < min_pairs:
         return Gate(True, f"skipped: {n} held-out pairs < {min_pairs}", stats)
+    if prompts < min_prompts:
+        return Gate(True, f"skipped: held-out pairs of {prompts} prompts < {min_prompts}", stats)
     for name, inc in incumbents.items():
         p = paired_difference(candidate, inc, clusters)
         stats[f"rm_diff_{name}"], stats[f"rm_diff_{name}_se"] = p.diff, p.se
