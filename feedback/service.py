@@ -114,7 +114,10 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
                             self.lookup_slots)
 
     def _resolve(self, f: fb.Feedback, budget: LookupBudget) -> None:
-        """Fills text, model version and finish reason of responses given by id; unknown ids are bad input."""
+        """Fills text, model version and finish reason of responses given by id, and the prompt from what
+        they were served for (the text the policy saw, as their texts are what it wrote); unknown ids, and
+        responses given by id that were served for different prompts, are bad input."""
+        served_for: set[str] = set()
         for name, r in validate.responses(f):
             if not r.response_id:
                 if not r.model_version:
@@ -126,6 +129,11 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
             if r.text and r.text != inter.response:
                 raise validate.Invalid(f"{name}.text: differs from the served response {r.response_id!r}")
             r.text, r.model_version, r.finish_reason = inter.response, inter.model_version, inter.finish_reason
+            served_for.add(inter.prompt)
+        if len(served_for) > 1:
+            raise validate.Invalid(f"{f.WhichOneof('kind')}: its responses were served for different prompts")
+        if served_for:
+            getattr(f, f.WhichOneof("kind")).prompt = served_for.pop()
 
     def _prepare(self, f: fb.Feedback, budget: LookupBudget) -> tuple[str, str, bytes]:
         """Validates and resolves one piece of feedback -> (kind, event_id, record bytes); raises Invalid."""

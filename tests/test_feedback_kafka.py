@@ -233,13 +233,21 @@ def test_served_responses_are_logged_and_referenced_by_id(feedback_service, kafk
     try:
         with PolicyClient(f"127.0.0.1:{port}") as c:
             r = c.generate("Human: hello", n=2, max_new_tokens=8, temperature=1.0, seed=5)
+            other = c.generate("Human: something else", n=1, max_new_tokens=8, temperature=1.0, seed=6)
     finally:
         proc.stop()
     a, b = r.completions
+    # the prompt stored is the one the responses were served for, whatever the client wrote
     res = feedback_service.SubmitComparison(fb.Comparison(
-        source=USER, prompt=r.prompt_text, a=fb.Response(response_id=a.response_id),
+        source=USER, prompt="a prompt the policy never saw", a=fb.Response(response_id=a.response_id),
         b=fb.Response(response_id=b.response_id), preferred=fb.Comparison.CHOICE_B), timeout=30)
     acked_event_ids.add(res.event_id)
+    # responses served for two different prompts are not a comparison
+    with pytest.raises(grpc.RpcError) as e:
+        feedback_service.SubmitComparison(fb.Comparison(
+            source=USER, prompt=r.prompt_text, a=fb.Response(response_id=a.response_id),
+            b=fb.Response(response_id=other.completions[0].response_id), preferred=fb.Comparison.CHOICE_A), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "served for different prompts" in e.value.details()
     c = FeedbackConsumer(ConsumerConfig(db=tmp_path / "s.db", bootstrap=kafka_broker, group=f"g-{uuid.uuid4().hex}"))
     try:
         deadline = time.monotonic() + 60
@@ -248,7 +256,7 @@ def test_served_responses_are_logged_and_referenced_by_id(feedback_service, kafk
         recs = {fb.FeedbackRecord.FromString(v).event_id: fb.FeedbackRecord.FromString(v)
                 for _, v in c.store.records()}
         got = recs[res.event_id].feedback.comparison
-        assert (got.a.text, got.b.text) == (a.text, b.text)
+        assert (got.a.text, got.b.text) == (a.text, b.text) and got.prompt == r.prompt_text
         assert got.a.model_version == got.b.model_version == r.model_version
         served = {fb.Interaction.FromString(v).response_id for _, v in c.store.records("interactions")}
         assert {a.response_id, b.response_id} <= served
