@@ -93,6 +93,71 @@ def test_missing_or_wrong_token_gets_the_sign_in_page_and_no_token_leaks(browser
         proc.stop()
 
 
+def _post(base: str, path: str, body: bytes, headers: dict, chunked: bool = False) -> tuple[int, dict]:
+    """A raw POST (http.client: any header, or a chunked body) -> (status, JSON answer)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        if chunked:
+            conn.putrequest("POST", path)
+            for k, v in {**headers, "Transfer-Encoding": "chunked"}.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            try:
+                for i in range(0, len(body), 65536):   # the gateway may answer and close before the end
+                    part = body[i:i + 65536]
+                    conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+                conn.send(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        else:
+            conn.request("POST", path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def test_gateway_refuses_other_sites_posts_non_json_oversized_and_malformed_bodies(tmp_path):
+    """The gateway alone (nothing behind it is called: every one of these is refused before it would be)."""
+    proc, base = _gateway(tmp_path, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    try:
+        signed_in = {"Cookie": f"rlhf_token={TOKENS['labeler']}", "Content-Type": "application/json"}
+        item = {"kind": "rating", "event_id": "rate-0123456789", "prompt": "p", "response_id": "r1", "likert": 3}
+        body = lambda **kw: __import__("json").dumps({"items": [{**item, **kw}]}).encode()  # noqa: E731
+        # another site's page: by Sec-Fetch-Site, or by Origin where the browser sends no Sec-Fetch-Site
+        assert _post(base, "/api/feedback/label", body(), {**signed_in, "Sec-Fetch-Site": "cross-site"})[0] == 403
+        assert _post(base, "/api/feedback/label", body(), {**signed_in, "Sec-Fetch-Site": "same-site"})[0] == 403
+        assert _post(base, "/api/feedback/label", body(), {**signed_in, "Origin": "http://evil.example"})[0] == 403
+        assert _post(base, "/signin", b"token=x&next=chat", {"Origin": "http://evil.example",
+                     "Content-Type": "application/x-www-form-urlencoded"})[0] == 403
+        # a form or no-cors post (text/plain) is not JSON: refused before it is read
+        status, ans = _post(base, "/api/feedback/label", body(), {**signed_in, "Content-Type": "text/plain"})
+        assert status == 415 and ans["retry"] is False
+        # oversized: by Content-Length, and streamed in chunks with none
+        big = b'{"items": [' + b" " * 300_000 + b"]}"
+        assert _post(base, "/api/feedback/label", big, signed_in)[0] == 413
+        assert _post(base, "/api/feedback/label", big, signed_in, chunked=True)[0] == 413
+        assert _post(base, "/signin", b"token=" + b"x" * 10_000, {"Content-Type": "application/x-www-form-urlencoded"},
+                     chunked=True)[0] == 413
+        # well-formed JSON the protobuf messages cannot hold: 400 naming the field, not a 500
+        for bad, field in [(body(likert=2 ** 40), "likert"), (body(created_unix_ms=2 ** 64), "created_unix_ms"),
+                           (body(prompt="\ud800"), "prompt"), (body(response_id="\udc00"), "response_id"),
+                           (b"[" * 100_000 + b"]" * 100_000, "body")]:
+            status, ans = _post(base, "/api/feedback/label", bad, signed_in)
+            assert status == 400 and ans["retry"] is False and field in ans["error"], (field, status, ans)
+        # the page's own kind of request still gets through to the backends (not running here: 503)
+        status, ans = _post(base, "/api/feedback/label", body(), {**signed_in, "Sec-Fetch-Site": "same-origin",
+                                                                   "Origin": base})
+        assert status not in (400, 403, 413, 415) and ans["saved"] is False, (status, ans)
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+
+
 def test_main_job_web_port_starts_an_open_gateway(tmp_path):
     """python -m online --web-port N: its hook starts the gateway beside the servers (no tokens there)."""
     import urllib.request
@@ -257,6 +322,56 @@ def test_chat_both_bad_rates_both_down_and_asks_again_then_a_tie_goes_on_with_a(
     assert (c.feedback.comparison.preferred, c.feedback.comparison.strength) == (
         fb.Comparison.CHOICE_TIE, fb.Comparison.STRENGTH_UNSPECIFIED)
     assert c.feedback.comparison.prompt == downs[0].feedback.rating.prompt   # the same question, asked again
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_chat_both_bad_after_a_thumbs_up_rates_only_the_other_down(stack, browser):
+    page = _page(browser)
+    _sign_in(page, stack.base, "/chat", TOKENS["client"])
+    samples = _ask(page, "How tall do sunflowers grow?")
+    page.click("#turn .sample[data-index='0'] button.thumb.up")
+    page.wait_for_selector("#turn .sample[data-index='0'] .saved")
+    page.click(".picks button[data-choice='bad']")
+    page.wait_for_selector(".picks button[data-choice=tie]:enabled")   # asked again
+    a, b = samples[0]["response_id"], samples[1]["response_id"]
+    rated = stack.wait_for(lambda r: r.feedback.HasField("rating") and r.feedback.rating.response.response_id in (a, b), 2)
+    thumbs = sorted((r.feedback.rating.response.response_id, r.feedback.rating.thumbs_up) for r in rated)
+    assert thumbs == sorted([(a, True), (b, False)])   # one rating of each: A keeps its thumbs up
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_labeling_reload_while_the_next_item_loads_and_a_refused_submission(stack, browser):
+    page = _page(browser)
+    _sign_in(page, stack.base, "/label", TOKENS["labeler"])
+    page.wait_for_selector("#ranking li.card >> nth=3")
+    first = _ranking_ids(page)
+    page.route("**/api/label/item", lambda route: None)   # the next item never comes...
+    page.click("#submit")
+    expect(page.locator("#count")).to_have_text("1")
+    expect(page.locator("#item")).to_contain_text("Loading the next prompt")
+    page.unroute("**/api/label/item")
+    page.reload()                                         # ...and the labeler reloads meanwhile
+    page.wait_for_selector("#ranking li.card >> nth=3")
+    expect(page.locator("#count")).to_have_text("1")
+    assert _ranking_ids(page) != first and page.locator("#submit").is_enabled()
+    # a submission the service refuses (here an unknown response id, answered by a stand-in for the
+    # gateway): it is not offered for a retry, and the labeler can skip the item or rank it again
+    page.route("**/api/feedback/label", lambda route: route.fulfill(
+        status=400, content_type="application/json",
+        body='{"saved": false, "retry": false, "error": "items[0].response_ids: unknown response id"}'))
+    page.click("#submit")
+    expect(page.locator(".notice.refused")).to_contain_text("unknown response id")
+    assert page.locator(".notice .retry").count() == 0
+    expect(page.locator("#skip")).to_be_enabled()
+    expect(page.locator("#submit")).to_be_enabled()
+    second = _ranking_ids(page)
+    page.unroute("**/api/feedback/label")
+    page.click("#skip")
+    page.wait_for_function("ids => document.querySelectorAll('#ranking li.card').length === 4 && "
+                           "document.querySelector('#ranking li.card').dataset.responseId !== ids[0]", arg=second)
+    expect(page.locator("#count")).to_have_text("1")
     page.context.close()
 
 

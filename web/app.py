@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 
 import grpc
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -31,13 +32,14 @@ from common.data import HH_PAIRS
 from sim.traffic import first_turn_prompts
 
 from . import convert
-from .access import PAGE_ROLES, PERSON_COOKIE, TOKEN_COOKIE, Access, Person, new_anonymous_id
+from .access import PAGE_ROLES, PERSON_COOKIE, TOKEN_COOKIE, Access, Person, cross_site_refusal, new_anonymous_id
 from .backends import Backends, Failure
 from .config import WebConfig
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 MAX_BODY = 256 * 1024
+MAX_SIGNIN_BODY = 4096
 # the pages load only their own scripts and styles: no inline script, nothing from elsewhere
 HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
@@ -52,6 +54,35 @@ def load_prompts(path: str) -> list[str]:
     if not prompts:
         raise SystemExit(f"--prompts {path}: no prompts")
     return prompts
+
+
+class TooLarge(ValueError):
+    """A request body over the route's limit (413)."""
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused (TooLarge) as soon as it is known to pass `limit` bytes: by its
+    Content-Length, or while it streams in (a chunked body has none), so it is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body: more than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body: more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _event(name: str, data: dict) -> str:
+    """One server-sent event (data on one line: JSON escapes newlines)."""
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def bad_request(e: Exception, **fields) -> JSONResponse:
+    """A request the gateway refuses as sent (the pages do not retry it): 413 past the size limit, else 400."""
+    return JSONResponse({**fields, "retry": False, "error": str(e)}, status_code=413 if isinstance(e, TooLarge) else 400)
 
 
 class Gateway:
@@ -93,7 +124,10 @@ class Gateway:
 
     async def signin(self, request: Request) -> Response:
         """A form post (the token in the body, never in the URL) -> the cookie, and back to the page."""
-        form = parse_qs((await request.body())[:4096].decode(errors="replace"))
+        try:
+            form = parse_qs((await _body(request, MAX_SIGNIN_BODY)).decode(errors="replace"))
+        except TooLarge as e:
+            return JSONResponse({"error": str(e)}, status_code=413)
         token, page = form.get("token", [""])[0].strip(), form.get("next", ["chat"])[0]
         page = page if page in PAGE_ROLES else "chat"
         role = self.access.role_of(token)
@@ -122,13 +156,12 @@ class Gateway:
 
     @staticmethod
     async def _json(request: Request):
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise convert.BadInput(f"body: more than {MAX_BODY} bytes")
+        """The body as JSON; TooLarge past MAX_BODY (read no further), BadInput if it is not JSON."""
+        body = await _body(request, MAX_BODY)
         try:
             return json.loads(body)
-        except ValueError as e:
-            raise convert.BadInput(f"body: not JSON ({e})") from e
+        except (ValueError, RecursionError) as e:   # RecursionError: nested deeper than the parser goes
+            raise convert.BadInput(f"body: not JSON ({type(e).__name__})") from e
 
     async def me(self, request: Request) -> Response:
         page = request.query_params.get("page", "chat")
@@ -144,8 +177,8 @@ class Gateway:
         try:
             req = convert.chat_request(await self._json(request), self.cfg.max_messages, self.cfg.max_message_chars,
                                        n=2, max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature)
-        except convert.BadInput as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+        except (convert.BadInput, TooLarge) as e:
+            return bad_request(e)
         return StreamingResponse(self._sse(req, person.token), media_type="text/event-stream",
                                  headers={**HEADERS, "X-Accel-Buffering": "no"})
 
@@ -170,8 +203,8 @@ class Gateway:
             index = (await self._json(request)).get("index")
             if not isinstance(index, int) or isinstance(index, bool):
                 raise convert.BadInput("index: expected an integer")
-        except (convert.BadInput, AttributeError) as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+        except (convert.BadInput, TooLarge, AttributeError) as e:
+            return bad_request(e)
         index %= len(self.prompts)
         req = convert.label_request(self.prompts[index], n=self.cfg.label_k, max_new_tokens=self.cfg.max_new_tokens,
                                     temperature=self.cfg.temperature)
@@ -191,8 +224,8 @@ class Gateway:
             return person
         try:
             batch = convert.feedback_batch(page, person.id, await self._json(request))
-        except convert.BadInput as e:
-            return JSONResponse({"saved": False, "retry": False, "error": str(e)}, status_code=400)
+        except (convert.BadInput, TooLarge) as e:
+            return bad_request(e, saved=False)
         failure = await self.backends.submit(batch, person.token)
         if failure is not None:
             log.info("feedback not saved: %s", failure.code)   # no ids or text: the log stays free of content
@@ -223,9 +256,21 @@ class Gateway:
             Route("/api/feedback/{page}", self.submit, methods=["POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
-        return Starlette(routes=routes, lifespan=self.lifespan)
+        return SameSitePosts(Starlette(routes=routes, lifespan=self.lifespan))
 
 
-def _event(name: str, data: dict) -> str:
-    """One server-sent event (data on one line: JSON escapes newlines)."""
-    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+class SameSitePosts:
+    """ASGI middleware: refuses posts from other sites' pages and API posts that are not JSON
+    (access.cross_site_refusal) before any route runs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = cross_site_refusal(scope["method"], scope["path"], Headers(scope=scope))
+            if refusal is not None:
+                status, reason = refusal
+                await JSONResponse({"error": reason, "retry": False}, status_code=status, headers=HEADERS)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

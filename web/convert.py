@@ -1,8 +1,8 @@
 """The one place where the pages' JSON meets the gRPC messages (pure: no I/O).
 
 The pages refer to responses by the `response_id` the policy server gave them; the feedback
-service fills in their text, model version and finish reason from the interactions log, so a page
-cannot submit a text the policy never served. Only the shape is checked here; the feedback
+service fills in their text, model version, finish reason and prompt from the interactions log, so a
+page cannot submit a text, or a prompt, the policy never served. Only the shape is checked here; the feedback
 service validates the content and answers INVALID_ARGUMENT naming the field.
 """
 from __future__ import annotations
@@ -29,11 +29,29 @@ FINISH = {v: pb.FinishReason.Name(v).removeprefix("FINISH_REASON_").lower() for 
 _EVENT_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
 
 
+INT32 = 1 << 31
+INT64 = 1 << 63
+
+
 def _get(d: dict, key: str, kind: type, where: str):
+    """d[key] of type `kind`: a str that is valid Unicode (JSON's \\ud800 escapes decode to a lone surrogate,
+    which a protobuf string refuses), an int within int32."""
     v = d.get(key)
     if not isinstance(v, kind) or isinstance(v, bool) != (kind is bool):
         raise BadInput(f"{where}.{key}: expected {kind.__name__}")
+    if kind is str and not _encodable(v):
+        raise BadInput(f"{where}.{key}: not valid Unicode text (a lone surrogate)")
+    if kind is int and not -INT32 <= v < INT32:
+        raise BadInput(f"{where}.{key}: out of range")
     return v
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def chat_request(body: Any, max_messages: int, max_chars: int, **params) -> pb.GenerateRequest:
@@ -88,8 +106,8 @@ def _common(d: dict, where: str, source: fb.Source) -> dict:
     if not _EVENT_ID.fullmatch(eid):
         raise BadInput(f"{where}.event_id: 8 to 128 letters, digits, '-' or '_'")
     created = d.get("created_unix_ms", 0)
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
-        raise BadInput(f"{where}.created_unix_ms: expected a non-negative integer")
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < INT64:
+        raise BadInput(f"{where}.created_unix_ms: expected a non-negative integer (int64)")
     return dict(event_id=eid, source=source, prompt=_get(d, "prompt", str, where), created_unix_ms=created)
 
 
@@ -106,7 +124,7 @@ def _comparison(d: dict, where: str, source: fb.Source) -> fb.Feedback:
 
 def _ranking(d: dict, where: str, source: fb.Source) -> fb.Feedback:
     ids = d.get("response_ids")
-    if not isinstance(ids, list) or not all(isinstance(r, str) and r for r in ids):
+    if not isinstance(ids, list) or not all(isinstance(r, str) and r and _encodable(r) for r in ids):
         raise BadInput(f"{where}.response_ids: expected a list of response ids, best first")
     return fb.Feedback(ranking=fb.Ranking(responses=[fb.Response(response_id=r) for r in ids],
                                           **_common(d, where, source)))

@@ -75,14 +75,16 @@ function send(ev) {
 // sample. It is fixed once sent: a retry resends the same items with the same event ids.
 function pick(choice, strength) {
   const turn = state.turn;
-  if (!turn || turn.submission) return;
+  if (!turn || (turn.submission && !refused(turn.submission))) return;
   const [a, b] = turn.samples;
   const now = Date.now();
+  // "both bad" rates down each sample not rated yet: a thumb already given stays the one rating of it
   const items = choice === "bad"
-    ? [a, b].map((s) => ({kind: "rating", event_id: newEventId("rate"), prompt: s.prompt_text,
-                          response_id: s.response_id, thumbs_up: false, created_unix_ms: now}))
+    ? [a, b].filter((s) => !state.ratings[s.response_id]).map((s) => ({kind: "rating", event_id: newEventId("rate"),
+        prompt: s.prompt_text, response_id: s.response_id, thumbs_up: false, created_unix_ms: now}))
     : [{kind: "comparison", event_id: newEventId("cmp"), prompt: a.prompt_text, a: a.response_id,
         b: b.response_id, choice: choice, strength: strength, created_unix_ms: now}];
+  if (!items.length) { ask(turn.request); return; }   // both rated already: nothing to add, ask again
   turn.submission = {choice: choice, strength: strength, items: items, status: "new"};
   sendPick();
 }
@@ -90,7 +92,9 @@ function pick(choice, strength) {
 async function sendPick() {
   const turn = state.turn;
   const sub = turn.submission;
-  if (!await sendOnce(PAGE, sub, save, render)) { render(); return; }
+  const saved = await sendOnce(PAGE, sub, save, render);
+  if (state.turn !== turn) return;   // "New conversation" while it was on its way: that turn is gone
+  if (!saved) { render(); return; }
   if (sub.choice === "bad") {   // neither answer goes on: the same question is asked again
     ask(turn.request);
     return;
@@ -158,8 +162,9 @@ function pickBar(turn) {
   return el("div", {class: "picks"},
     ...PICKS.map(([c, s, label]) => el("button", {
       class: "pick" + (sub && sub.choice === c && sub.strength === s ? " given" : ""), "data-choice": c,
-      "data-strength": s, disabled: !!sub, onclick: () => pick(c, s)}, label)),
-    sub ? submissionNotice(sub, "choice", sendPick) : null);
+      "data-strength": s, disabled: !!sub && !refused(sub), onclick: () => pick(c, s)}, label)),
+    sub ? submissionNotice(sub, "choice", sendPick) : null,
+    refused(sub) ? el("button", {class: "retry", onclick: () => ask(turn.request)}, "Ask again") : null);
 }
 
 function render() {
@@ -189,8 +194,9 @@ async function main() {
     if (e.key === "Enter" && !e.shiftKey) send(e);
   });
   document.getElementById("new").addEventListener("click", () => {
-    if (state.turn && state.turn.submission && state.turn.submission.status !== "saved" &&
-        !confirm("Your last choice was not saved. Start over anyway?")) return;
+    const unsaved = [state.turn && state.turn.submission, ...Object.values(state.ratings)]
+      .some((sub) => sub && sub.status !== "saved" && !refused(sub));
+    if (unsaved && !confirm("A choice or rating of yours is not saved yet. Start over anyway?")) return;
     state = {messages: [], turn: null, ratings: {}};
     save();
     render();

@@ -100,12 +100,17 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
-// What a submission's state says to the person: saved, sending, or not saved with a retry.
+// A submission the gateway or the feedback service refused (bad input, an unknown response id): nothing
+// of it was stored and resending it would be refused again, so the page lets the person go on.
+function refused(sub) { return !!sub && sub.status === "failed" && !sub.retry; }
+
+// What a submission's state says to the person: saved, sending, not saved with a retry, or refused.
 function submissionNotice(sub, what, onRetry) {
   if (!sub) return null;
   if (sub.status === "saved") return el("div", {class: "notice saved"}, what + " saved.");
   if (sub.status === "sending") return el("div", {class: "notice sending"}, "Saving " + what + "…");
+  if (refused(sub)) return el("div", {class: "notice error refused", role: "alert"}, "Not saved: " + sub.error + ".");
   return el("div", {class: "notice error", role: "alert"},
-            "Not saved: " + sub.error + ". Your " + what + " is kept" + (sub.retry ? "; retry when the service is back. " : ". "),
-            sub.retry ? el("button", {class: "retry", onclick: onRetry}, "Retry") : null);
+            "Not saved: " + sub.error + ". Your " + what + " is kept; retry when the service is back. ",
+            el("button", {class: "retry", onclick: onRetry}, "Retry"));
 }

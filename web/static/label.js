@@ -19,11 +19,13 @@ function restore() {
           {index: Math.floor(Math.random() * 1e6), done: 0, item: null, order: [], likert: {}, submission: null};
   const s = state.submission;
   if (s && s.status === "sending") Object.assign(s, {status: "failed", retry: true, error: "the page was reloaded before the answer came"});
+  if (s && s.status === "saved") { state.item = null; state.submission = null; }   // reloaded while the next one loaded
 }
 
 async function loadItem() {
   state.item = null;
   state.submission = null;
+  save();
   render();
   const r = await postJSON("/api/label/item", {index: state.index});
   if (r.status === 401) { signInAgain(PAGE); return; }
@@ -39,7 +41,8 @@ async function loadItem() {
   render();
 }
 
-function locked() { return !!state.submission; }   // a sent ranking is not changed: a retry sends the same
+// a sent ranking is not changed (a retry sends the same), unless it was refused: then it may be skipped or redone
+function locked() { return !!state.submission && !refused(state.submission); }
 
 function move(from, to) {
   if (locked() || to < 0 || to >= state.order.length || from === to) return;
@@ -79,6 +82,7 @@ async function send() {
   if (saved) {
     state.done += 1;
     state.index += 1;
+    save();
     await loadItem();
   }
 }
