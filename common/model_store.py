@@ -78,8 +78,10 @@ def file_matches(path: Path, algo: str, digest: str, threads: int = 1) -> bool:
     return file_digests(path, with_blake3=False)[0] == digest
 
 
-def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+def _files(root: Path, part: str | None = None) -> list[str]:
+    """The files of a version folder (under `part`/ only, if given), relative, but its own manifest."""
+    base = root / part if part else root
+    return sorted(str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and p != root / MANIFEST)
 
 
 class ModelStore:
@@ -153,8 +155,8 @@ def read_manifest(folder: Path) -> dict:
         m = json.loads((Path(folder) / MANIFEST).read_text())
     except FileNotFoundError as e:
         raise CorruptCheckpoint(f"{folder}: no {MANIFEST} (incomplete checkpoint)") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise CorruptCheckpoint(f"{folder}: unreadable {MANIFEST}: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: bad JSON or bytes that are not UTF-8
+        raise CorruptCheckpoint(f"{folder}: unreadable {MANIFEST}: {type(e).__name__}: {e}") from e
     if not isinstance(m, dict) or not isinstance(m.get("files"), dict) or "version" not in m:
         raise CorruptCheckpoint(f"{folder}: {MANIFEST} lacks version/files")
     return m
@@ -162,7 +164,7 @@ def read_manifest(folder: Path) -> dict:
 
 def verify(folder: str | os.PathLike, part: str | None = None, workers: int = 1) -> dict:
     """Checks every byte of the version's files against the manifest (and that no listed file is
-    missing): all of them, or those under `part`/ (the one subfolder a server loads: "policy", "rm").
+    missing and no other file is there): all of them, or those under `part`/ (the one subfolder a server loads: "policy", "rm").
     A file is checked against its BLAKE3 on `workers` threads where the manifest has one (manifests
     written without the blake3 package, or before it was used, have sha256 only), else against its
     sha256. Returns the manifest; raises CorruptCheckpoint naming the first problem."""
@@ -173,6 +175,9 @@ def verify(folder: str | os.PathLike, part: str | None = None, workers: int = 1)
     rels = [r for r in m["files"] if part is None or r.startswith(part.strip("/") + "/")]
     if not rels:
         raise CorruptCheckpoint(f"{folder}: the manifest lists no file under {part}/")
+    extra = sorted(set(_files(folder, part.strip("/") if part else None)) - set(rels))
+    if extra:   # a loader would read it (added_tokens.json, a chat template...), and nobody vouched for it
+        raise CorruptCheckpoint(f"{folder}: {extra[0]} is not in the manifest" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     fast = m.get("blake3")
     if fast is not None and not isinstance(fast, dict):
         raise CorruptCheckpoint(f"{folder}: {MANIFEST} has an unreadable blake3 table")

@@ -92,6 +92,22 @@ def check_record(topic: str, value: bytes) -> tuple[str, tuple]:
     return "interaction", (rec.response_id, rec.model_version)
 
 
+DEAD_LETTER_VALUE_MAX = 256 * 1024
+"""Bytes of a bad record kept in its dead letter: a record near the broker's message limit (1 MB) would
+make a dead letter over it, which Kafka refuses, and the partition would stop at that record."""
+
+
+def dead_letter(r, reason: str) -> fb.DeadLetter:
+    """The dead letter of a consumed record `r`: its reason, where it was, and its value (the start of it,
+    with its length and sha256 in the reason, when it is longer than DEAD_LETTER_VALUE_MAX)."""
+    value = r.value or b""
+    if len(value) > DEAD_LETTER_VALUE_MAX:
+        reason += f" (value of {len(value)} bytes, sha256 {hashlib.sha256(value).hexdigest()}, cut to {DEAD_LETTER_VALUE_MAX})"
+        value = value[:DEAD_LETTER_VALUE_MAX]
+    return fb.DeadLetter(reason=reason, source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
+                         value=value, dead_unix_ms=int(time.time() * 1000))
+
+
 class FeedbackConsumer:
     """commit_each_batch=False is the trainer's mode: offsets move only when it calls
     commit_offsets (after publishing a version trained on them). manual_assign takes every
@@ -150,10 +166,22 @@ class FeedbackConsumer:
             self.consumer.seek(TopicPartition(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])), v)
 
     def poll_once(self, timeout_ms: int = 500) -> int:
-        """One batch: store it, dead-letter what is bad, then commit offsets. Returns records seen."""
+        """One batch: store it, dead-letter what is bad, then commit offsets. Returns records seen.
+        If anything fails on the way (a dead letter Kafka refuses, the store), the read position goes
+        back to the batch's start before the error is raised: a caller that goes on reads it again
+        instead of moving past records that were never stored."""
         batch = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.cfg.max_batch)
         if not batch:
             return 0
+        try:
+            return self._handle(batch)
+        except BaseException:
+            for tp, recs in batch.items():
+                if recs:
+                    self.consumer.seek(tp, recs[0].offset)
+            raise
+
+    def _handle(self, batch: dict) -> int:
         fb_rows, int_rows, dead = [], [], []
         for tp, recs in batch.items():
             for r in recs:
@@ -164,10 +192,8 @@ class FeedbackConsumer:
                     continue
                 row = (*fields, r.value, tp.topic, tp.partition, r.offset)
                 (fb_rows if kind == "feedback" else int_rows).append(row)
-        futures = [self.dlq.send_async(topics.DEAD_LETTERS, r.key, fb.DeadLetter(
-            reason=reason, source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
-            value=r.value or b"", dead_unix_ms=int(time.time() * 1000)).SerializeToString(),
-            headers=[("reason", reason.encode()[:1000])]) for r, reason in dead]
+        futures = [self.dlq.send_async(topics.DEAD_LETTERS, r.key, dead_letter(r, reason).SerializeToString(),
+                                       headers=[("reason", reason.encode()[:1000])]) for r, reason in dead]
         reasons: dict[str, int] = {}
         for f, (_, reason) in zip(futures, dead):
             self.dlq.wait(f)   # acknowledged before the offsets move past it

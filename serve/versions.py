@@ -16,6 +16,7 @@ current one keeps serving. Admin: list, pin (serve this version, ignore updates)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -75,10 +76,17 @@ class VersionManager(Generic[Loaded]):
     def __post_init__(self) -> None:
         self.history.append(self.current.version)
 
-    def switch_to(self, version: str) -> ServedModel[Loaded]:
-        """Steps 1-4 for one version; raises Refused (and counts it) if it may not be served."""
+    def switch_to(self, version: str, pin: bool | None = None, update: bool = False) -> ServedModel[Loaded]:
+        """Steps 1-4 for one version; raises Refused (and counts it) if it may not be served. `pin`
+        (True/False) sets `pinned` under the same lock, so an update announced meanwhile cannot slip in
+        between the swap and the pin; `update`: an announced version, skipped (the current one returned)
+        if, by the time the lock is held, the server is pinned or serves it or a newer one."""
         with self.lock:
+            if update and (self.pinned or self._older_than_current(version)):
+                return self.current
             if version == self.current.version:
+                if pin is not None:
+                    self.pinned = pin
                 return self.current
             ends = [time.monotonic()]   # the start, then the end of each step: where a slow swap spent its time
             held = False
@@ -95,12 +103,18 @@ class VersionManager(Generic[Loaded]):
                 except Exception as e:  # a checkpoint that does not load is incompatible, not a crash
                     raise Refused(f"{version} does not load: {e}") from e
                 ends.append(time.monotonic())
-                self.canary(loaded, self.current.loaded)
+                try:
+                    self.canary(loaded, self.current.loaded)
+                except Refused:
+                    raise
+                except Exception as e:   # a canary that crashes refuses the version, else it is retried for ever
+                    raise Refused(f"{version}: the canary failed: {type(e).__name__}: {e}") from e
                 ends.append(time.monotonic())
             except Refused as e:
                 if held:
                     self.release()
-                self.refused[version] = str(e)
+                if self.store.path(version).is_dir():   # a version not (yet) in the store may come later
+                    self.refused[version] = str(e)
                 self.on_event("refused", version)
                 log.error("refusing version %s, still serving %s: %s", version, self.current.version, e)
                 raise
@@ -114,6 +128,8 @@ class VersionManager(Generic[Loaded]):
             self.apply(new)
             ends.append(time.monotonic())
             self.current = new
+            if pin is not None:
+                self.pinned = pin
             self.history.append(version)
             self.on_event("swapped", version)
             steps = ", ".join(f"{name} {b - a:.2f}s" for name, a, b in zip(STEPS, ends, ends[1:]))
@@ -128,7 +144,7 @@ class VersionManager(Generic[Loaded]):
         if self._older_than_current(version):
             return
         try:
-            self.switch_to(version)
+            self.switch_to(version, update=True)   # pinned and age checked again under the lock
         except Refused:
             pass
 
@@ -146,12 +162,11 @@ class VersionManager(Generic[Loaded]):
 
     # admin operations
     def pin(self, version: str) -> ServedModel[Loaded]:
-        new = self.switch_to(version)
-        self.pinned = True
-        return new
+        return self.switch_to(version, pin=True)
 
     def unpin(self) -> ServedModel[Loaded]:
-        self.pinned = False
+        with self.lock:
+            self.pinned = False
         for v in reversed(self.store.versions()):
             if v in self.refused or self._older_than_current(v):
                 continue
@@ -182,9 +197,12 @@ class VersionManager(Generic[Loaded]):
                     "created_unix_ms": 0}
             try:
                 m = model_store.verify(self.store.path(v), self.part, self.verify_workers)
-                info.update(verified=True, created_unix_ms=int(m.get("created_unix_ms", 0)))
+                info["verified"] = True
+                info["created_unix_ms"] = int(m.get("created_unix_ms", 0))
             except model_store.CorruptCheckpoint as e:
                 info["refused_reason"] = str(e)
+            except (TypeError, ValueError):   # a verified manifest with an odd creation time: shown as 0
+                pass
             info["refused_reason"] = self.refused.get(v, info["refused_reason"])
             out.append(info)
         return out
@@ -206,6 +224,7 @@ class UpdateWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            c = None
             try:
                 c = KafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=None,
                                   enable_auto_commit=False)
@@ -230,11 +249,14 @@ class UpdateWatcher:
                                 log.info("ignoring %s: announced for another model store (%s)", upd.version, upd.path)
                                 continue
                             self.manager.offer(upd.version)
-                c.close()
             except Exception as e:
                 log.warning("model-updates watcher: %s; retrying in 2s", e)
                 self._ready.set()
                 time.sleep(2)
+            finally:   # a new consumer each try: the old one's sockets and threads go
+                if c is not None:
+                    with contextlib.suppress(Exception):   # closing must not end the watcher
+                        c.close()
 
     def stop(self) -> None:
         self._stop.set()

@@ -14,7 +14,7 @@ import pytest
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc
 from feedback import topics
-from feedback.consumer import ConsumerConfig, FeedbackConsumer
+from feedback.consumer import DEAD_LETTER_VALUE_MAX, ConsumerConfig, FeedbackConsumer
 from feedback.store import FeedbackStore
 from tests.helpers import REPO, start_feedback_service, start_policy_server
 
@@ -270,15 +270,21 @@ def test_bad_records_go_to_the_dead_letter_topic_with_reason(kafka_broker, tmp_p
     marker = uuid.uuid4().hex
     bad_rec = fb.FeedbackRecord(event_id=f"bad-{marker}", received_unix_ms=1,
                                 feedback=fb.Feedback(rating=rating(0, event_id=f"bad-{marker}", likert=42)))
-    p = KafkaProducer(bootstrap_servers=kafka_broker, acks="all")
+    good_rec = fb.FeedbackRecord(event_id=f"good-{marker}", received_unix_ms=1,
+                                 feedback=fb.Feedback(rating=rating(1, event_id=f"good-{marker}")))
+    huge = b"\xff" * 1_040_000   # near the broker's 1 MB limit: its dead letter would be over it, whole
+    p = KafkaProducer(bootstrap_servers=kafka_broker, acks="all", max_request_size=2 << 20)
     p.send(topics.FEEDBACK, key=f"garbage-{marker}".encode(), value=b"\xff\x00 not protobuf").get(timeout=30)
     p.send(topics.FEEDBACK, key=f"bad-{marker}".encode(), value=bad_rec.SerializeToString()).get(timeout=30)
+    p.send(topics.FEEDBACK, key=f"huge-{marker}".encode(), value=huge, partition=0).get(timeout=30)
+    p.send(topics.FEEDBACK, key=f"good-{marker}".encode(), value=good_rec.SerializeToString(), partition=0).get(timeout=30)
     p.close()
     c = FeedbackConsumer(ConsumerConfig(db=tmp_path / "s.db", bootstrap=kafka_broker, group=f"g-{uuid.uuid4().hex}"))
     try:
         for _ in range(40):
             c.poll_once(timeout_ms=250)
         assert f"bad-{marker}" not in c.store.event_ids()
+        assert f"good-{marker}" in c.store.event_ids()   # the record after the huge one got through
     finally:
         c.close()
     dlq = KafkaConsumer(bootstrap_servers=kafka_broker, auto_offset_reset="earliest", enable_auto_commit=False,
@@ -290,6 +296,38 @@ def test_bad_records_go_to_the_dead_letter_topic_with_reason(kafka_broker, tmp_p
     assert "not a protobuf record" in g[0].reason and g[0].value == b"\xff\x00 not protobuf"
     assert "likert" in bad[0].reason and bad[1]["reason"].decode() == bad[0].reason
     assert bad[0].source_topic == topics.FEEDBACK and bad[0].source_offset >= 0
+    h = dead[f"huge-{marker}"][0]
+    assert h.value == huge[:DEAD_LETTER_VALUE_MAX] and f"value of {len(huge)} bytes" in h.reason
+
+
+def test_a_batch_that_fails_is_read_again_not_skipped(kafka_broker, tmp_path, monkeypatch):
+    """The store failing mid-batch: poll_once raises, and the next poll reads the same records again."""
+    from kafka import KafkaProducer
+    marker = uuid.uuid4().hex
+    rec = fb.FeedbackRecord(event_id=f"again-{marker}", received_unix_ms=1,
+                            feedback=fb.Feedback(rating=rating(2, event_id=f"again-{marker}")))
+    p = KafkaProducer(bootstrap_servers=kafka_broker, acks="all")
+    p.send(topics.FEEDBACK, key=rec.event_id.encode(), value=rec.SerializeToString()).get(timeout=30)
+    p.close()
+    c = FeedbackConsumer(ConsumerConfig(db=tmp_path / "s.db", bootstrap=kafka_broker, group=f"g-{uuid.uuid4().hex}"))
+    try:
+        real, failed = c.store.commit_batch, []
+
+        def failing(fb_rows, int_rows):
+            if any(row[0] == rec.event_id for row in fb_rows) and not failed:   # rows start with the event id
+                failed.append(1)
+                raise OSError("disk full")
+            return real(fb_rows, int_rows)
+        monkeypatch.setattr(c.store, "commit_batch", failing)
+        deadline = time.monotonic() + 60
+        while rec.event_id not in c.store.event_ids() and time.monotonic() < deadline:
+            try:
+                c.poll_once(timeout_ms=250)
+            except OSError:
+                pass
+        assert failed and rec.event_id in c.store.event_ids()
+    finally:
+        c.close()
 
 
 @pytest.mark.slow

@@ -199,3 +199,78 @@ def test_a_file_that_cannot_be_read_refuses_the_version(tmp_path, monkeypatch):
     monkeypatch.setattr(model_store, "file_matches", lambda *a: (_ for _ in ()).throw(OSError(5, "Input/output error")))
     with pytest.raises(CorruptCheckpoint, match="w.bin cannot be read"):
         verify(store.path("v0001"))
+
+
+def test_a_pin_is_not_undone_by_an_update_announced_while_it_loads(tmp_path):
+    """offer(v0003) arrives while pin(v0001) is loading: it waits for the lock, then sees the pin."""
+    import threading
+    import time
+    store = _store(tmp_path, 4)
+    loading = threading.Event()
+
+    def slow_load(v):
+        if v == "v0001":
+            loading.set()
+            time.sleep(0.5)
+        return v
+    m = VersionManager(store, load=slow_load, canary=lambda a, b: None, apply=lambda s: None,
+                       current=ServedModel("v0000", "v0000"))
+    pin = threading.Thread(target=m.pin, args=("v0001",))
+    pin.start()
+    loading.wait(5)
+    m.offer("v0003")          # checks pinned before the lock (not yet set), then again under it
+    pin.join(5)
+    assert m.pinned and m.current.version == "v0001"
+
+
+def test_a_canary_that_crashes_refuses_the_version_once(tmp_path):
+    store = _store(tmp_path, 2)
+    calls = []
+
+    def canary(loaded, current):
+        calls.append(loaded)
+        raise IndexError("index out of range in self")   # e.g. token ids past an RM's embedding table
+    m = VersionManager(store, load=lambda v: v, canary=canary, apply=lambda s: None, current=ServedModel("v0000", "v0000"))
+    m.offer("v0001")
+    assert m.current.version == "v0000" and "IndexError" in m.refused["v0001"]
+    assert m.newest_servable() == "v0000"   # the watcher's restart does not offer it again and again
+    assert calls == ["v0001"]
+
+
+def test_a_version_not_in_the_store_yet_is_not_refused_for_good(tmp_path):
+    store = _store(tmp_path, 1)
+    m, applied = _manager(store)
+    with pytest.raises(Refused):
+        m.pin("v0001")                       # a typo, or not published yet
+    assert not m.pinned and "v0001" not in m.refused
+    store.publish("v0001", lambda d: (d / "weights.txt").write_text("v0001"), parent=None, metrics={}, offsets={})
+    assert m.pin("v0001").version == "v0001" and m.pinned
+
+
+def test_a_manifest_that_is_not_utf8_or_an_unlisted_file_refuses_the_version(tmp_path):
+    store = _store(tmp_path, 2)
+    path = store.path("v0001") / "manifest.json"
+    raw = bytearray(path.read_bytes())
+    raw[5] |= 0x80                           # one high bit: not UTF-8 any more
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpoint, match="unreadable manifest.json"):
+        verify(store.path("v0001"))
+    assert store.newest_verified()[0] == "v0000"   # skipped, not a crash
+    # a file nobody listed, that a loader would read (added_tokens.json beside the tokenizer)
+    (store.path("v0000") / "added_tokens.json").write_text('{"<evil>": 5}')
+    with pytest.raises(CorruptCheckpoint, match="added_tokens.json is not in the manifest"):
+        verify(store.path("v0000"))
+
+
+def test_a_manifest_json_inside_a_part_is_listed_and_hashed(tmp_path):
+    store = ModelStore(tmp_path / "store")
+
+    def write(d):
+        (d / "policy").mkdir()
+        (d / "policy" / "weights.txt").write_text("w")
+        (d / "policy" / "manifest.json").write_text('{"version": "v7"}')   # serve.loader.read_version reads it
+    store.publish("v0000", write, parent=None, metrics={}, offsets={})
+    assert "policy/manifest.json" in verify(store.path("v0000"), "policy")["files"]
+    (store.path("v0000") / "policy" / "manifest.json").write_text('{"version": "v8"}')
+    with pytest.raises(CorruptCheckpoint, match="policy/manifest.json does not match"):
+        verify(store.path("v0000"), "policy")
