@@ -42,7 +42,8 @@ class FeedbackStore:
                             [(*r, now) for r in interactions])
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            if self.db.in_transaction:   # a failed COMMIT may have rolled back already: keep its error, not ROLLBACK's
+                cur.execute("ROLLBACK")
             raise
         return new_fb, len(feedback) - new_fb
 
