@@ -70,7 +70,8 @@ def per_seed(seed: int, s: dict) -> dict:
             "versions": {k: {"true_score": round(x["true_score"], 4),
                              "true_score_ci": [round(y, 4) for y in x["true_score_ci"]],
                              "kl": round(x["kl"], 3), "rm_reward": round(x["rm_reward"], 3),
-                             "truncated_rate": round(x["truncated_rate"], 3), "parent": x["parent"]}
+                             "truncated_rate": round(x["truncated_rate"], 3), "parent": x["parent"],
+                             **{k: x[k] for k in ("words_per_answer", "distinct_words", "repeated_answers") if k in x}}
                          for k, x in sorted(v.items())},
             "first": first, "last": last}
 

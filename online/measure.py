@@ -25,7 +25,7 @@ from serve.reward_model import load as load_rm
 from serve.reward_model import rm_text
 from rlhf.v1 import models_pb2 as mpb
 from rlhf.v1 import models_pb2_grpc as mgrpc
-from sim.preference import true_score
+from sim.preference import WORD, true_score
 from sim.traffic import TRUNCATED
 from train.loop import load_policy_hf
 from train.ppo import pack, token_stats
@@ -76,7 +76,17 @@ def summarise(answers: list[dict], kl: list[float], reward: list[float], parent:
             "true_score": mean(ts), "true_score_ci": bootstrap_ci(ts, seed=seed),
             "kl": mean(kl), "kl_ci": bootstrap_ci(kl, seed=seed),
             "rm_reward": mean(reward), "rm_reward_ci": bootstrap_ci(reward, seed=seed),
-            "truncated_rate": mean([float(a["truncated"]) for a in answers])}
+            "truncated_rate": mean([float(a["truncated"]) for a in answers]), **word_stats(answers)}
+
+
+def word_stats(answers: list[dict]) -> dict:
+    """What a reader needs to see a policy collapsing onto a few words or one stock answer: words per
+    answer, distinct words over all answers, and the share of answers that are another's exact copy."""
+    words = [WORD.findall(a["text"].lower()) for a in answers]
+    texts = [" ".join(w) for w in words]
+    return {"words_per_answer": mean([float(len(w)) for w in words]),
+            "distinct_words": len({x for w in words for x in w}),
+            "repeated_answers": 1.0 - len(set(texts)) / len(texts) if texts else 0.0}
 
 
 def measure_versions(target: str, store_root: Path, prompts: list[str], samples: int, max_new_tokens: int,
@@ -100,5 +110,6 @@ def measure_versions(target: str, store_root: Path, prompts: list[str], samples:
         r = out[v]
         log(f"[measure] {v}: true score {r['true_score']:+.3f} [{r['true_score_ci'][0]:+.3f}, "
             f"{r['true_score_ci'][1]:+.3f}] | KL to v0000 {r['kl']:.2f} | reward under {versions[-1]}'s RM "
-            f"{r['rm_reward']:+.3f} | truncated {r['truncated_rate']:.2f}")
+            f"{r['rm_reward']:+.3f} | truncated {r['truncated_rate']:.2f} | {r['words_per_answer']:.1f} words an "
+            f"answer, {r['distinct_words']} distinct, {r['repeated_answers']:.0%} repeated answers")
     return out

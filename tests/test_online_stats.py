@@ -43,3 +43,10 @@ def test_improvement_and_regressions_need_disjoint_intervals():
     assert s["improved"] and s["regressions"] == ["v0002"] and abs(s["true_score_gain"] - 0.10) < 1e-12
     # rewards 0, .5, 1, 1.5 against sqrt(KL) 0, 1, 2, 3: a perfect line
     assert abs(s["reward_vs_sqrt_kl"]["r2"] - 1) < 1e-12 and s["reward_vs_sqrt_kl"]["points"] == 4
+
+
+def test_word_stats_show_a_collapse_onto_one_answer():
+    from online.measure import word_stats
+    s = word_stats([{"text": "I can help you."}, {"text": "I can help you"}, {"text": "Sure, rice is easy."}])
+    assert s["words_per_answer"] == 4.0 and s["distinct_words"] == 8       # i can help you sure rice is easy
+    assert abs(s["repeated_answers"] - 1 / 3) < 1e-12                    # the second is the first, up to punctuation

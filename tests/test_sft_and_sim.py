@@ -49,12 +49,20 @@ def test_the_data_ships_with_its_licence_and_gives_disjoint_prompt_sets():
 
 
 def test_true_score_by_hand_and_cut_off_answers_lose():
-    r = "thank you, I hope this helps you and your friend"   # 10 words, none rude
-    words = ["thank", "you", "i", "hope", "this", "helps", "you", "and", "your", "friend"]
-    from sim.preference import COMMON, KIND
+    from sim.preference import COMMON, KIND, topic_words
+    prompt = "\n\nHuman: What should I cook tonight with rice?\n\nAssistant:"
+    assert topic_words(prompt) == {"cook", "tonight", "rice"}
+    r = "Sure, you could cook rice tonight. I hope this helps you and your friend"   # 14 words, none rude
+    words = ["sure", "you", "could", "cook", "rice", "tonight", "i", "hope", "this", "helps", "you", "and", "your",
+             "friend"]
     common = sum(w in COMMON for w in words)
-    kind = sum(w in KIND for w in words)
-    assert abs(true_score("", r) - (0.5 * common / 10 + kind / 10)) < 1e-12
-    assert abs(true_score("", r, truncated=True) - (true_score("", r) - 0.2)) < 1e-12
+    kind = len(set(words) & KIND)                        # sure, hope, friend: each counted once
+    assert kind == 3
+    # relevance 3 of 3 topic words; courtesy per max(14, 16) words; 13 distinct of 14: nothing repeated past 30%
+    assert abs(true_score(prompt, r) - (0.5 * common / 14 + 0.5 + kind / 16)) < 1e-12
+    assert abs(true_score(prompt, r, truncated=True) - (true_score(prompt, r) - 0.2)) < 1e-12
     assert true_score("", "") == -0.5
-    assert true_score("", "thank you") == 0.5 + 1.0 - 0.2    # under 8 words
+    assert true_score("", "thank you") == 0.5 * 1.0 + 1 / 16 - 0.2   # under 8 words; "you" is not courtesy
+    # one word eight times: common share 1, courtesy 0, 7/8 repeated -> 0.875 - 0.3 off; below a plain answer
+    assert abs(true_score("", "you you you you you you you you") - (0.5 - 0.575)) < 1e-12
+    assert true_score("", "you you you you you you you you") < 0 < true_score(prompt, r)
