@@ -162,6 +162,7 @@ class _Swap:
     decode: Callable[[list[int]], str]
     policy: LoadedPolicy | None
     done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
 
 
 class Engine:
@@ -222,6 +223,8 @@ class Engine:
             if self._draining:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             if len(self.waiting) >= self.cfg.max_queue:
+                self._purge_waiting()   # requests whose clients went away must not fill the queue
+            if len(self.waiting) >= self.cfg.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting (max_queue={self.cfg.max_queue})")
             self.waiting.append(req)
             self.cv.notify_all()
@@ -250,21 +253,31 @@ class Engine:
             self._swap = sw
             self._held = True   # drain before a swap (already so after `hold`)
             self.cv.notify_all()
-        return sw.done.wait(timeout)
+        done = sw.done.wait(timeout)
+        if sw.error is not None:
+            raise sw.error
+        return done
 
     def _apply_swap(self) -> None:
-        """Engine thread, batch empty: new weights, and a new cache if the shapes changed."""
+        """Engine thread, batch empty: new weights, and a new cache if the shapes changed. A failure (no
+        memory for the new cache) leaves the old version served, whole, and is raised to `swap`'s caller."""
         sw, self._swap = self._swap, None
         self._held = False
-        if sw.model.args != self.model.args or next(sw.model.parameters()).dtype != self.dtype:
+        try:
             p = next(sw.model.parameters())
-            self.device, self.dtype = p.device, p.dtype
-            self.cache = KVCache(sw.model.args, self.cfg.max_batch_size, self.cfg.max_context, self.dtype, self.device)
-        self.kept.clear()   # KV of the old weights
-        self.model, self.model_version, self.end_ids, self.decode, self.policy = (
-            sw.model, sw.version, end_id_set(sw.eos_id), sw.decode, sw.policy)
-        log.info("now serving %s", sw.version)
-        sw.done.set()
+            cache = self.cache
+            if sw.model.args != self.model.args or p.dtype != self.dtype:
+                cache = KVCache(sw.model.args, self.cfg.max_batch_size, self.cfg.max_context, p.dtype, p.device)
+            self.cache, self.device, self.dtype = cache, p.device, p.dtype
+            self.kept.clear()   # KV of the old weights
+            self.model, self.model_version, self.end_ids, self.decode, self.policy = (
+                sw.model, sw.version, end_id_set(sw.eos_id), sw.decode, sw.policy)
+            log.info("now serving %s", sw.version)
+        except Exception as e:
+            log.exception("swap to %s failed; still serving %s", sw.version, self.model_version)
+            sw.error = e
+        finally:
+            sw.done.set()
 
     def wake(self) -> None:
         with self.cv:
@@ -284,6 +297,7 @@ class Engine:
             try:
                 self._drop_dead()
                 with self.cv:
+                    self._purge_waiting()   # also while held: a queue of dead requests refuses live ones
                     if self._swap is not None and not self.active:
                         self._apply_swap()
                     admitted = [] if self._held else self._admit()   # held: a swap is coming, drain first
@@ -299,6 +313,23 @@ class Engine:
         for r in self.waiting:
             for s in r.seqs:
                 r.events.put(DoneEvent(s.index, Finish.CANCELLED))
+
+    def _purge_waiting(self) -> None:
+        """Drops waiting requests that were cancelled or passed their deadline, wherever they are in the
+        queue, with their final event. Caller holds cv."""
+        now = time.monotonic()
+        if not any(r.cancelled.is_set() or (r.deadline is not None and now > r.deadline) for r in self.waiting):
+            return
+        live = deque()
+        for req in self.waiting:
+            dead = req.cancelled.is_set() or (req.deadline is not None and now > req.deadline)
+            if not dead:
+                live.append(req)
+                continue
+            reason = Finish.CANCELLED if req.cancelled.is_set() else Finish.DEADLINE
+            for s in req.seqs:
+                req.events.put(DoneEvent(s.index, reason))
+        self.waiting = live
 
     def _admit(self) -> list[Sequence]:
         """Moves waiting requests into free slots (whole requests only), FIFO. A request takes n slots

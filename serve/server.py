@@ -55,9 +55,9 @@ class TextTracker:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             text = text[:min(hits)]
+        if not final:   # a character still split across tokens is not text yet: it must not use up the hold-back
+            text = text.rstrip("\ufffd")
         end = len(text) if final else max(self.sent, len(text) - self.hold)
-        if not final and text[:end].endswith("\ufffd"):
-            end = self.sent
         out, self.sent = text[self.sent:end], max(self.sent, end)
         return out
 
@@ -80,6 +80,12 @@ class _Recorded:
 
     def close(self) -> None:
         self.mark("CANCELLED")  # ended with no status of ours: the client went away
+
+
+def _ended_status(_request, context) -> str:
+    """The status of a call that ended on the client's side before it was done: its deadline, or a cancel."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
 
 
 def _abort(context, code: grpc.StatusCode, msg: str):
@@ -173,6 +179,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         prompt = self.policy.decode(req.prompt) if prompt is None else prompt
         texts = [self._text(s) for s in req.seqs] if texts is None else texts
         for s, text in zip(req.seqs, texts):
+            if s.finish is None:   # never finished (the call ended first): not a response anyone got
+                continue
             if self.interactions is not None:
                 self.interactions.record(prompt, req.prompt, s, text, req.model_version)
             if self.scorer is not None and s.finish not in (Finish.CANCELLED, Finish.DEADLINE, Finish.ERROR,
@@ -193,7 +201,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         recorded = _Recorded("GenerateStream", context)
         try:
             yield from self._generate_stream(request, context)
-            recorded.ok()
+            if context.is_active():
+                recorded.ok()
+            else:
+                recorded.mark(_ended_status(request, context))
         finally:
             recorded.close()
 
@@ -203,6 +214,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             out = fn()
             if context.is_active():
                 recorded.ok()
+            else:
+                recorded.mark(_ended_status(None, context))
             return out
         finally:
             recorded.close()
@@ -243,6 +256,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     finish_reason=convert.FINISH_TO_PB.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED),
                     usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)),
                     prompt_text=prompt_text)
+        if not context.is_active():   # the client went away (deadline, cancel): nothing was served to log
+            return
         self._log_interactions(req, prompt_text)
 
     @staticmethod

@@ -125,7 +125,13 @@ class VersionManager(Generic[Loaded]):
             finally:   # load and canary ran torch on this thread: its OpenMP pool would slow the engine's
                 release_thread_pool()
             new = ServedModel(version, loaded)
-            self.apply(new)
+            try:
+                self.apply(new)
+            except Exception as e:   # e.g. no memory for its cache: the old version is still served
+                self.refused[version] = f"{version} could not be applied: {type(e).__name__}: {e}"
+                self.on_event("refused", version)
+                log.error("refusing version %s, still serving %s: %s", version, self.current.version, e)
+                raise Refused(self.refused[version]) from e
             ends.append(time.monotonic())
             self.current = new
             if pin is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -309,3 +310,35 @@ def test_rollout_texts_for_the_rm_match_what_served_feedback_quotes(tiny_qwen2):
     got = rollout_rm_texts(tok, [prompt, prompt], [answer + [im_end], answer], ends)
     assert got[0] == rm_text(served_prompt, tok.decode(answer))
     assert got[1] == rm_text(served_prompt, tok.decode(answer), truncated=True)
+
+
+def test_a_stream_that_ends_at_its_deadline_is_not_logged_as_served(tiny_qwen2, monkeypatch):
+    """A streamed request still queued when its deadline passes (here behind a swap's hold): the client
+    gets DEADLINE_EXCEEDED, and the server neither logs an interaction for it nor counts it OK."""
+    import grpc
+
+    import serve.interactions as interactions_module
+    from serve import metrics
+    from serve.config import ServerConfig
+    from serve.loader import load_policy
+    from serve.server import serve
+    monkeypatch.setattr(interactions_module, "AckedProducer", _Producer)
+    monkeypatch.setattr(interactions_module, "ensure_topics", lambda bootstrap: None)
+    _Producer.sent.clear()
+    cfg = ServerConfig(model=tiny_qwen2, port=0, metrics_port=0, max_context=256, kafka_bootstrap="fake:9092")
+    server, port, engine, interactions = serve(cfg, load_policy(tiny_qwen2, cpu_pack="none"))
+    count = lambda status: metrics.REQUESTS.labels("GenerateStream", status)._value.get()  # noqa: E731
+    before = {s: count(s) for s in ("OK", "DEADLINE_EXCEEDED")}
+    try:
+        engine.hold()
+        with PolicyClient(f"127.0.0.1:{port}", timeout=0.6) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.stream(CONVERSATIONS[1], temperature=0.0, max_new_tokens=3))
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.0)   # the handler notices within its 0.25 s poll
+        engine.release()
+    finally:
+        server.stop(0)
+        engine.stop()
+    assert _Producer.sent == []
+    assert count("OK") == before["OK"] and count("DEADLINE_EXCEEDED") == before["DEADLINE_EXCEEDED"] + 1

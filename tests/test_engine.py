@@ -243,3 +243,54 @@ def test_a_hold_drains_the_batch_and_queues_new_requests_until_the_swap(tiny_gpt
         assert later.model_version == "v1"
     finally:
         engine.stop()
+
+
+def test_cancelled_waiting_requests_do_not_fill_the_queue_also_while_held(tiny_gpt2):
+    """A client gone while its request waits behind another (or behind a swap's hold) frees its place
+    in the queue at once: the next live request is taken, not refused as QueueFull."""
+    pol = load_policy(tiny_gpt2, dtype=torch.float32)
+    engine = Engine(pol.model, EngineConfig(max_batch_size=1, max_queue=3, max_context=256), pol.eos_id,
+                    pol.decode, pol.version).start()
+    spec = SamplingSpec(temperature=0.0, max_new_tokens=200, ignore_eos=True)
+    try:
+        running = engine.submit(Request(prompt=[5, 17, 33], spec=spec))
+        assert isinstance(running.events.get(timeout=60), TokenEvent)   # it holds the only slot
+        live = engine.submit(Request(prompt=[7, 1], spec=spec))          # waits at the head
+        gone = [engine.submit(Request(prompt=[7, i], spec=spec)) for i in (2, 3)]
+        for r in gone:
+            r.cancel()
+        later = engine.submit(Request(prompt=[7, 4], spec=spec))         # was: QueueFull (3 waiting)
+        for r in gone:
+            assert r.events.get(timeout=5) == DoneEvent(0, Finish.CANCELLED)
+        engine.hold()
+        for r in (live, later):
+            r.cancel()
+        more = [engine.submit(Request(prompt=[8, i], spec=spec)) for i in range(3)]   # all three fit
+        assert len(more) == 3
+        engine.release()
+        running.cancel()
+        for r in more:
+            r.cancel()
+    finally:
+        engine.stop()
+
+
+def test_a_swap_that_fails_keeps_the_old_version_whole_and_raises(tiny_gpt2, monkeypatch):
+    import serve.engine as engine_mod
+    pol = load_policy(tiny_gpt2, dtype=torch.float32)
+    bf16 = load_policy(tiny_gpt2, dtype=torch.bfloat16)   # another dtype: the swap needs a new cache
+    engine = Engine(pol.model, EngineConfig(max_batch_size=2, max_queue=4, max_context=64), pol.eos_id,
+                    pol.decode, pol.version).start()
+
+    def no_memory(*a, **k):
+        raise RuntimeError("out of memory")
+    try:
+        monkeypatch.setattr(engine_mod, "KVCache", no_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.swap(bf16.model, "v-new", bf16.eos_id, bf16.decode, timeout=30)
+        assert engine.model_version == pol.version and engine.dtype == torch.float32 and engine.model is pol.model
+        r = engine.submit(Request(prompt=[5, 17], spec=SamplingSpec(temperature=0.0, max_new_tokens=3, ignore_eos=True)))
+        _wait_done([r])   # still serving, not held
+        assert r.model_version == pol.version
+    finally:
+        engine.stop()

@@ -54,3 +54,20 @@ def test_deltas_add_up_to_the_final_text_and_never_repeat():
     for stops in [(), ("x",), ("ab",), ("STOP", "zzz")]:
         deltas = stream(ids, stops)
         assert "".join(deltas) == decode(ids), stops
+
+
+def test_a_split_character_does_not_use_up_the_hold_back_of_a_stop():
+    """"好的\\n用户" with the stop "\\n用户", the "用" arriving byte by byte: while it is half decoded the
+    "\\n" before it could still start the stop, so it is not sent (it was: U+FFFD took its place in the
+    hold-back), and the stream equals the unary text, "好的"."""
+    data = "好的\n用户：".encode()
+    vocab = dict(enumerate(bytes([b]) for b in data))   # one byte per token
+
+    def dec(ids):
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+    tr = TextTracker(dec, ("\n用户",))
+    ids = list(vocab)
+    sent = [tr.delta(ids[:k], final=False) for k in range(1, len(ids) + 1)]
+    stop_at = dec(ids).find("\n用户")
+    sent.append(tr.delta(ids, final=True, text_end=stop_at))
+    assert "".join(sent) == "好的" and "\n" not in "".join(sent)
