@@ -133,7 +133,9 @@ class FeedbackServicer(fb_grpc.FeedbackServiceServicer):
         if len(served_for) > 1:
             raise validate.Invalid(f"{f.WhichOneof('kind')}: its responses were served for different prompts")
         if served_for:
-            getattr(f, f.WhichOneof("kind")).prompt = served_for.pop()
+            kind = f.WhichOneof("kind")
+            getattr(f, kind).prompt = prompt = served_for.pop()
+            validate.check_text(f"{kind}.prompt", prompt, self.limits)   # as the consumer will check it
 
     def _prepare(self, f: fb.Feedback, budget: LookupBudget) -> tuple[str, str, bytes]:
         """Validates and resolves one piece of feedback -> (kind, event_id, record bytes); raises Invalid."""

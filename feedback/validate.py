@@ -21,6 +21,11 @@ class Limits:
     max_id_chars: int = 128
 
 
+def check_text(name: str, value: str, lim: Limits, required: bool = True) -> None:
+    """A text field within the limits; raises Invalid naming it."""
+    _text(name, value, lim, required)
+
+
 def _text(name: str, value: str, lim: Limits, required: bool = True) -> None:
     if required and (not value or value.isspace()):
         raise Invalid(f"{name}: missing")

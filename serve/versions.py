@@ -113,7 +113,7 @@ class VersionManager(Generic[Loaded]):
             except Refused as e:
                 if held:
                     self.release()
-                if self.store.path(version).is_dir():   # a version not (yet) in the store may come later
+                if model_store.VERSION_RE.match(version) and self.store.path(version).is_dir():   # else it may come later
                     self.refused[version] = str(e)
                 self.on_event("refused", version)
                 log.error("refusing version %s, still serving %s: %s", version, self.current.version, e)

@@ -243,6 +243,8 @@ def test_a_version_not_in_the_store_yet_is_not_refused_for_good(tmp_path):
     with pytest.raises(Refused):
         m.pin("v0001")                       # a typo, or not published yet
     assert not m.pinned and "v0001" not in m.refused
+    with pytest.raises(Refused):
+        m.pin("latest")                      # not a version name at all: refused, not a ValueError
     store.publish("v0001", lambda d: (d / "weights.txt").write_text("v0001"), parent=None, metrics={}, offsets={})
     assert m.pin("v0001").version == "v0001" and m.pinned
 

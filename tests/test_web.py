@@ -458,3 +458,29 @@ def test_broker_down_the_page_says_not_saved_and_a_retry_after_restart_stores_on
     stored = stack.wait_for(_comparisons_of(samples), 1)
     assert len(stored) == 1 and stored[0].feedback.comparison.preferred == fb.Comparison.CHOICE_A
     page.context.close()
+
+
+def test_a_batch_partly_saved_is_reported_as_partial():
+    """SubmitBatch answering OK for one item and INVALID_ARGUMENT for the other: the page is told
+    'partial' (it must not submit the batch anew with new event ids: the saved item would be stored twice)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from web.backends import Backends
+
+    class Stub:
+        def __init__(self, codes):
+            self.codes = codes
+
+        async def SubmitBatch(self, batch, timeout, metadata):
+            return SimpleNamespace(results=[SimpleNamespace(code=c, message="unknown response id" if c else "")
+                                            for c in self.codes])
+    b = object.__new__(Backends)
+    b.cfg = SimpleNamespace(feedback_timeout_s=5.0)
+    invalid = 3   # grpc.StatusCode.INVALID_ARGUMENT
+    for codes, partial in (([0, invalid], True), ([invalid, invalid], False)):
+        b.feedback = Stub(codes)
+        f = asyncio.run(b.submit(fb.FeedbackBatch(), ""))
+        assert f.json() == {"retry": False, "code": "INVALID_ARGUMENT", "error": "unknown response id", "partial": partial}
+    b.feedback = Stub([0, 0])
+    assert asyncio.run(b.submit(fb.FeedbackBatch(), "")) is None

@@ -33,14 +33,15 @@ class Failure:
     retry: bool
     code: str
     message: str
+    partial: bool = False   # a batch some of whose items were saved: the page must not submit it anew
 
     @staticmethod
-    def of(code: grpc.StatusCode, message: str) -> "Failure":
+    def of(code: grpc.StatusCode, message: str, partial: bool = False) -> "Failure":
         http, retry = _HTTP.get(code, (502, True))
-        return Failure(http, retry, code.name, message)
+        return Failure(http, retry, code.name, message, partial)
 
     def json(self) -> dict:
-        return {"retry": self.retry, "code": self.code, "error": self.message}
+        return {"retry": self.retry, "code": self.code, "error": self.message, "partial": self.partial}
 
 
 class Backends:
@@ -68,7 +69,8 @@ class Backends:
         except grpc.aio.AioRpcError as e:
             return Failure.of(e.code(), e.details() or e.code().name)
         bad = [r for r in res.results if r.code != 0]
-        return Failure.of(_BY_NUMBER.get(bad[0].code, grpc.StatusCode.UNKNOWN), bad[0].message) if bad else None
+        return Failure.of(_BY_NUMBER.get(bad[0].code, grpc.StatusCode.UNKNOWN), bad[0].message,
+                          partial=len(bad) < len(res.results)) if bad else None
 
     async def close(self) -> None:
         for ch in self.channels:

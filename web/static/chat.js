@@ -164,7 +164,7 @@ function pickBar(turn) {
       class: "pick" + (sub && sub.choice === c && sub.strength === s ? " given" : ""), "data-choice": c,
       "data-strength": s, disabled: !!sub && !refused(sub), onclick: () => pick(c, s)}, label)),
     sub ? submissionNotice(sub, "choice", sendPick) : null,
-    refused(sub) ? el("button", {class: "retry", onclick: () => ask(turn.request)}, "Ask again") : null);
+    settled(sub) ? el("button", {class: "retry", onclick: () => ask(turn.request)}, "Ask again") : null);
 }
 
 function render() {
@@ -195,7 +195,7 @@ async function main() {
   });
   document.getElementById("new").addEventListener("click", () => {
     const unsaved = [state.turn && state.turn.submission, ...Object.values(state.ratings)]
-      .some((sub) => sub && sub.status !== "saved" && !refused(sub));
+      .some((sub) => sub && sub.status !== "saved" && !settled(sub));
     if (unsaved && !confirm("A choice or rating of yours is not saved yet. Start over anyway?")) return;
     state = {messages: [], turn: null, ratings: {}};
     save();

@@ -35,6 +35,7 @@ async function submitFeedback(page, submission) {
   submission.status = r.ok && r.data.saved === true ? "saved" : "failed";
   submission.error = submission.status === "saved" ? "" : (r.data.error || "HTTP " + r.status);
   submission.retry = submission.status === "failed" && r.data.retry !== false;
+  submission.partial = submission.status === "failed" && r.data.partial === true;
   return submission.status === "saved";
 }
 
@@ -100,16 +101,19 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
-// A submission the gateway or the feedback service refused (bad input, an unknown response id): nothing
-// of it was stored and resending it would be refused again, so the page lets the person go on.
-function refused(sub) { return !!sub && sub.status === "failed" && !sub.retry; }
+// A submission the gateway or the feedback service refused (bad input, an unknown response id): resending
+// it would be refused again, so the page lets the person go on (settled). When nothing of it was stored
+// (refused), the person may also redo it, with new event ids; a batch partly stored is not redone.
+function settled(sub) { return !!sub && sub.status === "failed" && !sub.retry; }
+function refused(sub) { return settled(sub) && !sub.partial; }
 
 // What a submission's state says to the person: saved, sending, not saved with a retry, or refused.
 function submissionNotice(sub, what, onRetry) {
   if (!sub) return null;
   if (sub.status === "saved") return el("div", {class: "notice saved"}, what + " saved.");
   if (sub.status === "sending") return el("div", {class: "notice sending"}, "Saving " + what + "…");
-  if (refused(sub)) return el("div", {class: "notice error refused", role: "alert"}, "Not saved: " + sub.error + ".");
+  if (settled(sub)) return el("div", {class: "notice error refused", role: "alert"},
+                              (sub.partial ? "Partly saved; the rest was refused: " : "Not saved: ") + sub.error + ".");
   return el("div", {class: "notice error", role: "alert"},
             "Not saved: " + sub.error + ". Your " + what + " is kept; retry when the service is back. ",
             el("button", {class: "retry", onclick: onRetry}, "Retry"));

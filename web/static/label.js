@@ -88,7 +88,7 @@ async function send() {
 }
 
 function skip() {
-  if (locked()) return;
+  if (locked() && !settled(state.submission)) return;
   state.index += 1;
   loadItem();
 }
@@ -139,7 +139,7 @@ function render() {
     el("ol", {id: "ranking"}, ...state.order.map((ri, rank) => cardView(ri, rank))),
     el("div", {class: "actions"},
       el("button", {id: "submit", class: "primary", disabled: locked(), onclick: submit}, "Submit ranking"),
-      el("button", {id: "skip", disabled: locked(), onclick: skip}, "Skip")),
+      el("button", {id: "skip", disabled: locked() && !settled(state.submission), onclick: skip}, "Skip")),
     submissionNotice(state.submission, "ranking", send) || "");
 }
 
