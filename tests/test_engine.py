@@ -248,9 +248,8 @@ def test_a_hold_drains_the_batch_and_queues_new_requests_until_the_swap(tiny_gpt
 def test_cancelled_waiting_requests_do_not_fill_the_queue_also_while_held(tiny_gpt2):
     """A client gone while its request waits behind another (or behind a swap's hold) frees its place
     in the queue at once: the next live request is taken, not refused as QueueFull."""
-    pol = load_policy(tiny_gpt2, dtype=torch.float32)
-    engine = Engine(pol.model, EngineConfig(max_batch_size=1, max_queue=3, max_context=256), pol.eos_id,
-                    pol.decode, pol.version).start()
+    pol, engine = _engine(tiny_gpt2, max_batch_size=1, max_queue=3)
+    engine.start()
     spec = SamplingSpec(temperature=0.0, max_new_tokens=200, ignore_eos=True)
     try:
         running = engine.submit(Request(prompt=[5, 17, 33], spec=spec))

@@ -343,9 +343,7 @@ def test_chat_both_bad_after_a_thumbs_up_rates_only_the_other_down(stack, browse
 
 @pytest.mark.slow
 def test_labeling_reload_while_the_next_item_loads_and_a_refused_submission(stack, browser):
-    page = _page(browser)
-    _sign_in(page, stack.base, "/label", TOKENS["labeler"])
-    page.wait_for_selector("#ranking li.card >> nth=3")
+    page = _labeling_page(stack, browser)
     first = _ranking_ids(page)
     page.route("**/api/label/item", lambda route: None)   # the next item never comes...
     page.click("#submit")
@@ -375,15 +373,21 @@ def test_labeling_reload_while_the_next_item_loads_and_a_refused_submission(stac
     page.context.close()
 
 
+def _labeling_page(stack, browser):
+    """A labeler signed in on the labeling page, its first item's four responses shown."""
+    page = _page(browser)
+    _sign_in(page, stack.base, "/label", TOKENS["labeler"])
+    page.wait_for_selector("#ranking li.card >> nth=3")
+    return page
+
+
 def _ranking_ids(page) -> list[str]:
     return page.eval_on_selector_all("#ranking li.card", "els => els.map(e => e.dataset.responseId)")
 
 
 @pytest.mark.slow
 def test_labeling_ranking_of_four_with_likert_arrives_as_one_ranking_and_four_ratings(stack, browser, tmp_path):
-    page = _page(browser)
-    _sign_in(page, stack.base, "/label", TOKENS["labeler"])
-    page.wait_for_selector("#ranking li.card >> nth=3")
+    page = _labeling_page(stack, browser)
     served = _ranking_ids(page)
     assert len(set(served)) == 4
     page.focus("#ranking li.card >> nth=3")
@@ -417,9 +421,7 @@ def test_labeling_ranking_of_four_with_likert_arrives_as_one_ranking_and_four_ra
 
 @pytest.mark.slow
 def test_double_submit_and_a_resent_submission_store_once(stack, browser):
-    page = _page(browser)
-    _sign_in(page, stack.base, "/label", TOKENS["labeler"])
-    page.wait_for_selector("#ranking li.card >> nth=3")
+    page = _labeling_page(stack, browser)
     ids = _ranking_ids(page)
     with page.expect_request(stack.base + "/api/feedback/label") as req:
         page.dblclick("#submit")
