@@ -477,12 +477,17 @@ def test_a_batch_partly_saved_is_reported_as_partial():
         async def SubmitBatch(self, batch, timeout, metadata):
             return SimpleNamespace(results=[SimpleNamespace(code=c, message="unknown response id" if c else "")
                                             for c in self.codes])
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(coro):   # on a thread of its own: the browser fixture's Playwright keeps an event loop on this one
+        with ThreadPoolExecutor(1) as ex:
+            return ex.submit(asyncio.run, coro).result()
     b = object.__new__(Backends)
     b.cfg = SimpleNamespace(feedback_timeout_s=5.0)
     invalid = 3   # grpc.StatusCode.INVALID_ARGUMENT
     for codes, partial in (([0, invalid], True), ([invalid, invalid], False)):
         b.feedback = Stub(codes)
-        f = asyncio.run(b.submit(fb.FeedbackBatch(), ""))
+        f = run(b.submit(fb.FeedbackBatch(), ""))
         assert f.json() == {"retry": False, "code": "INVALID_ARGUMENT", "error": "unknown response id", "partial": partial}
     b.feedback = Stub([0, 0])
-    assert asyncio.run(b.submit(fb.FeedbackBatch(), "")) is None
+    assert run(b.submit(fb.FeedbackBatch(), "")) is None
