@@ -23,10 +23,6 @@ class Limits:
 
 def check_text(name: str, value: str, lim: Limits, required: bool = True) -> None:
     """A text field within the limits; raises Invalid naming it."""
-    _text(name, value, lim, required)
-
-
-def _text(name: str, value: str, lim: Limits, required: bool = True) -> None:
     if required and (not value or value.isspace()):
         raise Invalid(f"{name}: missing")
     if len(value) > lim.max_text_chars:
@@ -54,7 +50,7 @@ def _response(name: str, r: fb.Response, lim: Limits, resolved: bool) -> None:
         raise Invalid(f"{name}.model_version: missing")
     # a response given by id may be served text that is empty (the model stopped at once): the id,
     # resolved against the interactions log, is what identifies it, so only id-less ones need a text
-    _text(f"{name}.text", r.text, lim, required=resolved and not r.response_id)
+    check_text(f"{name}.text", r.text, lim, required=resolved and not r.response_id)
 
 
 def event_id(f: fb.Feedback) -> str:
@@ -88,7 +84,7 @@ def check(f: fb.Feedback, lim: Limits, resolved: bool) -> None:
     if not msg.HasField("source"):
         raise Invalid(f"{kind}.source: missing")
     _source(msg.source, lim)
-    _text(f"{kind}.prompt", msg.prompt, lim)
+    check_text(f"{kind}.prompt", msg.prompt, lim)
     for name, r in responses(f):
         _response(name, r, lim, resolved)
     if kind == "comparison":

@@ -82,7 +82,7 @@ class _Recorded:
         self.mark("CANCELLED")  # ended with no status of ours: the client went away
 
 
-def _ended_status(_request, context) -> str:
+def _ended_status(context) -> str:
     """The status of a call that ended on the client's side before it was done: its deadline, or a cancel."""
     left = context.time_remaining()
     return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
@@ -204,7 +204,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             if context.is_active():
                 recorded.ok()
             else:
-                recorded.mark(_ended_status(request, context))
+                recorded.mark(_ended_status(context))
         finally:
             recorded.close()
 
@@ -215,7 +215,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             if context.is_active():
                 recorded.ok()
             else:
-                recorded.mark(_ended_status(None, context))
+                recorded.mark(_ended_status(context))
             return out
         finally:
             recorded.close()

@@ -110,6 +110,12 @@ class VersionManager(Generic[Loaded]):
                 except Exception as e:   # a canary that crashes refuses the version, else it is retried for ever
                     raise Refused(f"{version}: the canary failed: {type(e).__name__}: {e}") from e
                 ends.append(time.monotonic())
+                new = ServedModel(version, loaded)
+                try:
+                    self.apply(new)
+                except Exception as e:   # e.g. no memory for its cache: the old version is still served
+                    raise Refused(f"{version} could not be applied: {type(e).__name__}: {e}") from e
+                ends.append(time.monotonic())
             except Refused as e:
                 if held:
                     self.release()
@@ -124,15 +130,6 @@ class VersionManager(Generic[Loaded]):
                 raise
             finally:   # load and canary ran torch on this thread: its OpenMP pool would slow the engine's
                 release_thread_pool()
-            new = ServedModel(version, loaded)
-            try:
-                self.apply(new)
-            except Exception as e:   # e.g. no memory for its cache: the old version is still served
-                self.refused[version] = f"{version} could not be applied: {type(e).__name__}: {e}"
-                self.on_event("refused", version)
-                log.error("refusing version %s, still serving %s: %s", version, self.current.version, e)
-                raise Refused(self.refused[version]) from e
-            ends.append(time.monotonic())
             self.current = new
             if pin is not None:
                 self.pinned = pin

@@ -127,7 +127,7 @@ class Gateway:
         try:
             form = parse_qs((await _body(request, MAX_SIGNIN_BODY)).decode(errors="replace"))
         except TooLarge as e:
-            return JSONResponse({"error": str(e)}, status_code=413)
+            return bad_request(e)
         token, page = form.get("token", [""])[0].strip(), form.get("next", ["chat"])[0]
         page = page if page in PAGE_ROLES else "chat"
         role = self.access.role_of(token)
