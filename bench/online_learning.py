@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -103,9 +104,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench-online", help="report folder")
     ap.add_argument("--policy", type=Path, default=REPO / "models" / "policy-v0", help="the main job's initial policy")
     ap.add_argument("--sft-minutes", type=float, default=4.0, help="the one-time SFT, if the policy has not had it")
+    ap.add_argument("--online-args", default="", help="more flags for python -m online (e.g. to try a trainer setting: "
+                    "--online-args='--trainer-args=...'; default: the main job's defaults)")
     a = ap.parse_args()
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
-    extra = ["--init-policy", str(a.policy)] + (["--cycles", "2", "--measure-prompts", "64"] if a.quick else [])
+    extra = (["--init-policy", str(a.policy)] + (["--cycles", "2", "--measure-prompts", "64"] if a.quick else [])
+             + shlex.split(a.online_args))
     ensure_policy(a.policy, a.sft_minutes)
     a.out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -99,7 +99,7 @@ class OnlineConfig:
     trainer_procs: int = 1
     """Trainer processes: above 1 the trainer runs under torchrun (python -m torch.distributed.run
     --standalone), data-parallel over gloo; the main job's share of cores for it stays 2 threads in all."""
-    trainer_args: str = ("--rm.lr 5e-5 --rm.max-steps 16 --rm.batch-groups 8 --rm.max-length 64 --ppo.lr 3e-5 "
+    trainer_args: str = ("--rm.lr 5e-5 --rm.max-steps 40 --rm.batch-groups 8 --rm.max-length 64 --ppo.lr 3e-5 "
                          "--ppo.iterations 6 --ppo.rollouts 32 --ppo.missing-eos-penalty 0.5")
     """Extra flags for python -m train.loop (see its --help)."""
 
