@@ -466,6 +466,7 @@ def test_a_batch_partly_saved_is_reported_as_partial():
     """SubmitBatch answering OK for one item and INVALID_ARGUMENT for the other: the page is told
     'partial' (it must not submit the batch anew with new event ids: the saved item would be stored twice)."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from web.backends import Backends
@@ -477,7 +478,6 @@ def test_a_batch_partly_saved_is_reported_as_partial():
         async def SubmitBatch(self, batch, timeout, metadata):
             return SimpleNamespace(results=[SimpleNamespace(code=c, message="unknown response id" if c else "")
                                             for c in self.codes])
-    from concurrent.futures import ThreadPoolExecutor
 
     def run(coro):   # on a thread of its own: the browser fixture's Playwright keeps an event loop on this one
         with ThreadPoolExecutor(1) as ex:
