@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from common.config_cli import parse_config
 from common.data import HH_PAIRS
@@ -108,6 +108,9 @@ def train_tokenizer(lines: list[str], vocab_size: int):
 
 
 def build(spec: PolicySpec) -> Path:
+    # imported here, not at the top: the two model classes cost ~5 s of import on a 2-core EPYC, and
+    # train.sft, train.loop and their --help import this module without building a model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tok = train_tokenizer(corpus_lines(spec.corpus), spec.vocab_size)
     vocab = max(len(tok), spec.model_vocab_size)

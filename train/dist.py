@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -82,6 +81,10 @@ def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of model under FSDP2: each block of its top-level layer lists (transformer layers of
     the HF families we train) is one unit, gathered only while it runs; the rest (embeddings, tied
     LM head, value or reward head) is the root unit, so tied weights stay in one unit."""
+    # FSDP2 and its state-dict helpers are imported where they are used: ~1.2 s of import on a 2-core
+    # EPYC that every trainer command and --help paid, and only torchrun --*.parallel fsdp runs them
+    from torch.distributed.fsdp import fully_shard
+
     shard = copy.deepcopy(model)
     inside: set[int] = set()
     for m in shard.modules():
@@ -94,6 +97,9 @@ def sharded_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_sharded_copy(trained: torch.nn.Module) -> bool:
+    if "torch.distributed.fsdp" not in sys.modules:   # not imported: nothing was sharded (see sharded_copy)
+        return False
+    from torch.distributed.fsdp import FSDPModule
     return isinstance(trained, FSDPModule)
 
 
@@ -106,6 +112,7 @@ def synced(trained: torch.nn.Module, model: torch.nn.Module):
     if not is_sharded_copy(trained):
         yield
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(trained, model.state_dict(), options=full)
     yield
