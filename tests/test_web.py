@@ -488,6 +488,20 @@ def test_a_batch_partly_saved_is_reported_as_partial():
     for codes, partial in (([0, invalid], True), ([invalid, invalid], False)):
         b.feedback = Stub(codes)
         f = run(b.submit(fb.FeedbackBatch(), ""))
-        assert f.json() == {"retry": False, "code": "INVALID_ARGUMENT", "error": "unknown response id", "partial": partial}
+        assert f.json() == {"status": 400, "retry": False, "code": "INVALID_ARGUMENT", "error": "unknown response id",
+                            "partial": partial}
     b.feedback = Stub([0, 0])
     assert run(b.submit(fb.FeedbackBatch(), "")) is None
+
+
+def test_a_backend_that_refuses_the_token_sends_the_page_to_sign_in():
+    """The gateway let a token in that a backend refuses (e.g. revoked since): 401, not 403, and in
+    a stream's error event too (inside a 200 answer), where chat.js reads `status` to sign in again."""
+    import grpc
+
+    from web.backends import Failure
+    f = Failure.of(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+    assert (f.http, f.retry, f.json()["status"]) == (401, False, 401)
+    assert Failure.of(grpc.StatusCode.PERMISSION_DENIED, "labelers only").json()["status"] == 403
+    assert Failure.of(grpc.StatusCode.UNAVAILABLE, "down").json() == {
+        "status": 503, "retry": True, "code": "UNAVAILABLE", "error": "down", "partial": False}

@@ -17,7 +17,7 @@ from .config import WebConfig
 # a gRPC status -> (HTTP status, whether the same submission may succeed later)
 _HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, False),
-    grpc.StatusCode.UNAUTHENTICATED: (403, False),
+    grpc.StatusCode.UNAUTHENTICATED: (401, False),   # the token the gateway let in is not valid there: sign in again
     grpc.StatusCode.PERMISSION_DENIED: (403, False),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (503, True),
     grpc.StatusCode.UNAVAILABLE: (503, True),
@@ -41,7 +41,10 @@ class Failure:
         return Failure(http, retry, code.name, message, partial)
 
     def json(self) -> dict:
-        return {"retry": self.retry, "code": self.code, "error": self.message, "partial": self.partial}
+        """The answer's body; `status` repeats the HTTP status for a stream's "error" event, which
+        arrives inside a 200 response (the chat page signs in again on 401)."""
+        return {"status": self.http, "retry": self.retry, "code": self.code, "error": self.message,
+                "partial": self.partial}
 
 
 class Backends:
