@@ -192,13 +192,32 @@ def _gone(pid: int) -> bool:
     return False
 
 
+def _runs_node(pid: int, node: Node) -> bool:
+    """Whether process `pid` is this node's Kafka: its command line runs kafka.Kafka on the node's
+    properties file (a relative path read against the process's own working directory). A pid
+    file outlives its broker (a reboot, kill -9 of the main job) and its pid may since be another
+    process's, which stop must not signal. Without /proc (not Linux) the pid file is trusted."""
+    proc = Path("/proc") / str(pid)
+    if not Path("/proc/self").exists():
+        return True
+    try:
+        args = [os.fsdecode(a) for a in (proc / "cmdline").read_bytes().split(b"\0")]
+        cwd = Path(os.readlink(proc / "cwd"))
+    except OSError:   # gone meanwhile, or another user's process: not ours
+        return False
+    want = (node.data_dir / "server.properties").resolve()
+    return "kafka.Kafka" in args and any(a.endswith("server.properties") and (cwd / a).resolve() == want
+                                         for a in args)
+
+
 def read_pid(cfg: BrokerConfig, node_id: int = 1) -> int | None:
     """The pid of a node's running process (None if it is not running)."""
+    node = cfg.node(node_id)
     try:
-        pid = int(_pid_file(cfg.node(node_id)).read_text())
+        pid = int(_pid_file(node).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return None if _gone(pid) else pid
+    return None if _gone(pid) or not _runs_node(pid, node) else pid
 
 
 def live_brokers(bootstrap: str, timeout_s: float = 5.0) -> set[int]:
@@ -249,21 +268,38 @@ def start(cfg: BrokerConfig) -> int:
             if read_pid(cfg, n.node_id) is None:
                 launched[n.node_id] = _launch(cfg, n)
     except BaseException:   # a node that could not even launch (no java, a full disk): none left half-started
-        stop(cfg, node_ids=set(launched))
+        _stop_launched(cfg, launched)
         raise
     deadline = time.monotonic() + cfg.start_timeout_s
     while time.monotonic() < deadline:
         for k, proc in launched.items():
             if proc.poll() is not None:
-                stop(cfg, node_ids=set(launched))
+                _stop_launched(cfg, launched)
                 raise RuntimeError(f"kafka node {k} exited with {proc.returncode}; "
                                    f"see {cfg.node(k).data_dir / 'broker.log'}")
         if any(_port_open(n.port) for n in cfg.nodes()) and live_brokers(cfg.bootstrap, timeout_s=2.0) == wanted:
             return read_pid(cfg, 1)
         time.sleep(0.5)
-    stop(cfg, node_ids=set(launched))   # only what this call started: the running nodes stay up
+    _stop_launched(cfg, launched)   # only what this call started: the running nodes stay up
     raise TimeoutError(f"kafka did not have all {cfg.brokers} brokers live within {cfg.start_timeout_s}s; "
                        f"see broker.log under {cfg.data_dir}")
+
+
+def _stop_launched(cfg: BrokerConfig, launched: dict[int, subprocess.Popen], timeout_s: float = 30.0) -> None:
+    """Stops the nodes start() launched, through their Popen handles: a node launched a moment ago may
+    not have exec'd Java yet, and read_pid would not take it for the broker (see _runs_node)."""
+    for proc in launched.values():
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in launched.values():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for k in launched:
+        _pid_file(cfg.node(k)).unlink(missing_ok=True)
 
 
 def stop(cfg: BrokerConfig, timeout_s: float = 30.0, node_ids: set[int] | None = None) -> None:

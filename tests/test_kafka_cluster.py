@@ -336,3 +336,34 @@ def test_a_node_that_cannot_launch_leaves_no_other_node_running(tmp_path, monkey
     assert len(procs) == 1                       # node 1 had started
     assert procs[0].wait(timeout=30) is not None  # and was stopped
     assert read_pid(cfg, 1) is None and not (cfg.node(1).data_dir / "broker.pid").exists()
+
+
+def test_a_pid_file_naming_another_process_is_not_taken_for_the_broker(tmp_path):
+    """A pid file outlives its broker (a reboot, kill -9 of the main job); its pid may since be another
+    process's. That process is not the broker: read_pid says not running and stop leaves it alone.
+    A process whose command line is this node's Kafka, with its properties file relative to its own
+    working directory, is."""
+    import subprocess
+    import sys
+
+    from feedback.broker import stop
+    cfg = BrokerConfig.on_free_ports(tmp_path / "kafka", brokers=1)
+    node = cfg.node(1)
+    node.data_dir.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "kafka.Kafka",
+                                  "server.properties"], cwd=node.data_dir)
+    try:
+        (node.data_dir / "broker.pid").write_text(str(other.pid))
+        assert read_pid(cfg, 1) is None
+        stop(cfg, timeout_s=1.0)
+        assert other.poll() is None                                  # not signalled
+        assert not (node.data_dir / "broker.pid").exists()
+        (node.data_dir / "broker.pid").write_text(str(lookalike.pid))
+        assert read_pid(cfg, 1) == lookalike.pid
+        stop(cfg, timeout_s=5.0)
+        assert lookalike.wait(timeout=10) is not None                 # signalled (stop reaped it: no status here)
+    finally:
+        for p in (other, lookalike):
+            p.kill()
+            p.wait()
