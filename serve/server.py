@@ -255,7 +255,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     text_delta=trackers[i].delta(seq.out, final=True, text_end=seq.text_end),
                     finish_reason=convert.FINISH_TO_PB.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED),
                     usage=pb.Usage(prompt_tokens=len(req.prompt), completion_tokens=len(seq.out)),
-                    prompt_text=prompt_text)
+                    prompt_text=prompt_text, seed=seq.seed)
         if not context.is_active():   # the client went away (deadline, cancel): nothing was served to log
             return
         self._log_interactions(req, prompt_text)

@@ -66,6 +66,12 @@ def test_stream_yields_the_unary_tokens(policy_server):
             assert "".join(ch.text_delta for ch in chunks) == unary.completions[0].text
             assert chunks[-1].finish_reason == unary.completions[0].finish_reason != pb.FINISH_REASON_UNSPECIFIED
             assert {ch.model_version for ch in chunks} == {unary.model_version}
+            if "seed" in params:   # the last chunk says the sample's seed, as the unary completion does
+                assert chunks[-1].seed == unary.completions[0].seed == params["seed"]
+        # unseeded: the seed the last chunk names replays the sample
+        chunks = list(c.stream("Human: What is two plus two?", max_new_tokens=12, temperature=1.0))
+        replay = c.generate("Human: What is two plus two?", max_new_tokens=12, temperature=1.0, seed=chunks[-1].seed)
+        assert [t for ch in chunks for t in ch.token_ids] == list(replay.completions[0].token_ids)
 
 
 def test_same_seed_same_sample_whatever_the_batch(policy_server):
