@@ -8,7 +8,7 @@ import math
 from common.data import HH_PAIRS
 from sim.preference import true_score
 from sim.traffic import first_turn_prompts, prompt_split
-from train.sft import lr_at, token_stream, turns
+from train.sft import fitted_turn, lr_at, token_stream, turns
 
 
 class CharTok:
@@ -26,6 +26,26 @@ def test_token_stream_ends_every_assistant_turn_with_eos():
     want = [ord(c) for c in "\n\nHuman: hi\n\nAssistant: yo"] + [0] + \
            [ord(c) for c in "\n\nHuman: ok?\n\nAssistant: no"] + [0] + [ord(c) for c in "plain"] + [0]
     assert ids == want
+
+
+def test_long_answers_are_cut_after_the_last_whole_sentence_that_fits_or_dropped():
+    tok = CharTok()   # one token per character: budgets below count characters
+    turn = "\n\nHuman: why?\n\nAssistant: Because. It is so! Really?"
+    # the answer " Because. It is so! Really?" is 27 characters; its sentences end at 9, 19 and 27
+    assert fitted_turn(tok, turn, 0) == turn                      # 0: whole
+    assert fitted_turn(tok, turn, 27) == turn                     # fits as it is
+    assert fitted_turn(tok, turn, 26) == "\n\nHuman: why?\n\nAssistant: Because. It is so!"
+    assert fitted_turn(tok, turn, 19) == "\n\nHuman: why?\n\nAssistant: Because. It is so!"
+    assert fitted_turn(tok, turn, 18) == "\n\nHuman: why?\n\nAssistant: Because."
+    assert fitted_turn(tok, turn, 8) is None                      # not even the first sentence fits
+    assert fitted_turn(tok, "\n\nHuman: Hi. Who?\n\nAssistant: Nobody here.", 5) is None   # the human turn's "." is not the answer's
+    assert fitted_turn(tok, "plain text, no dialogue", 3) == "plain text, no dialogue"
+    # a quote or bracket closing the sentence stays with it; "e.g.x" is not a sentence end
+    assert fitted_turn(tok, '\n\nHuman: q\n\nAssistant: "Yes." e.g.x more words', 8) == '\n\nHuman: q\n\nAssistant: "Yes."'
+    # in the stream a dropped turn leaves nothing, not even its EOS
+    t = "\n\nHuman: a\n\nAssistant: Ok. Fine.\n\nHuman: b\n\nAssistant: Nope nope nope"
+    want = [ord(c) for c in "\n\nHuman: a\n\nAssistant: Ok."] + [0]
+    assert token_stream(tok, [t], 5).tolist() == want
 
 
 def test_sft_schedule_warms_up_then_decays_to_a_tenth():
