@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def model_from_checkpoint(path: Path, dtype: torch.dtype) -> CausalLM:
     sd = _STATE_MAPS.get(a.arch, _llama_state)(
         {k: v.to(dtype) if v.is_floating_point() else v for k, v in loaded.items()}, a)
     sd = own_memory(sd, {t.untyped_storage().data_ptr() for t in loaded.values()})
-    with torch.device("meta"):
+    with torch.device("meta"), no_random_init():
         m = CausalLM(a)
     missing, unexpected = m.load_state_dict(sd, strict=False, assign=True)
     if a.arch != "gpt2":   # a buffer, not in the checkpoint: computed in fp32, as transformers does
@@ -156,6 +157,28 @@ def model_from_checkpoint(path: Path, dtype: torch.dtype) -> CausalLM:
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return m.eval()
+
+
+RANDOM_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                "xavier_normal_", "orthogonal_")
+
+
+@contextmanager
+def no_random_init():
+    """torch.nn.init's random initialisers (RANDOM_INITS) do nothing while it lasts. For a module built
+    on the meta device, whose weights are assigned from a checkpoint next: there they compute nothing,
+    but the first call in a process imports torch's Python decompositions, 2.0-2.9 s on 2 EPYC cores,
+    a third of a policy server's start. Process-wide while it lasts (milliseconds), as transformers'
+    no_init_weights: no other thread of a process that loads a policy builds modules meanwhile (the
+    server's engine thread only runs forwards during a hot swap's load)."""
+    saved = {name: getattr(torch.nn.init, name) for name in RANDOM_INITS}
+    try:
+        for name in RANDOM_INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def own_memory(sd: dict[str, torch.Tensor], file_storages: set[int]) -> dict[str, torch.Tensor]:

@@ -72,3 +72,15 @@ def test_own_memory_copies_only_file_views_and_keeps_tied_names_one_tensor():
     assert out["embed.weight"].untyped_storage().data_ptr() != in_file.untyped_storage().data_ptr()
     assert torch.equal(out["embed.weight"], in_file)
     assert out["blocks.0.ln1.weight"] is converted
+
+
+def test_random_initialisers_are_off_only_inside_no_random_init():
+    from serve.loader import RANDOM_INITS, no_random_init
+    before = {name: getattr(torch.nn.init, name) for name in RANDOM_INITS}
+    t = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError), no_random_init():
+        assert torch.nn.init.normal_(t) is t and torch.nn.init.kaiming_uniform_(t) is t
+        assert torch.equal(t, torch.zeros(4, 4))          # untouched
+        raise RuntimeError("a failed build restores them too")
+    assert {name: getattr(torch.nn.init, name) for name in RANDOM_INITS} == before
+    assert torch.nn.init.normal_(t).abs().sum() > 0      # random again
