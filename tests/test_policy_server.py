@@ -208,34 +208,32 @@ def _wait(pred, timeout=5.0):
     return pred()
 
 
-def test_cancel_and_deadline_free_slots_at_once(tiny_gpt2):
-    proc, port, mport = start_policy_server(tiny_gpt2, max_batch_size=4, max_context=1024,
-                                            max_new_tokens_limit=1000, threads=1)
-    try:
-        with PolicyClient(f"127.0.0.1:{port}", timeout=None) as c:
-            # cancellation: 4 long streams fill every slot; cancel them after their first tokens
-            streams = [c.stream([1, 2, 3], max_new_tokens=1000, temperature=1.0, seed=i, ignore_eos=True) for i in range(4)]
-            for s in streams:
-                next(s)
-            assert metric(mport, "rlhf_policy_kv_slots_in_use") >= 1
-            for s in streams:
-                s.cancel()
-            assert _wait(lambda: metric(mport, "rlhf_policy_kv_slots_in_use") == 0, 2.0)
-            # the CANCELLED series exists only after the first cancellation is counted
-            assert _wait(lambda: metric(mport, "rlhf_policy_requests_total",
-                                        'rpc="GenerateStream",status="CANCELLED"', default=0.0) == 4, 2.0)
-            # deadline: the call fails with DEADLINE_EXCEEDED and the slot is freed
-            t0 = time.monotonic()
-            with pytest.raises(grpc.RpcError) as e:
-                c.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]),
-                                                   params=pb.SamplingParams(max_new_tokens=1000, ignore_eos=True)),
-                                timeout=0.3)
-            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert time.monotonic() - t0 < 2.0
-            assert _wait(lambda: metric(mport, "rlhf_policy_kv_slots_in_use") == 0, 2.0)
-            assert c.generate([1, 2], max_new_tokens=5).completions[0].token_ids
-    finally:
-        proc.stop()
+def test_cancel_and_deadline_free_slots_at_once(policy_server):
+    target, mport = policy_server[:2]
+    slots = 8   # the fixture's max_batch_size
+    cancelled = 'rpc="GenerateStream",status="CANCELLED"'   # the series exists after the first cancellation
+    with PolicyClient(target, timeout=None) as c:
+        before = metric(mport, "rlhf_policy_requests_total", cancelled, default=0.0)
+        # cancellation: long streams fill every slot; cancel them after their first tokens
+        streams = [c.stream([1, 2, 3], max_new_tokens=1000, temperature=1.0, seed=i, ignore_eos=True)
+                   for i in range(slots)]
+        for s in streams:
+            next(s)
+        assert metric(mport, "rlhf_policy_kv_slots_in_use") >= 1
+        for s in streams:
+            s.cancel()
+        assert _wait(lambda: metric(mport, "rlhf_policy_kv_slots_in_use") == 0, 2.0)
+        assert _wait(lambda: metric(mport, "rlhf_policy_requests_total", cancelled, default=0.0) - before == slots, 2.0)
+        # deadline: the call fails with DEADLINE_EXCEEDED and the slot is freed
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            c.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]),
+                                               params=pb.SamplingParams(max_new_tokens=1000, ignore_eos=True)),
+                            timeout=0.3)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 2.0
+        assert _wait(lambda: metric(mport, "rlhf_policy_kv_slots_in_use") == 0, 2.0)
+        assert c.generate([1, 2], max_new_tokens=5).completions[0].token_ids
 
 
 def test_queue_full_is_resource_exhausted(tiny_gpt2):

@@ -3,9 +3,6 @@ really becomes an int8 one, the server serves with it, logprobs stay near fp32's
 torch build, CPU or placement cannot run are refused by name."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn as nn
@@ -14,7 +11,7 @@ from serve import quantize
 from serve.config import ServerConfig
 from serve.loader import load_policy
 from serve.model import num_parameters, sequence_logits
-from tests.helpers import REPO, engine_greedy, start_policy_server
+from tests.helpers import engine_greedy, start_policy_server
 
 PROMPT = [5, 17, 42, 9, 101, 77, 3]
 
@@ -90,7 +87,8 @@ def test_library_callers_get_the_same_refusals(tiny_gpt2):
         quantize.apply(nn.Sequential(nn.Linear(2, 2)), "int4")
 
 
-def test_the_server_command_line_refuses_an_unknown_mode(tiny_gpt2):
-    r = subprocess.run([sys.executable, "-m", "serve", "--model", str(tiny_gpt2), "--port", "0", "--metrics-port", "0",
-                        "--quantize", "int4"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "quantize must be none or int8, got 'int4'" in r.stderr
+def test_the_server_command_line_refuses_an_unknown_mode(tiny_gpt2, capsys):
+    from serve.__main__ import main   # in process: the flags are checked before anything starts
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_gpt2), "--port", "0", "--metrics-port", "0", "--quantize", "int4"])
+    assert e.value.code == 2 and "quantize must be none or int8, got 'int4'" in capsys.readouterr().err

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from serve import reward_model
-from tests.helpers import REPO
 from train.pairs_data import read_pairs, split
+from train import rm_eval
 from train.rm_eval import evaluate
 from train.rm_train import RMTrainConfig, relevance_cosines, train
 
@@ -146,7 +144,7 @@ def test_group_by_length_keeps_every_pair_once():
     assert all(set(b) <= set(range(200)) for b in out[:25])
 
 
-def test_eval_command_prints_json_last(tiny_bert, tmp_path):
+def test_eval_command_prints_json_last(tiny_bert, tmp_path, capsys):
     tr, te = split(synthetic_pairs(60, seed=1), 0.5, seed=0)
     rm, tok, _ = train(RMTrainConfig(out=tmp_path / "rm", backbone=str(tiny_bert), max_length=32, epochs=1,
                                      batch_groups=8), tr, te, progress=False)
@@ -155,10 +153,8 @@ def test_eval_command_prints_json_last(tiny_bert, tmp_path):
     reward_model.save(rm, tok, tmp_path / "rm")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for c, r in te))
-    out = subprocess.run([sys.executable, "-m", "train.rm_eval", "--rm", str(tmp_path / "rm"), "--data", str(data)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    rm_eval.main(["--rm", str(tmp_path / "rm"), "--data", str(data)])   # in process: its imports are the test's
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # the command, reading the saved RM and the file, reports what evaluate() computed in process
     assert res["pairs"] == len(te) and res["accuracy"] == pytest.approx(want["accuracy"]), (res, want)
     assert res["mean_margin"] == pytest.approx(want["mean_margin"], abs=1e-5)
