@@ -6,7 +6,6 @@ import random
 import re
 import signal
 import subprocess
-import threading
 import time
 import uuid
 
@@ -15,7 +14,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.v1 import feedback_pb2 as fb
-from rlhf.v1 import feedback_pb2_grpc as fb_grpc
 from tests.helpers import start_feedback_service
 
 GARBAGE = [b"\xff" * 20, b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab"]   # each a DecodeError for any message

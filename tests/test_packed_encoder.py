@@ -3,7 +3,6 @@ BertModel on the padded batch: the same hidden states, pooled scores and gradien
 keep the HF forward."""
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 

@@ -2,7 +2,6 @@
 kill -9 in the middle of a cycle (real broker, real processes)."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal

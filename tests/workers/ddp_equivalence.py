@@ -15,7 +15,7 @@ from train.rm_update import Group, RMUpdateConfig, train_rm  # noqa: E402
 
 
 def tiny_rm(tok_dir: str):
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
     from serve.reward_model import RewardConfig, RewardModel, load_tokenizer
     torch.manual_seed(0)
     bb = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
