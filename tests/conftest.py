@@ -87,10 +87,12 @@ def kafka_broker(tmp_path_factory):
     stop(cfg)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kafka_cluster(tmp_path_factory):
     """Three bundled Kafka nodes (KRaft, each broker and controller voter, 256 MB heap) on free loopback
-    ports, with the project's topics: its BrokerConfig, so a test can kill and restart nodes."""
+    ports, with the project's topics: its BrokerConfig, so a test can kill and restart nodes. Per module:
+    idle, the three nodes still take a quarter of a core (replica fetchers, the quorum's heartbeats), which
+    every later test in a session would share the machine with."""
     from feedback.broker import BrokerConfig, start, stop
     from feedback.topics import ensure_topics
 
