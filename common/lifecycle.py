@@ -26,8 +26,10 @@ def stop_server(server, grace: float, margin: float = 3.0) -> bool:
 
 
 def exit_now(code: int = 0) -> None:
-    """Ends the process without waiting for threads that will never end (after stop_server
-    returned False): flushes output and logs first."""
+    """Ends the process without the interpreter's teardown: flushes output and logs first. For a
+    server after its orderly stop: threads grpcio could not stop (stop_server returned False) are
+    not waited for, and nothing is left to release, while tearing down torch's and transformers'
+    modules takes 0.8-1.5 s that a restart or a rolling update would wait on."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
