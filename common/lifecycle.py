@@ -27,9 +27,11 @@ def stop_server(server, grace: float, margin: float = 3.0) -> bool:
 
 def exit_now(code: int = 0) -> None:
     """Ends the process without the interpreter's teardown: flushes output and logs first. For a
-    server after its orderly stop: threads grpcio could not stop (stop_server returned False) are
-    not waited for, and nothing is left to release, while tearing down torch's and transformers'
-    modules takes 0.8-1.5 s that a restart or a rolling update would wait on."""
+    server or the trainer after its orderly stop: threads grpcio could not stop (stop_server returned
+    False) are not waited for, and nothing is left to release, while tearing down torch's and
+    transformers' modules takes 0.8-1.5 s that a restart, a rolling update or the main job's end
+    would wait on (the trainer's SIGTERM to exit: 1.6-1.9 -> 0.17-0.27 s). Nothing registered with
+    atexit runs: such a process must not leave work to it."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent import futures
@@ -47,6 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common import auth, model_store
 from common.config_cli import parse_config
 from common.data import HH_PAIRS
+from common.lifecycle import exit_now
 from common.malloc import keep_freed_memory
 from feedback.consumer import ConsumerConfig, FeedbackConsumer
 from feedback.kafka_io import AckedProducer
@@ -672,4 +672,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())   # everything closed in order above: skip the interpreter's teardown (see exit_now)
