@@ -15,7 +15,8 @@ class ServerConfig(AuthOptions):
     """Serve a causal LM over gRPC with continuous batching (rlhf.v1.PolicyService)."""
 
     model: Path = REPO / "models" / "policy-v0"
-    """Local Hugging Face checkpoint folder (GPT-2 or Llama family, safetensors, tokenizer included)."""
+    """Local Hugging Face checkpoint folder of a family serve.model.SUPPORTED names (GPT-2, Llama, Mistral,
+    Qwen2, Qwen3, GPT-NeoX), tokenizer included."""
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 50051
