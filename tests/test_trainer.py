@@ -190,6 +190,28 @@ def _trainer_args(tmp_path, bootstrap, policy, bert, group, cycles=1):
 
 
 @pytest.mark.slow
+def test_sigterm_ends_a_waiting_trainer_with_0_and_a_restart_resumes(kafka_broker, tiny_hh_policy, tiny_bert, tmp_path):
+    """SIGTERM while it waits for feedback: exit 0 and no traceback (train.loop closes its consumer and
+    producer, then ends with exit_now, skipping the interpreter's teardown), its status lines kept, and
+    a restart on the same store and database resumes where it was."""
+    args = _trainer_args(tmp_path, kafka_broker, tiny_hh_policy, tiny_bert, f"sigterm-{time.time_ns()}")
+    args[args.index("--cycle-comparisons") + 1] = "100000"   # no cycle starts: it only ingests and waits
+    status = tmp_path / "status.jsonl"
+    for run in range(2):
+        p = ServerProc("train.loop", [*args, "--status-file", str(status)], r"trainer resumed at (v\d+)", timeout=300)
+        assert p.match.group(1) == "v0000"
+        p.proc.send_signal(signal.SIGTERM)
+        try:
+            code = p.proc.wait(timeout=30)
+        finally:
+            p.stop()
+        out = p.output()
+        assert code == 0 and "Traceback" not in out, out[-3000:]
+    ready = [ln for ln in status.read_text().splitlines() if '"event": "ready"' in ln]
+    assert len(ready) == 2   # both runs' status lines were written and kept
+
+
+@pytest.mark.slow
 def test_trainer_cycle_publishes_announces_then_commits_and_survives_kill_9(kafka_broker, tiny_hh_policy,
                                                                             tiny_bert, tmp_path):
     group = f"trainer-test-{time.time_ns()}"
