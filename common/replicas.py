@@ -31,17 +31,21 @@ from . import auth
 SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:")
 BALANCED_SERVICES = ("rlhf.v1.PolicyService", "rlhf.v1.RewardService")
 
-# round_robin over every address, and a retry on UNAVAILABLE, which gRPC sends to the next replica:
-# a stopping server refuses the requests still queued with UNAVAILABLE ("retry on another replica",
-# serve/__main__.py), and a call may race a replica's GOAWAY. Only UNAVAILABLE: RESOURCE_EXHAUSTED
-# is load shedding, which a retry would amplify. The feedback service is left out: its writes are
+# round_robin over every address, and a retry on UNAVAILABLE or CANCELLED, which gRPC sends to the
+# next replica: a stopping server refuses the requests still queued with UNAVAILABLE ("retry on another
+# replica", serve/__main__.py), and a call may race a replica's GOAWAY. CANCELLED: a call that reached a
+# server just as it began to stop, before a handler took it, is ended by gRPC's core with CANCELLED
+# (grpc/grpc#41785; seen in tests/test_replicas.py's SIGTERM under load); our servers send CANCELLED
+# otherwise only for a client that went away (nobody to retry for) or an engine stopping with a
+# request in it (a stopping server again). A client's own cancel is never retried. Not RESOURCE_EXHAUSTED:
+# that is load shedding, which a retry would amplify. The feedback service is left out: its writes are
 # retried by callers with their own event ids (a blind retry of a call without one stores twice).
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": s} for s in BALANCED_SERVICES],
         "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"]},
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
     }],
 })
 

@@ -24,6 +24,48 @@ from tests.helpers import ServerProc, free_port, metric
 # ---- the address list -> target (pure) ----
 
 
+def test_the_balanced_channel_retries_unavailable_and_cancelled_and_nothing_else():
+    """A real server on a real socket whose handlers fail the first attempt of a call with a given
+    status: the replica channel retries UNAVAILABLE and CANCELLED (a stopping server's, see
+    common/replicas.py) for the policy and RM services, and neither RESOURCE_EXHAUSTED nor any status
+    of a service it does not balance."""
+    from concurrent import futures
+    attempts: dict[str, int] = {}
+
+    def failing_once(code):
+        def handler(request, context):
+            key = request.decode()
+            attempts[key] = attempts.get(key, 0) + 1
+            if attempts[key] == 1:
+                context.abort(code, "first attempt")
+            return b"ok"
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+    codes = {"unavailable": grpc.StatusCode.UNAVAILABLE, "cancelled": grpc.StatusCode.CANCELLED,
+             "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED}
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    for service in ("rlhf.v1.PolicyService", "rlhf.v1.FeedbackService"):
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            service, {name: failing_once(code) for name, code in codes.items()})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with replica_channel(local_targets([port])) as ch:
+            def call(service, name):
+                key = f"{service}/{name}"
+                try:
+                    return ch.unary_unary(f"/{key}")(key.encode(), timeout=10), attempts[key]
+                except grpc.RpcError as e:
+                    return e.code(), attempts[key]
+            assert call("rlhf.v1.PolicyService", "unavailable") == (b"ok", 2)
+            assert call("rlhf.v1.PolicyService", "cancelled") == (b"ok", 2)
+            assert call("rlhf.v1.PolicyService", "exhausted") == (grpc.StatusCode.RESOURCE_EXHAUSTED, 1)
+            assert call("rlhf.v1.FeedbackService", "cancelled") == (grpc.StatusCode.CANCELLED, 1)
+    finally:
+        server.stop(None)
+
+
+
 def test_an_address_list_becomes_one_round_robin_target_with_the_first_name_as_authority():
     target, opts = lb_target("127.0.0.1:5001, 127.0.0.1:5002")
     assert target == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
