@@ -21,7 +21,7 @@ from rlhf.v1 import models_pb2 as mpb
 from rlhf.v1 import models_pb2_grpc as mgrpc
 from tests.helpers import ServerProc, free_port, metric
 
-# ---- the address list -> target (pure) ----
+# ---- the retry policy, against a real server ----
 
 
 def test_the_balanced_channel_retries_unavailable_and_cancelled_and_nothing_else():
@@ -64,6 +64,8 @@ def test_the_balanced_channel_retries_unavailable_and_cancelled_and_nothing_else
     finally:
         server.stop(None)
 
+
+# ---- the address list -> target (pure) ----
 
 
 def test_an_address_list_becomes_one_round_robin_target_with_the_first_name_as_authority():

@@ -197,7 +197,7 @@ def test_sigterm_ends_a_waiting_trainer_with_0_and_a_restart_resumes(kafka_broke
     args = _trainer_args(tmp_path, kafka_broker, tiny_hh_policy, tiny_bert, f"sigterm-{time.time_ns()}")
     args[args.index("--cycle-comparisons") + 1] = "100000"   # no cycle starts: it only ingests and waits
     status = tmp_path / "status.jsonl"
-    for run in range(2):
+    for _ in range(2):
         p = ServerProc("train.loop", [*args, "--status-file", str(status)], r"trainer resumed at (v\d+)", timeout=300)
         assert p.match.group(1) == "v0000"
         p.proc.send_signal(signal.SIGTERM)

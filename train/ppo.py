@@ -92,8 +92,9 @@ class PPOConfig:
     """Adaptive controller's target KL per sequence, nats (0: fixed beta; Ziegler 2019 used 6)."""
     kl_horizon: float = 256.0
     """Adaptive controller horizon in sequences: beta moves by up to 20% x rollouts / horizon per
-    iteration (2.5% at 32 rollouts), i.e. up to ~+-16% over the main job's cycle of 6 x 32 rollouts (Ziegler's 10,000 suits runs of
-    millions of episodes; online, with a few hundred per cycle, beta would never move)."""
+    iteration (2.5% at 32 rollouts), i.e. up to ~+-16% over the main job's cycle of 6 x 32 rollouts
+    (Ziegler's 10,000 suits runs of millions of episodes; online, with a few hundred per cycle, beta
+    would never move)."""
     gamma: float = 1.0
     """Discount (1: the reward is one episode-level score)."""
     lam: float = 0.95
