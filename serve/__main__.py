@@ -5,24 +5,30 @@ import logging
 import signal
 import threading
 
-import torch
-
-from common import model_store
-from common.config_cli import parse_config
-from common.lifecycle import exit_now, stop_server
-from common.metrics_http import serve_metrics
-from protos.build import ensure_generated
+from common.config_cli import check_command_line, parse_config
 
 from .config import ServerConfig
-from .loader import load_policy
-from .quantize import QuantizationUnsupported
+
+PROG = "python -m serve"
+if __name__ == "__main__":   # --help and a bad flag answered before torch and transformers are imported
+    check_command_line(ServerConfig, PROG)
+
+import torch  # noqa: E402
+
+from common import model_store  # noqa: E402
+from common.lifecycle import exit_now, stop_server  # noqa: E402
+from common.metrics_http import serve_metrics  # noqa: E402
+from protos.build import ensure_generated  # noqa: E402
+
+from .loader import load_policy  # noqa: E402
+from .quantize import QuantizationUnsupported  # noqa: E402
 
 ensure_generated()
 from .server import serve  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(ServerConfig, argv, prog="python -m serve")
+    cfg = parse_config(ServerConfig, argv, prog=PROG)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

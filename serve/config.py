@@ -1,4 +1,7 @@
-"""Configuration of the policy server (the CLI is generated from it)."""
+"""Configurations of the serve commands: the policy server (python -m serve), the RM server
+(serve.rm_server) and serve.make_policy. The command lines are generated from them (common/config_cli.py);
+they are kept free of torch and transformers, so that `--help` and a bad flag are answered before those
+are imported (3-6 s on 2 EPYC cores otherwise)."""
 from __future__ import annotations
 
 import re
@@ -6,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.auth_options import AuthOptions
+from common.data import HH_PAIRS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,3 +98,73 @@ class ServerConfig(AuthOptions):
             raise ValueError("default_max_new_tokens must be <= max_new_tokens_limit")
         if self.rm_tls_ca and not Path(self.rm_tls_ca).is_file():
             raise ValueError(f"rm_tls_ca: no such file {self.rm_tls_ca!r}")
+
+
+@dataclass(frozen=True)
+class RMServerConfig(AuthOptions):
+    """Serve the reward model of the model store over gRPC."""
+
+    store: str = "models/store"
+    """Model store: the newest verified version's rm/ folder is served."""
+    host: str = "127.0.0.1"
+    """Address to bind."""
+    port: int = 50052
+    """gRPC port (0: any free port)."""
+    metrics_port: int = 9103
+    """Prometheus /metrics port (0 disables)."""
+    kafka_bootstrap: str = ""
+    """Kafka bootstrap servers: follow the model-updates topic and hot-swap ("" disables)."""
+    max_items: int = 64
+    """Pairs per Score call at most."""
+    max_text_chars: int = 20000
+    """Characters per prompt or response at most."""
+    batch: int = 32
+    """Texts per forward pass."""
+    threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+    dtype: str = "float32"
+    """Weights dtype: float32 or bfloat16 (AVX-512 BF16 through oneDNN on CPU, or CUDA); scores are returned as fp32."""
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.batch < 1 or self.max_text_chars < 1:
+            raise ValueError("max_items, batch and max_text_chars must be >= 1")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+# (n_layer, d_model, n_head, n_positions); vocab from the tokenizer unless model_vocab_size is set
+SIZES = {
+    "tiny": (2, 64, 4, 1024),
+    "small": (4, 256, 4, 512),
+    "gpt2-small": (12, 768, 12, 1024),
+}
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Build a local policy checkpoint (tokenizer + randomly initialised causal LM)."""
+
+    out: Path
+    """Folder to write the checkpoint into (created)."""
+    arch: str = "gpt2"
+    """Model family: gpt2 or llama."""
+    size: str = "small"
+    """Preset: tiny, small or gpt2-small."""
+    vocab_size: int = 4096
+    """Tokenizer vocabulary size (byte-level BPE)."""
+    model_vocab_size: int = 0
+    """Embedding rows if larger than the tokenizer's (0: the tokenizer's size)."""
+    corpus: Path = HH_PAIRS
+    """JSONL (hh-rlhf style, fields chosen/rejected) or plain text to train the tokenizer on ("builtin": a six-line built-in text, for tests)."""
+    seed: int = 0
+    """Seed of the random initialisation."""
+    version: str = "v0"
+    """Model version written to manifest.json."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"arch must be gpt2 or llama, got {self.arch!r}")
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        if self.vocab_size < 300:
+            raise ValueError("vocab_size must be >= 300 (256 bytes + merges + specials)")

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
-
-from common.config_cli import parse_config
+from common.config_cli import check_command_line, parse_config
 from common.data import HH_PAIRS
 
-# (n_layer, d_model, n_head, n_positions); vocab from the tokenizer unless model_vocab_size is set
-SIZES = {
-    "tiny": (2, 64, 4, 1024),
-    "small": (4, 256, 4, 512),
-    "gpt2-small": (12, 768, 12, 1024),
-}
+from .config import SIZES, PolicySpec
+
+if __name__ == "__main__":   # --help and a bad flag answered before torch and transformers are imported
+    check_command_line(PolicySpec, "python -m serve.make_policy", __doc__)
+
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 HH_CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -47,36 +44,6 @@ Human: Tell me a joke. Assistant: Why did the chicken cross the road? To get to 
 Human: What is two plus two? Assistant: Two plus two is four.
 Human: How can I be more productive? Assistant: Make a short list, start with the hardest task, take breaks.
 """
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """Build a local policy checkpoint (tokenizer + randomly initialised causal LM)."""
-
-    out: Path
-    """Folder to write the checkpoint into (created)."""
-    arch: str = "gpt2"
-    """Model family: gpt2 or llama."""
-    size: str = "small"
-    """Preset: tiny, small or gpt2-small."""
-    vocab_size: int = 4096
-    """Tokenizer vocabulary size (byte-level BPE)."""
-    model_vocab_size: int = 0
-    """Embedding rows if larger than the tokenizer's (0: the tokenizer's size)."""
-    corpus: Path = HH_PAIRS
-    """JSONL (hh-rlhf style, fields chosen/rejected) or plain text to train the tokenizer on ("builtin": a six-line built-in text, for tests)."""
-    seed: int = 0
-    """Seed of the random initialisation."""
-    version: str = "v0"
-    """Model version written to manifest.json."""
-
-    def __post_init__(self) -> None:
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"arch must be gpt2 or llama, got {self.arch!r}")
-        if self.size not in SIZES:
-            raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
-        if self.vocab_size < 300:
-            raise ValueError("vocab_size must be >= 300 (256 bytes + merges + specials)")
 
 
 def corpus_lines(path: Path) -> list[str]:

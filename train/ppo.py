@@ -54,87 +54,8 @@ from serve.model import from_hf
 
 from . import dist
 from . import ppo_math as P
+from .config import PPOConfig
 from .optim import clip_and_step
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """PPO inside a cycle (defaults: InstructGPT / lm-human-preferences / TRL, scaled to small models)."""
-
-    iterations: int = 4
-    """Rollout + update iterations per cycle."""
-    rollouts: int = 32
-    """Prompts rolled out per iteration (global batch, one response each)."""
-    minibatch: int = 8
-    """Sequences per optimiser step (global)."""
-    ppo_epochs: int = 4
-    """Passes over each iteration's rollouts (TRL num_ppo_epochs=4)."""
-    max_new_tokens: int = 24
-    """Response length cap in tokens."""
-    temperature: float = 1.0
-    """Rollout sampling temperature (the logprobs are of the same tempered distribution)."""
-    rollout_dtype: str = "float32"
-    """Weights and KV cache of the rollout engine: float32 or bfloat16 (AVX-512 BF16 on CPU, or CUDA).
-    Only the sampling runs in it: logprobs, KL and the update are computed by the fp32 policy."""
-    lr: float = 1e-5
-    """Adam learning rate of the policy (InstructGPT 9.65e-6 for 1.3B; small models take more)."""
-    critic_lr: float = 1e-4
-    """Adam learning rate of the critic (its own optimiser: a zero-initialised value head has to reach
-    returns of order 1 within a cycle; OpenRLHF's critic lr is ~20x the actor's)."""
-    critic_max_grad_norm: float = 1.0
-    """Gradient clipping norm of the critic (the policy has its own, max_grad_norm)."""
-    value_warmup_epochs: int = 4
-    """In a cycle's first iteration, passes of critic-only regression on the Monte-Carlo returns before
-    the advantages are computed (0: none)."""
-    kl_coef: float = 0.1
-    """Initial beta of the per-token KL penalty to the reference policy."""
-    kl_target: float = 6.0
-    """Adaptive controller's target KL per sequence, nats (0: fixed beta; Ziegler 2019 used 6)."""
-    kl_horizon: float = 256.0
-    """Adaptive controller horizon in sequences: beta moves by up to 20% x rollouts / horizon per
-    iteration (2.5% at 32 rollouts), i.e. up to ~+-16% over the main job's cycle of 6 x 32 rollouts
-    (Ziegler's 10,000 suits runs of millions of episodes; online, with a few hundred per cycle, beta
-    would never move)."""
-    gamma: float = 1.0
-    """Discount (1: the reward is one episode-level score)."""
-    lam: float = 0.95
-    """GAE lambda."""
-    clip: float = 0.2
-    """Policy ratio clip range."""
-    clip_value: float = 0.2
-    """Value clip range."""
-    vf_coef: float = 0.1
-    """Value loss weight (TRL vf_coef=0.1)."""
-    ent_coef: float = 0.0
-    """Entropy bonus weight (0 in InstructGPT; the KL penalty already keeps entropy)."""
-    ptx_coef: float = 0.0
-    """PPO-ptx: weight of the pretraining log-likelihood term (InstructGPT used 27.8 at 175B)."""
-    ptx_batch: int = 8
-    """PPO-ptx: pretraining sequences per optimiser step, drawn fresh for every step (global)."""
-    ptx_length: int = 64
-    """PPO-ptx: tokens per pretraining sequence."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the (normalised) score of a response that reached max_new_tokens without its EOS
-    token (0: off). TRL's missing_eos_penalty, lm-human-preferences' penalty_reward_value."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm of the policy."""
-    parallel: str = "ddp"
-    """Under torchrun: ddp (each rank holds the policy's and critic's gradients and Adam's state) or fsdp
-    (FSDP2: those sharded across ranks; rollouts still use whole weights; see train/dist.py)."""
-
-    def __post_init__(self) -> None:
-        if min(self.iterations, self.rollouts, self.minibatch, self.ppo_epochs, self.max_new_tokens,
-               self.ptx_batch, self.ptx_length) < 1:
-            raise ValueError("iterations, rollouts, minibatch, ppo_epochs, max_new_tokens, ptx_batch and ptx_length "
-                             "must be >= 1")
-        if self.temperature <= 0 or self.lr <= 0 or self.critic_lr <= 0 or self.kl_coef < 0:
-            raise ValueError("temperature, lr and critic_lr must be > 0, kl_coef >= 0")
-        if self.kl_horizon <= 0 or self.value_warmup_epochs < 0 or self.missing_eos_penalty < 0:
-            raise ValueError("kl_horizon must be > 0; value_warmup_epochs and missing_eos_penalty >= 0")
-        if self.rollout_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"rollout_dtype must be float32 or bfloat16, got {self.rollout_dtype!r}")
-        if self.parallel not in dist.PARALLEL:
-            raise ValueError(f"parallel must be one of {dist.PARALLEL}, got {self.parallel!r}")
 
 
 class ValueModel(nn.Module):

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from common.config_cli import check_command_line, parse_config
 
-from common.config_cli import parse_config
-from serve import reward_model
-from serve.reward_model import encode
+from .config import RMEvalConfig
 
-from . import rm_losses
-from .pairs_data import read_pairs
+if __name__ == "__main__":   # --help and a bad flag answered before torch and transformers are imported
+    check_command_line(RMEvalConfig, "python -m train.rm_eval", None)
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from serve import reward_model  # noqa: E402
+from serve.reward_model import encode  # noqa: E402
+
+from . import rm_losses  # noqa: E402
+from .pairs_data import read_pairs  # noqa: E402
 
 
 @torch.no_grad()
@@ -40,22 +44,8 @@ def evaluate(rm, tok, pairs: list[tuple[str, str]], batch: int = 32, progress: b
             "mean_margin": float((r_w - r_l).mean()), "mean_reward": float(s.mean() - rm.rcfg.offset)}
 
 
-@dataclass(frozen=True)
-class EvalArgs:
-    """Score chosen/rejected pairs with a reward model and report pairwise accuracy."""
-
-    rm: Path
-    """Reward-model folder written by train.rm_train."""
-    data: Path
-    """JSONL file with one {"chosen": ..., "rejected": ...} object per line."""
-    batch: int = 32
-    """Texts scored per forward pass."""
-    threads: int = 0
-    """torch threads (0: torch's default)."""
-
-
 def main(argv: list[str] | None = None) -> None:
-    a = parse_config(EvalArgs, argv, prog="python -m train.rm_eval")
+    a = parse_config(RMEvalConfig, argv, prog="python -m train.rm_eval")
     if a.threads:
         torch.set_num_threads(a.threads)
     rm, tok = reward_model.load(a.rm)

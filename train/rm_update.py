@@ -25,6 +25,7 @@ from serve.reward_model import encode
 from . import dist, rm_losses
 from .optim import clip_and_step
 from .rm_eval import score_texts
+from .config import RMUpdateConfig
 from .rules import pair_correctness, prompt_key
 
 
@@ -34,52 +35,6 @@ class Group:
     tie: bool = False
     event_id: str = ""        # the feedback event it came from
     prompt: str = ""          # the prompt all its texts answer (the held-out split is by prompt)
-
-
-LR_SCHEDULES = ("constant", "warmup-decay")
-"""The --lr-schedule choices (lr_factor)."""
-
-
-@dataclass(frozen=True)
-class RMUpdateConfig:
-    """How a reward model is trained: the online trainer's --rm.* options (train.rm_train's
-    RMTrainConfig extends it with its own defaults)."""
-
-    epochs: float = 2.0
-    """Passes over all groups seen so far."""
-    batch_groups: int = 16
-    """Comparisons/rankings per optimiser step (global, over all ranks)."""
-    lr: float = 3e-5
-    """Backbone learning rate (the peak under warmup-decay)."""
-    lr_schedule: str = "constant"
-    """constant, or warmup-decay (linear warm-up over the first 5% of the steps, then linear decay). Constant
-    here: each cycle continues the previous version's RM."""
-    head_lr: float = 1e-3
-    """Learning rate of the scalar head (and the relevance weight)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay of the backbone (not on biases and norms)."""
-    max_length: int = 128
-    """Tokens per (prompt, response) text: the response keeps its start, the dialogue its end."""
-    max_steps: int = 200
-    """Optimiser steps at most (bounds a cycle's time as the dataset grows; 0: no limit)."""
-    group_by_length: bool = False
-    """Batch groups of similar length (sorted within shuffled windows of 50 batches) to cut padding."""
-    dropout: float = -1.0
-    """Dropout of every layer while training (-1: the backbone's own, 0.1 for MiniLM). 0, as TRL's
-    RewardTrainer (its disable_dropout) and train.rm_train, makes a MiniLM step ~1.2x faster; the online
-    trainer keeps the backbone's: with 0, one of three seeds of bench/online_learning.py published a
-    version worse than its parent (bench/RESULTS.md, session 9)."""
-    parallel: str = "ddp"
-    """Under torchrun: ddp (each rank holds the whole RM, its gradients and Adam's state) or fsdp (FSDP2:
-    gradients and Adam's state sharded across ranks; see train/dist.py)."""
-
-    def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.batch_groups < 1 or self.max_steps < 0 or self.max_length < 8:
-            raise ValueError("epochs > 0, batch_groups >= 1, max_steps >= 0, max_length >= 8 required")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.parallel not in dist.PARALLEL:
-            raise ValueError(f"parallel must be one of {dist.PARALLEL}, got {self.parallel!r}")
 
 
 # ---- decisions: steps, learning rate, batch order (pure) ----

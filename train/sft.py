@@ -17,51 +17,22 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from common.config_cli import check_command_line, parse_config
 
-from common.config_cli import parse_config
-from common.durable import recover, replace_dir
-from common.data import HH_PAIRS, require
-from serve.make_policy import HH_CHAT_TEMPLATE
+from .config import SFTConfig
 
+if __name__ == "__main__":   # --help and a bad flag answered before torch and transformers are imported
+    check_command_line(SFTConfig, "python -m train.sft", __doc__)
 
-@dataclass(frozen=True)
-class SFTConfig:
-    """Next-token training of a local causal LM on dialogue text, in place."""
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-    model: Path
-    """HF folder of the policy to train (rewritten when done)."""
-    data: Path = HH_PAIRS
-    """JSONL with "chosen" dialogues (hh-rlhf format) or a plain text file (default: the shipped hh pairs)."""
-    minutes: float = 4.0
-    """Wall-clock budget; training stops at it (or at --max-steps)."""
-    max_steps: int = 100000
-    """Optimiser steps at most."""
-    batch: int = 16
-    """Sequences per step."""
-    seq_len: int = 128
-    """Tokens per sequence."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate (cosine decay over the expected steps)."""
-    seed: int = 0
-    """Seed of the batch order."""
-    threads: int = 0
-    """torch threads (0: torch's default)."""
-    max_answer_tokens: int = 0
-    """Answers longer than this many tokens are cut after their last whole sentence that fits, and
-    dropped (with their human turn) when none fits; 0 (the default) keeps every answer whole. With
-    the main job's --max-new-tokens (24) the SFT'd policy's answers are cut off at the token limit
-    21% of the time instead of 55% (hh answers: median 31 tokens); over 3 seeds of the main job
-    that did not make learning steadier (bench/RESULTS.md, session 16), so it is not the default."""
-
-    def __post_init__(self) -> None:
-        if self.minutes <= 0 or self.batch < 1 or self.seq_len < 8 or self.max_steps < 1 or self.max_answer_tokens < 0:
-            raise ValueError("minutes > 0, batch >= 1, seq_len >= 8, max_steps >= 1, max_answer_tokens >= 0 required")
+from common.durable import recover, replace_dir  # noqa: E402
+from common.data import require  # noqa: E402
+from serve.make_policy import HH_CHAT_TEMPLATE  # noqa: E402
 
 
 def corpus(path: Path) -> list[str]:
