@@ -158,14 +158,29 @@ def interceptors(tokens_file: str) -> list:
     return [DecodeGuard(), *([AuthInterceptor(load_tokens(tokens_file))] if tokens_file else [])]
 
 
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+"""Every gRPC server's option: gRPC sets SO_REUSEPORT on Linux by default, so a second server started on
+a port already served would bind it too and share its connections instead of failing (bind then
+raises, below)."""
+
+
+class PortInUse(OSError):
+    """A server could not listen on its address."""
+
+
 def bind(server, address: str, tls_cert: str = "", tls_key: str = "") -> int:
-    """Binds with TLS when a certificate and key are given, plaintext otherwise. Returns the port."""
+    """Binds with TLS when a certificate and key are given, plaintext otherwise. Returns the port;
+    PortInUse if the address cannot be bound (with EXCLUSIVE_PORT: also when another server has it)."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("TLS needs both a certificate and a key")
-    if tls_cert:
-        creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
-        return server.add_secure_port(address, creds)
-    return server.add_insecure_port(address)
+    try:
+        if tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+            return server.add_secure_port(address, creds)
+        return server.add_insecure_port(address)
+    except RuntimeError as e:   # grpcio: "Failed to bind to address ..."
+        raise PortInUse(f"cannot listen on {address}: the port is in use, or the host is not an address of "
+                        f"this machine ({e})") from e
 
 
 def channel(target: str, tls_ca: str = "", options=None):

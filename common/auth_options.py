@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -12,3 +13,8 @@ class AuthOptions:
     """PEM certificate for TLS ("" serves plaintext)."""
     tls_key: str = ""
     """PEM private key for TLS."""
+
+    def __post_init__(self) -> None:   # subclasses call it first from theirs
+        for flag, path in (("--auth-tokens", self.auth_tokens), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")

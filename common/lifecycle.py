@@ -1,4 +1,8 @@
-"""Bounded shutdown of a gRPC server process.
+"""A server process's start and end: start-up errors as one line, bounded shutdown.
+
+A start-up failure the user can fix (a port in use, a missing or malformed file, a token file that
+does not parse, a checkpoint that does not load) ends the command with one line that names it, exit 1,
+not a traceback (`startup_errors`).
 
 grpcio's `server.stop(grace).wait()` can wait for ever: after one undecodable message on a
 bidirectional stream (seen with grpcio 1.85.1 on FeedbackService.SubmitMany and on the reflection
@@ -12,8 +16,21 @@ import logging
 import os
 import sys
 import threading
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def startup_errors(prog: str, also: tuple[type[BaseException], ...] = ()):
+    """Around a command's start-up only: OSError and ValueError (and `also`) end it with
+    "<prog>: error: <message>" and exit 1. A failure once it serves keeps its traceback: that is a bug."""
+    try:
+        yield
+    except (OSError, ValueError, *also) as e:
+        name = type(e).__name__
+        text = str(e) if isinstance(e, (OSError, ValueError)) or str(e).startswith(name) else f"{name}: {e}"
+        raise SystemExit(f"{prog}: error: {text}") from e
 
 
 def stop_server(server, grace: float, margin: float = 3.0) -> bool:

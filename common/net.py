@@ -39,3 +39,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_ports(**ports: int) -> None:
+    """ValueError naming the first of the given ports (name=value) outside [0, 65535] (0: any free port,
+    or off, as each option says). A bind would otherwise take the port modulo 65536 (gRPC does)."""
+    for name, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{name} must be in [0, 65535], got {port}")

@@ -302,9 +302,10 @@ def _stop_launched(cfg: BrokerConfig, launched: dict[int, subprocess.Popen], tim
         _pid_file(cfg.node(k)).unlink(missing_ok=True)
 
 
-def stop(cfg: BrokerConfig, timeout_s: float = 30.0, node_ids: set[int] | None = None) -> None:
+def stop(cfg: BrokerConfig, timeout_s: float = 30.0, node_ids: set[int] | None = None) -> int:
     """SIGTERM to every node (or the given ones) at once, since a clean shutdown flushes logs; then
-    SIGKILL to any that lingers (a node whose quorum has already gone cannot finish a controlled shutdown)."""
+    SIGKILL to any that lingers (a node whose quorum has already gone cannot finish a controlled shutdown).
+    Returns how many nodes were running."""
     nodes = [n for n in cfg.nodes() if node_ids is None or n.node_id in node_ids]
     pids = {}
     for n in nodes:
@@ -312,6 +313,7 @@ def stop(cfg: BrokerConfig, timeout_s: float = 30.0, node_ids: set[int] | None =
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             pids[n.node_id] = pid
+    running = len(pids)
     deadline = time.monotonic() + timeout_s
     while pids and time.monotonic() < deadline:
         pids = {k: p for k, p in pids.items() if not _gone(p)}
@@ -322,6 +324,7 @@ def stop(cfg: BrokerConfig, timeout_s: float = 30.0, node_ids: set[int] | None =
         _gone(pid)
     for n in nodes:
         _pid_file(n).unlink(missing_ok=True)
+    return running
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,16 +340,23 @@ def main(argv: list[str] | None = None) -> int:
                          "default 1 for start, the node-k folders in --data-dir for stop and status")
     ap.add_argument("--heap", default=BrokerConfig.heap, help="JVM -Xmx of each node")
     a = ap.parse_args(argv)
-    brokers = a.brokers or (1 if a.action == "start" else max(1, len(list(a.data_dir.glob("node-*")))))
-    cfg = BrokerConfig(data_dir=a.data_dir, port=a.port, controller_port=a.controller_port, brokers=brokers,
-                       heap=a.heap)
+    brokers = a.brokers if a.brokers is not None else (
+        1 if a.action == "start" else max(1, len(list(a.data_dir.glob("node-*")))))
+    try:
+        cfg = BrokerConfig(data_dir=a.data_dir, port=a.port, controller_port=a.controller_port, brokers=brokers,
+                           heap=a.heap)
+    except ValueError as e:
+        ap.error(str(e))
+    if a.action != "start" and not a.data_dir.is_dir():
+        ap.error(f"--data-dir {a.data_dir}: no such folder (no broker was started with it)")
     if a.action == "start":
         start(cfg)
         pids = ", ".join(f"node {n.node_id}: pid {read_pid(cfg, n.node_id)}" for n in cfg.nodes())
         print(f"kafka up at {cfg.bootstrap} ({pids})")
     elif a.action == "stop":
-        stop(cfg)
-        print("kafka stopped")
+        running = stop(cfg)
+        print(f"kafka stopped ({running} node(s) were running)" if running else
+              f"no kafka node of {a.data_dir} was running: nothing to stop")
     else:
         live = live_brokers(cfg.bootstrap)
         for n in cfg.nodes():

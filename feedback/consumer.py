@@ -12,16 +12,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError
+from kafka.errors import (CommitFailedError, IllegalGenerationError, KafkaError, RebalanceInProgressError,
+                          UnknownMemberIdError)
 from kafka.structs import OffsetAndMetadata
 
 from common.config_cli import parse_config
+from common.lifecycle import startup_errors
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -247,9 +250,11 @@ class FeedbackConsumer:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ConsumerConfig, argv, prog="python -m feedback.consumer")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics.serve_metrics(cfg.metrics_port)
-    topics.ensure_topics(cfg.bootstrap)
-    c = FeedbackConsumer(cfg)
+    # a metrics port in use, Kafka out of reach, a --db that is no SQLite file: one line, exit 1
+    with startup_errors("python -m feedback.consumer", also=(KafkaError, sqlite3.DatabaseError)):
+        metrics.serve_metrics(cfg.metrics_port)
+        topics.ensure_topics(cfg.bootstrap)
+        c = FeedbackConsumer(cfg)
     stop = {"flag": False}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(flag=True))

@@ -20,7 +20,8 @@ import grpc
 from common import auth
 from common.auth_options import AuthOptions
 from common.config_cli import parse_config
-from common.lifecycle import ShutdownDeadline, exit_now, stop_server
+from common.lifecycle import ShutdownDeadline, exit_now, startup_errors, stop_server
+from common.net import check_ports
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -68,10 +69,14 @@ class FeedbackConfig(AuthOptions):
     """Items in one SubmitBatch call at most."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.kafka_timeout_s <= 0 or self.response_lookup_wait_s < 0:
             raise ValueError("timeouts must be positive")
         if self.max_text_chars < 1 or self.workers < 1 or self.max_lookup_waits < 0 or self.lookup_slots < 0:
             raise ValueError("max_text_chars and workers must be >= 1; max_lookup_waits and lookup_slots >= 0")
+        if self.max_message_bytes < 1024 or self.max_batch_items < 1:
+            raise ValueError("max_message_bytes must be >= 1024, max_batch_items >= 1")
+        check_ports(port=self.port, metrics_port=self.metrics_port)
 
 
 class LookupBudget:
@@ -279,7 +284,12 @@ def parse_interaction(value: bytes) -> fb.Interaction:
 
 
 def serve(cfg: FeedbackConfig):
-    """Starts the service; returns (server, port, producer, index)."""
+    """Starts the service; returns (server, port, producer, index). The port is bound first: one that is
+    taken fails the start at once, not after the Kafka clients' first attempts (~30 s with Kafka down)."""
+    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes), *auth.EXCLUSIVE_PORT]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts,
+                         interceptors=auth.interceptors(cfg.auth_tokens))
+    port = auth.bind(server, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key)
     try:
         topics.ensure_topics(cfg.bootstrap)
     except Exception as e:  # the service still starts: submissions answer UNAVAILABLE until Kafka is back
@@ -293,13 +303,9 @@ def serve(cfg: FeedbackConfig):
     producer = AckedProducer(cfg.bootstrap, cfg.kafka_timeout_s, client_id="feedback-service", on_health=on_health,
                              probe_topic=topics.FEEDBACK)
     index = ResponseIndex(cfg.bootstrap, topics.INTERACTIONS, parse_interaction).start()
-    opts = [("grpc.max_receive_message_length", cfg.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=opts,
-                         interceptors=auth.interceptors(cfg.auth_tokens))
     fb_grpc.add_FeedbackServiceServicer_to_server(FeedbackServicer(cfg, producer, index), server)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection(("rlhf.v1.FeedbackService", health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = auth.bind(server, f"{cfg.host}:{cfg.port}", cfg.tls_cert, cfg.tls_key)
     server.start()
     on_health(producer.healthy)
     return server, port, producer, index
@@ -312,8 +318,9 @@ SHUTDOWN_DEADLINE_S = 9.0
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(FeedbackConfig, argv, prog="python -m feedback.service")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics.serve_metrics(cfg.metrics_port, cfg.host)
-    server, port, producer, index = serve(cfg)
+    with startup_errors("python -m feedback.service"):   # a port in use, a token or TLS file missing or malformed
+        metrics.serve_metrics(cfg.metrics_port, cfg.host)
+        server, port, producer, index = serve(cfg)
     print(f"feedback service listening on {cfg.host}:{port} kafka={cfg.bootstrap}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

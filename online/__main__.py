@@ -275,7 +275,10 @@ def stop_requested() -> threading.Event:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(OnlineConfig, argv, prog="python -m online", description=__doc__)
-    users_prompts, measure_prompts = prompt_split(require(cfg.data, "prompts"), cfg.measure_prompts)
+    try:
+        users_prompts, measure_prompts = prompt_split(require(cfg.data, "prompts"), cfg.measure_prompts)
+    except ValueError as e:   # a malformed record, or no hh dialogue in the file
+        raise SystemExit(f"python -m online: error: --data: {e}") from e
     if not (cfg.init_policy / "config.json").exists():
         raise SystemExit(f"no initial policy at {cfg.init_policy}: run scripts/setup.sh (python -m serve.make_policy)")
     work, _lock = prepare_workdir(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 
 from common.config_cli import check_command_line, parse_config
 
@@ -16,7 +17,7 @@ if __name__ == "__main__":   # --help and a bad flag answered before torch and t
 import torch  # noqa: E402
 
 from common import model_store  # noqa: E402
-from common.lifecycle import exit_now, stop_server  # noqa: E402
+from common.lifecycle import exit_now, startup_errors, stop_server  # noqa: E402
 from common.metrics_http import serve_metrics  # noqa: E402
 from protos.build import ensure_generated  # noqa: E402
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg.threads)
     path = cfg.model
     if cfg.store:  # the newest version of the store that verifies
+        if not Path(cfg.store).is_dir():
+            raise SystemExit(f"{PROG}: error: --store {cfg.store}: no such folder")
         store = model_store.ModelStore(cfg.store)
         try:
             path = store.path(store.newest_verified()[0]) / "policy"
@@ -44,8 +47,11 @@ def main(argv: list[str] | None = None) -> None:
                              quantize_mode=cfg.quantize)
     except QuantizationUnsupported as e:
         raise SystemExit(str(e)) from e
-    serve_metrics(cfg.metrics_port, cfg.host)
-    server, port, engine, interactions = serve(cfg, policy)
+    except Exception as e:   # a folder that is not a servable checkpoint: say so in one line
+        raise SystemExit(f"{PROG}: error: cannot load the policy in {path}: {type(e).__name__}: {e}") from e
+    with startup_errors(PROG):   # a port in use, a token file that does not parse, a TLS file missing
+        serve_metrics(cfg.metrics_port, cfg.host)
+        server, port, engine, interactions = serve(cfg, policy)
     # machine-readable line: tests and scripts wait for it
     print(f"policy server listening on {cfg.host}:{port} model={policy.version} metrics={cfg.metrics_port}", flush=True)
     done = threading.Event()

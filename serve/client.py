@@ -107,12 +107,21 @@ class ClientArgs:
     def __post_init__(self) -> None:
         if bool(self.prompt) == bool(self.message):
             raise ValueError("give either --prompt or --message")
+        if not self.target.strip():
+            raise ValueError("--target: give host:port (or several, comma-separated)")
         for m in self.message:
             parse_message(m)
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_config(ClientArgs, argv, prog="python -m serve.client")
+    try:
+        ask(a)
+    except grpc.RpcError as e:   # the server's answer (or the channel's): one line, exit 1
+        raise SystemExit(f"python -m serve.client: {e.code().name}: {e.details()}") from e
+
+
+def ask(a: ClientArgs) -> None:
     params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, n=a.n,
                   seed=a.seed, return_logprobs=True)
     prompt = [parse_message(m) for m in a.message] if a.message else a.prompt

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.auth_options import AuthOptions
 from common.data import HH_PAIRS
+from common.net import check_ports
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,7 @@ class ServerConfig(AuthOptions):
     """CA certificate (PEM) to verify an RM server that serves TLS (its --tls-cert) against ("": plaintext to the RM server)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.served_score_fraction <= 1:
             raise ValueError("served_score_fraction must be in [0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
@@ -89,11 +91,13 @@ class ServerConfig(AuthOptions):
         if self.quantize == "int8" and (self.device != "cpu" or self.dtype != "float32"):
             raise ValueError(f"quantize int8 runs on CPU in float32 only, got device {self.device!r}, "
                              f"dtype {self.dtype!r}")
-        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
-            raise ValueError("ports must be in [0, 65535]")
-        for k in ("max_batch_size", "max_queue", "max_context", "max_new_tokens_limit", "default_max_new_tokens"):
+        check_ports(port=self.port, metrics_port=self.metrics_port)
+        for k in ("max_batch_size", "max_queue", "max_context", "max_new_tokens_limit", "default_max_new_tokens",
+                  "max_prefill_tokens"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1")
+        if self.max_stop_sequences < 0 or self.threads < 0 or self.max_message_bytes < 1024:
+            raise ValueError("max_stop_sequences and threads must be >= 0, max_message_bytes >= 1024")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens_limit")
         if self.rm_tls_ca and not Path(self.rm_tls_ca).is_file():
@@ -126,8 +130,12 @@ class RMServerConfig(AuthOptions):
     """Weights dtype: float32 or bfloat16 (AVX-512 BF16 through oneDNN on CPU, or CUDA); scores are returned as fp32."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.max_items < 1 or self.batch < 1 or self.max_text_chars < 1:
             raise ValueError("max_items, batch and max_text_chars must be >= 1")
+        check_ports(port=self.port, metrics_port=self.metrics_port)
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: torch's default)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 

@@ -77,6 +77,8 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tok.encode("hello", add_special_tokens=False):   # transformers builds an empty one from a folder without its files
+        raise FileNotFoundError(f"{path} holds no tokenizer (tokenizer.json, or the vocabulary files of its family)")
     model = pack_for_cpu(quantize.apply(model_from_checkpoint(path, dtype).to(device), quantize_mode), cpu_pack)
     eos = tok.eos_token_id if tok.eos_token_id is not None else model_eos(path)
     specials = special_tokens(tok)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from common.config_cli import check_command_line, parse_config
 from common.data import HH_PAIRS
+from common.durable import replace_dir
 
 from .config import SIZES, PolicySpec
 
@@ -53,11 +55,19 @@ def corpus_lines(path: Path) -> list[str]:
         raise SystemExit(f"tokenizer corpus {path} not found (the repository ships {HH_PAIRS.name} in data/)")
     if path.suffix == ".jsonl":
         lines = []
-        for row in path.read_text().splitlines():
-            rec = json.loads(row)
-            lines.extend(rec[k] for k in ("chosen", "rejected") if k in rec)
-        return lines
-    return path.read_text().splitlines()
+        for n, row in enumerate(path.read_text().splitlines(), 1):
+            if not row.strip():
+                continue
+            try:
+                rec = json.loads(row)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"tokenizer corpus {path}:{n}: not a JSON object ({e.msg})") from e
+            lines.extend(rec[k] for k in ("chosen", "rejected") if isinstance(rec, dict) and k in rec)
+    else:
+        lines = path.read_text().splitlines()
+    if not any(x.strip() for x in lines):
+        raise SystemExit(f"tokenizer corpus {path} holds no text (a .jsonl file needs \"chosen\" or \"rejected\" fields)")
+    return lines
 
 
 def train_tokenizer(lines: list[str], vocab_size: int):
@@ -79,6 +89,9 @@ def build(spec: PolicySpec) -> Path:
     # train.sft, train.loop and their --help import this module without building a model
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    if spec.out.exists() and (not spec.out.is_dir() or any(spec.out.iterdir())):
+        # a folder holding a model already (maybe SFT'd: sft.json) would keep files of the old one beside the new
+        raise SystemExit(f"--out {spec.out} exists and is not an empty folder: choose a new one or delete it first")
     tok = train_tokenizer(corpus_lines(spec.corpus), spec.vocab_size)
     vocab = max(len(tok), spec.model_vocab_size)
     n_layer, d, n_head, n_pos = SIZES[spec.size]
@@ -94,11 +107,16 @@ def build(spec: PolicySpec) -> Path:
                           num_key_value_heads=max(1, n_head // 2), max_position_embeddings=n_pos,
                           bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
-    spec.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(spec.out, safe_serialization=True)
-    tok.save_pretrained(spec.out)
-    (spec.out / "manifest.json").write_text(json.dumps({"version": spec.version, "parent": None,
-                                                        "created_by": "serve.make_policy"}, indent=2))
+    # written beside --out, then renamed to it: an interrupted build leaves no half-written folder that
+    # scripts/setup.sh (which builds only where config.json is missing) would take for a policy
+    tmp = spec.out.with_name(spec.out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "manifest.json").write_text(json.dumps({"version": spec.version, "parent": None,
+                                                   "created_by": "serve.make_policy"}, indent=2))
+    replace_dir(tmp, spec.out)
     return spec.out
 
 

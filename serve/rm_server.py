@@ -15,10 +15,12 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 from common import auth
 from common.config_cli import check_command_line, parse_config
-from common.lifecycle import exit_now, stop_server
+from common.lifecycle import exit_now, startup_errors, stop_server
+from common.metrics_http import serve_metrics
 from common.model_store import CorruptCheckpoint, ModelStore
 from common.omp import release_thread_pool
 from protos.build import ensure_generated
@@ -33,7 +35,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection  # noqa: E402
-from prometheus_client import Counter, Histogram, Info, start_http_server  # noqa: E402
+from prometheus_client import Counter, Histogram, Info  # noqa: E402
 
 from rlhf.v1 import models_pb2 as mpb  # noqa: E402
 from rlhf.v1 import models_pb2_grpc as mgrpc  # noqa: E402
@@ -140,7 +142,7 @@ def serve(cfg: RMServerConfig):
                          current=ServedModel(current.version, current),
                          on_event=lambda result, v: VERSION_EVENTS.labels(result).inc(), part="rm")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-                         options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+                         options=[("grpc.max_receive_message_length", 8 * 1024 * 1024), *auth.EXCLUSIVE_PORT],
                          interceptors=auth.interceptors(cfg.auth_tokens))
     mgrpc.add_RewardServiceServicer_to_server(RewardServicer(cfg, holder), server)
     add_admin_service(server, mgr)
@@ -167,9 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.metrics_port:
-        start_http_server(cfg.metrics_port, addr=cfg.host)
-    server, port, mgr, watcher = serve(cfg)
+    if not Path(cfg.store).is_dir():
+        raise SystemExit(f"python -m serve.rm_server: error: --store {cfg.store}: no such folder")
+    with startup_errors("python -m serve.rm_server"):   # a port in use, a token or TLS file missing or malformed
+        serve_metrics(cfg.metrics_port, cfg.host)
+        server, port, mgr, watcher = serve(cfg)
     print(f"rm server listening on {cfg.host}:{port} model={mgr.current.version} metrics={cfg.metrics_port}",
           flush=True)
     done = threading.Event()

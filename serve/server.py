@@ -360,7 +360,7 @@ def serve(cfg: ServerConfig, policy: LoadedPolicy):
     engine = build_engine(cfg, policy).start()
     workers = cfg.max_batch_size + cfg.max_queue + 8
     opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes)]
+            ("grpc.max_send_message_length", cfg.max_message_bytes), *auth.EXCLUSIVE_PORT]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          options=opts, maximum_concurrent_rpcs=workers, interceptors=auth.interceptors(cfg.auth_tokens))
     interactions = None

@@ -8,7 +8,6 @@ score is recorded per model version: that is the ground truth the online loop sh
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from common.data import jsonl_texts
 from rlhf.v1 import feedback_pb2 as fb
 from rlhf.v1 import feedback_pb2_grpc as fb_grpc
 from rlhf.v1 import policy_pb2 as pb
@@ -33,10 +33,8 @@ def first_turn_prompts(path: Path) -> list[str]:
     """The distinct first human turns (under 300 characters) of an hh-rlhf JSONL file, in file
     order, as prompts ("\n\nHuman: ...\n\nAssistant:")."""
     out, seen = [], set()
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        m = re.match(r"\s*Human: (.*?)\n\nAssistant:", json.loads(line)["chosen"], re.S)
+    for text in jsonl_texts(path, "chosen"):   # ValueError naming the line of a malformed record
+        m = re.match(r"\s*Human: (.*?)\n\nAssistant:", text, re.S)
         if m and len(m.group(1)) < 300 and (p := f"\n\nHuman: {m.group(1).strip()}\n\nAssistant:") not in seen:
             seen.add(p)
             out.append(p)

@@ -15,7 +15,11 @@ MODULES = ["serve", "serve.rm_server", "train.loop", "serve.client", "serve.make
 BAD_CONFIGS = {"serve --dtype float8": "dtype must be float32 or bfloat16",
                "train.loop --ppo.lr -1": "lr and critic_lr must be > 0",
                "train.rm_train --out x --device gpu": "device must be cpu, cuda or cuda:N",
-               "serve.make_policy --out x --size huge": "size must be one of"}
+               "serve.make_policy --out x --size huge": "size must be one of",
+               "serve.rm_server --port 99999": "port must be in [0, 65535], got 99999",
+               "feedback.service --metrics-port -5": "metrics_port must be in [0, 65535], got -5",
+               "serve --auth-tokens /nonexistent/tokens.txt": "--auth-tokens /nonexistent/tokens.txt: no such file",
+               "train.rm_eval --rm x --data y --batch 0": "batch must be >= 1"}
 
 # Runs `python -m MODULE ARGS...` (argv: MODULE ARGS...) and says last, on stderr, whether torch was
 # imported by then: --help and a bad flag are answered before a command's module imports torch.

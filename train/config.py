@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.data import HH_PAIRS
+from common.net import check_ports
 
 
 PARALLEL = ("ddp", "fsdp")
@@ -227,6 +228,9 @@ class TrainerConfig:
             raise ValueError("kl_budget must be > 0, rm_gate_z and policy_gate_z >= 0")
         if self.probe_prompts < 2 or self.max_versions < 0:
             raise ValueError("probe_prompts must be >= 2, max_versions >= 0")
+        check_ports(metrics_port=self.metrics_port, admin_port=self.admin_port)
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: torch's default)")
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.minutes <= 0 or self.batch < 1 or self.seq_len < 8 or self.max_steps < 1 or self.max_answer_tokens < 0:
             raise ValueError("minutes > 0, batch >= 1, seq_len >= 8, max_steps >= 1, max_answer_tokens >= 0 required")
+        if self.lr <= 0 or self.threads < 0:
+            raise ValueError("lr must be > 0, threads >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,6 +314,8 @@ class RMTrainConfig(RMUpdateConfig):
         super().__post_init__()
         if not 0 < self.holdout < 1:
             raise ValueError("holdout must be in (0, 1)")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: torch's default)")
         if not re.fullmatch(r"(cpu|cuda)(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -324,3 +332,7 @@ class RMEvalConfig:
     """Texts scored per forward pass."""
     threads: int = 0
     """torch threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.threads < 0:
+            raise ValueError("batch must be >= 1, threads >= 0")

@@ -48,10 +48,11 @@ if __name__ == "__main__":   # --help and a bad flag answered before torch and t
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
+from kafka.errors import KafkaError  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from common import auth, model_store  # noqa: E402
-from common.lifecycle import exit_now  # noqa: E402
+from common.lifecycle import exit_now, startup_errors  # noqa: E402
 from common.malloc import keep_freed_memory  # noqa: E402
 from feedback.consumer import ConsumerConfig, FeedbackConsumer  # noqa: E402
 from feedback.kafka_io import AckedProducer  # noqa: E402
@@ -141,6 +142,8 @@ def bootstrap_store(cfg: TrainerConfig, store: model_store.ModelStore) -> None:
     """v0000 = the initial policy plus an untrained RM head on the backbone."""
     if store.versions():
         return
+    if not (Path(cfg.init_policy) / "config.json").is_file():
+        raise FileNotFoundError(f"--init-policy {cfg.init_policy}: not a Hugging Face checkpoint folder (no config.json)")
     policy, tok = load_policy_hf(cfg.init_policy)
     torch.manual_seed(cfg.seed)
     rm, rm_tok = reward_model.build(cfg.rm_backbone or reward_model.default_backbone(), cfg.rm.max_length)
@@ -221,8 +224,8 @@ class Trainer:
         self.counter, self.counted_rowid = GroupCounter(), 0
         if dist.is_main():
             self.store.sweep()
+            ensure_topics(cfg.bootstrap)   # first: Kafka out of reach fails the start before v0000 is written
             bootstrap_store(cfg, self.store)
-            ensure_topics(cfg.bootstrap)
             self.consumer = FeedbackConsumer(ConsumerConfig(db=cfg.db, bootstrap=cfg.bootstrap, group=cfg.group),
                                              commit_each_batch=False, manual_assign=True)
             self.producer = AckedProducer(cfg.bootstrap, client_id="trainer")
@@ -501,9 +504,10 @@ def serve_admin(tr: Trainer, port: int, tokens: str):
         def ListVersions(self, request, context):
             return models_pb2.VersionList(serving=tr.m.version, versions=tr.list_versions())
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=auth.interceptors(tokens))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=auth.EXCLUSIVE_PORT,
+                         interceptors=auth.interceptors(tokens))
     mgrpc.add_AdminServiceServicer_to_server(Admin(), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = auth.bind(server, f"127.0.0.1:{port}")
     server.start()
     print(f"trainer admin listening on 127.0.0.1:{bound}", flush=True)
     return server, f"127.0.0.1:{bound}"
@@ -544,14 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist.init(torch.device("cpu"))   # the trainer keeps its tensors on the CPU: gloo, whatever the machine has
-    if dist.is_main():
-        M.serve_metrics(cfg.metrics_port)
     stop = {"flag": False}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(flag=True))
-    tr = Trainer(cfg)
-    admin, admin_at = (serve_admin(tr, cfg.admin_port, cfg.auth_tokens) if cfg.admin_port and dist.is_main()
-                       else (None, ""))
+    # Kafka out of reach, a port in use, a missing or malformed file: one line, exit 1
+    with startup_errors("python -m train.loop", also=(KafkaError,)):
+        if dist.is_main():
+            M.serve_metrics(cfg.metrics_port)
+        tr = Trainer(cfg)
+        admin, admin_at = (serve_admin(tr, cfg.admin_port, cfg.auth_tokens) if cfg.admin_port and dist.is_main()
+                           else (None, ""))
     if dist.is_main():
         append_status(cfg.status_file, "ready", {"version": tr.m.version, "admin": admin_at,
                                                  "world_size": dist.world_size(), "pid": os.getpid()})

@@ -18,6 +18,8 @@ if __name__ == "__main__":   # --help and a bad flag answered before torch and t
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from common.data import require  # noqa: E402
+from common.lifecycle import startup_errors  # noqa: E402
 from serve import reward_model  # noqa: E402
 from serve.reward_model import encode  # noqa: E402
 
@@ -48,8 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_config(RMEvalConfig, argv, prog="python -m train.rm_eval")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if not (a.rm / "reward_config.json").is_file():
+        raise SystemExit(f"--rm {a.rm}: not a reward-model folder written by train.rm_train (no reward_config.json)")
+    with startup_errors("python -m train.rm_eval"):   # a missing, malformed or empty --data
+        pairs = read_pairs(require(a.data, "pairs"))
     rm, tok = reward_model.load(a.rm)
-    res = evaluate(rm, tok, read_pairs(a.data), a.batch, progress=True)
+    res = evaluate(rm, tok, pairs, a.batch, progress=True)
     print(json.dumps(res))
 
 

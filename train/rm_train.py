@@ -22,7 +22,8 @@ if __name__ == "__main__":   # --help and a bad flag answered before torch and t
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common.data import require  # noqa: E402
+from common.data import require, require_checkpoint  # noqa: E402
+from common.lifecycle import startup_errors  # noqa: E402
 from common.malloc import keep_freed_memory  # noqa: E402
 from serve import reward_model  # noqa: E402
 
@@ -93,7 +94,14 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    tr, te = split(read_pairs(require(cfg.data, "pairs")), cfg.holdout, cfg.seed)
+    if cfg.backbone:
+        require_checkpoint(cfg.backbone, "--backbone")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise SystemExit(f"--out {cfg.out}: a file, not a folder")
+    with startup_errors("python -m train.rm_train"):   # a malformed or empty --data
+        tr, te = split(read_pairs(require(cfg.data, "pairs")), cfg.holdout, cfg.seed)
+    if not tr:
+        raise SystemExit(f"{cfg.data}: {len(te)} pair(s): too few to hold out --holdout {cfg.holdout} and train on the rest")
     print(f"{len(tr)} training pairs, {len(te)} held out; backbone {cfg.backbone or 'MiniLM-L6 (packaged)'}",
           file=sys.stderr, flush=True)
     rm, tok, metrics = train(cfg, tr, te)

@@ -31,14 +31,19 @@ from tqdm import tqdm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from common.durable import recover, replace_dir  # noqa: E402
-from common.data import require  # noqa: E402
+from common.lifecycle import startup_errors  # noqa: E402
+from common.data import jsonl_texts, require, require_checkpoint  # noqa: E402
 from serve.make_policy import HH_CHAT_TEMPLATE  # noqa: E402
 
 
 def corpus(path: Path) -> list[str]:
+    """The "chosen" dialogues of a JSONL file, else the non-blank lines of a text file. ValueError for
+    a malformed JSONL record or no text at all."""
     lines = [x for x in path.read_text().splitlines() if x.strip()]
     if lines and lines[0].lstrip().startswith("{"):
-        return [json.loads(x)["chosen"] for x in lines]
+        lines = jsonl_texts(path, "chosen")
+    if not lines:
+        raise ValueError(f"{path}: no text")
     return lines
 
 
@@ -104,6 +109,9 @@ def token_streams(cfg: SFTConfig, tok) -> tuple[torch.Tensor, torch.Tensor]:
     train_ids = token_stream(tok, texts[n_val:], cfg.max_answer_tokens)
     val_ids = token_stream(tok, texts[:n_val], cfg.max_answer_tokens)
     L = cfg.seq_len + 1
+    if len(val_ids) < L or len(train_ids) < L * cfg.batch:
+        raise ValueError(f"{cfg.data}: too little text for --seq-len {cfg.seq_len} and --batch {cfg.batch} "
+                         f"({len(train_ids)} training and {len(val_ids)} validation tokens)")
     return train_ids, val_ids[:(len(val_ids) // L) * L].view(-1, L)[:64]
 
 
@@ -161,8 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     recover(cfg.model)   # a crash in an earlier run's save_in_place
+    require_checkpoint(cfg.model, "--model")
     model, tok = load(cfg)
-    train_ids, val = token_streams(cfg, tok)
+    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if n_pos and cfg.seq_len + 1 > n_pos:
+        raise SystemExit(f"--seq-len {cfg.seq_len}: the model takes at most {n_pos} positions (--seq-len {n_pos - 1})")
+    with startup_errors("python -m train.sft"):   # data that is malformed or too short
+        train_ids, val = token_streams(cfg, tok)
     before = val_loss(model, val)
     print(f"sft: {len(train_ids)} training tokens, validation loss {before:.3f} before", file=sys.stderr, flush=True)
     steps = train_for_budget(cfg, model, train_ids)

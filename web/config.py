@@ -44,6 +44,7 @@ class WebConfig(AuthOptions):
     """Deadline of a submission to the feedback service (it answers UNAVAILABLE sooner when Kafka is down)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 2 <= self.label_k <= 9:
             raise ValueError("label_k must be in [2, 9] (a ranking of K responses)")
         if not 0 <= self.port < 65536:
