@@ -25,6 +25,7 @@ from kafka.structs import OffsetAndMetadata
 
 from common.config_cli import parse_config
 from common.lifecycle import startup_errors
+from common.net import check_ports
 from protos.build import ensure_generated
 
 ensure_generated()
@@ -67,6 +68,7 @@ class ConsumerConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        check_ports(metrics_port=self.metrics_port)
         if not 6 <= self.session_timeout_s <= 300:
             raise ValueError("session_timeout_s must be in [6, 300] (the broker's group.min/max.session.timeout.ms)")
 

@@ -318,7 +318,7 @@ SHUTDOWN_DEADLINE_S = 9.0
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(FeedbackConfig, argv, prog="python -m feedback.service")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with startup_errors("python -m feedback.service"):   # a port in use, a token or TLS file missing or malformed
+    with startup_errors("python -m feedback.service"):   # a port in use, a token file that does not parse
         metrics.serve_metrics(cfg.metrics_port, cfg.host)
         server, port, producer, index = serve(cfg)
     print(f"feedback service listening on {cfg.host}:{port} kafka={cfg.bootstrap}", flush=True)

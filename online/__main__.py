@@ -32,7 +32,7 @@ from pathlib import Path
 from common.child_process import ChildProcess
 from common.config_cli import parse_config
 from common.data import HH_PAIRS, require
-from common.net import free_port
+from common.net import check_ports, free_port
 from common.replicas import local_targets
 from feedback.broker import BrokerConfig
 from feedback.broker import start as start_broker
@@ -110,8 +110,7 @@ class OnlineConfig:
             raise ValueError("first_cycle_comparisons must be >= 0 (0: --cycle-comparisons)")
         if self.measure_prompts < 2 or self.measure_samples < 1:
             raise ValueError("measure_prompts must be >= 2 and measure_samples >= 1")
-        if not 0 <= self.web_port < 65536:
-            raise ValueError("web_port must be in [0, 65535]")
+        check_ports(web_port=self.web_port)
         if self.policy_replicas < 1 or self.rm_replicas < 1 or self.trainer_procs < 1:
             raise ValueError("policy_replicas, rm_replicas and trainer_procs must be >= 1")
 

@@ -15,6 +15,7 @@ if __name__ == "__main__":   # --help and a bad flag answered before torch and t
     check_command_line(ServerConfig, PROG)
 
 import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 
 from common import model_store  # noqa: E402
 from common.lifecycle import exit_now, startup_errors, stop_server  # noqa: E402
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
                              quantize_mode=cfg.quantize)
     except QuantizationUnsupported as e:
         raise SystemExit(str(e)) from e
-    except Exception as e:   # a folder that is not a servable checkpoint: say so in one line
+    except (OSError, ValueError, SafetensorError) as e:   # a folder that is no servable checkpoint: one line
         raise SystemExit(f"{PROG}: error: cannot load the policy in {path}: {type(e).__name__}: {e}") from e
-    with startup_errors(PROG):   # a port in use, a token file that does not parse, a TLS file missing
+    with startup_errors(PROG):   # a port in use, a token file that does not parse
         serve_metrics(cfg.metrics_port, cfg.host)
         server, port, engine, interactions = serve(cfg, policy)
     # machine-readable line: tests and scripts wait for it

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def ask(a: ClientArgs) -> None:
+    """One Generate (or GenerateStream) call, its completions printed."""
     params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, n=a.n,
                   seed=a.seed, return_logprobs=True)
     prompt = [parse_message(m) for m in a.message] if a.message else a.prompt

@@ -1,7 +1,7 @@
 """Configurations of the serve commands: the policy server (python -m serve), the RM server
 (serve.rm_server) and serve.make_policy. The command lines are generated from them (common/config_cli.py);
 they are kept free of torch and transformers, so that `--help` and a bad flag are answered before those
-are imported (3-6 s on 2 EPYC cores otherwise)."""
+are imported (3-7 s on 2 EPYC cores otherwise)."""
 from __future__ import annotations
 
 import re
@@ -153,7 +153,7 @@ class PolicySpec:
     """Build a local policy checkpoint (tokenizer + randomly initialised causal LM)."""
 
     out: Path
-    """Folder to write the checkpoint into (created)."""
+    """Folder to write the checkpoint into (created; an existing one must be empty)."""
     arch: str = "gpt2"
     """Model family: gpt2 or llama."""
     size: str = "small"

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+import tempfile
 from pathlib import Path
 
 from common.config_cli import check_command_line, parse_config
 from common.data import HH_PAIRS
-from common.durable import replace_dir
+from common.durable import recover, replace_dir
 
 from .config import SIZES, PolicySpec
 
@@ -86,9 +86,10 @@ def train_tokenizer(lines: list[str], vocab_size: int):
 
 def build(spec: PolicySpec) -> Path:
     # imported here, not at the top: the two model classes cost ~5 s of import on a 2-core EPYC, and
-    # train.sft, train.loop and their --help import this module without building a model
+    # train.sft and train.loop import this module without building a model
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    recover(spec.out)   # a policy a crash of train.sft's save left at <out>.replaced is back, and refused below
     if spec.out.exists() and (not spec.out.is_dir() or any(spec.out.iterdir())):
         # a folder holding a model already (maybe SFT'd: sft.json) would keep files of the old one beside the new
         raise SystemExit(f"--out {spec.out} exists and is not an empty folder: choose a new one or delete it first")
@@ -109,14 +110,14 @@ def build(spec: PolicySpec) -> Path:
         model = LlamaForCausalLM(cfg)
     # written beside --out, then renamed to it: an interrupted build leaves no half-written folder that
     # scripts/setup.sh (which builds only where config.json is missing) would take for a policy
-    tmp = spec.out.with_name(spec.out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out = spec.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))   # private: two builds do not meet
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     (tmp / "manifest.json").write_text(json.dumps({"version": spec.version, "parent": None,
                                                    "created_by": "serve.make_policy"}, indent=2))
-    replace_dir(tmp, spec.out)
+    replace_dir(tmp, out)
     return spec.out
 
 

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(cfg.threads)
     if not Path(cfg.store).is_dir():
         raise SystemExit(f"python -m serve.rm_server: error: --store {cfg.store}: no such folder")
-    with startup_errors("python -m serve.rm_server"):   # a port in use, a token or TLS file missing or malformed
+    with startup_errors("python -m serve.rm_server"):   # a port in use, a token file that does not parse
         serve_metrics(cfg.metrics_port, cfg.host)
         server, port, mgr, watcher = serve(cfg)
     print(f"rm server listening on {cfg.host}:{port} model={mgr.current.version} metrics={cfg.metrics_port}",

@@ -73,7 +73,19 @@ def test_make_policy_refuses_a_folder_that_holds_something_and_leaves_it_as_it_w
     empty.mkdir()   # an empty folder is fine, and the build leaves no .tmp beside it
     build(PolicySpec(out=empty, size="tiny", vocab_size=300, corpus=Path("builtin")))
     assert (empty / "config.json").is_file() and (empty / "tokenizer.json").is_file()
-    assert not (tmp_path / "empty.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "policy"]   # no temporary folder left beside it
+
+
+def test_make_policy_brings_back_a_policy_a_crash_left_aside_and_refuses_to_overwrite_it(tmp_path):
+    # train.sft's save renames the old folder to <out>.replaced before the new one takes its place; a crash
+    # between the two leaves no <out>: the build must not take that for a free folder and delete the policy
+    from serve.make_policy import PolicySpec, build
+    aside = tmp_path / "policy.replaced"
+    aside.mkdir()
+    (aside / "sft.json").write_text("{}")
+    with pytest.raises(SystemExit, match="exists and is not an empty folder"):
+        build(PolicySpec(out=tmp_path / "policy", size="tiny", corpus=Path("builtin")))
+    assert (tmp_path / "policy" / "sft.json").is_file() and not aside.exists()
 
 
 def test_make_policy_refuses_a_corpus_without_text(tmp_path):

@@ -13,7 +13,7 @@ from common.config_cli import check_command_line, parse_config
 from .config import RMEvalConfig
 
 if __name__ == "__main__":   # --help and a bad flag answered before torch and transformers are imported
-    check_command_line(RMEvalConfig, "python -m train.rm_eval", None)
+    check_command_line(RMEvalConfig, "python -m train.rm_eval", __doc__)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -47,7 +47,7 @@ def evaluate(rm, tok, pairs: list[tuple[str, str]], batch: int = 32, progress: b
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = parse_config(RMEvalConfig, argv, prog="python -m train.rm_eval")
+    a = parse_config(RMEvalConfig, argv, prog="python -m train.rm_eval", description=__doc__)
     if a.threads:
         torch.set_num_threads(a.threads)
     if not (a.rm / "reward_config.json").is_file():

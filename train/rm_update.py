@@ -23,9 +23,9 @@ from tqdm import tqdm
 from serve.reward_model import encode
 
 from . import dist, rm_losses
+from .config import RMUpdateConfig
 from .optim import clip_and_step
 from .rm_eval import score_texts
-from .config import RMUpdateConfig
 from .rules import pair_correctness, prompt_key
 
 

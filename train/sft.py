@@ -30,9 +30,9 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from common.data import jsonl_texts, require, require_checkpoint  # noqa: E402
 from common.durable import recover, replace_dir  # noqa: E402
 from common.lifecycle import startup_errors  # noqa: E402
-from common.data import jsonl_texts, require, require_checkpoint  # noqa: E402
 from serve.make_policy import HH_CHAT_TEMPLATE  # noqa: E402
 
 

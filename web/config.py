@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.auth_options import AuthOptions
+from common.net import check_ports
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,7 @@ class WebConfig(AuthOptions):
         super().__post_init__()
         if not 2 <= self.label_k <= 9:
             raise ValueError("label_k must be in [2, 9] (a ranking of K responses)")
-        if not 0 <= self.port < 65536:
-            raise ValueError("port must be in [0, 65535]")
+        check_ports(port=self.port)
         if not 0 < self.temperature <= 100:
             raise ValueError("temperature must be in (0, 100]: greedy would give two identical answers")
         if min(self.max_new_tokens, self.max_messages, self.max_message_chars) < 1:
