@@ -29,9 +29,9 @@ def require_checkpoint(path: Path | str, flag: str) -> Path:
     return Path(path)
 
 
-def jsonl_texts(path: Path | str, field: str) -> list[str]:
-    """The string `field` of every record of a JSONL file (blank lines skipped); ValueError naming the
-    file and line of the first record that is not a JSON object with that string."""
+def jsonl_records(path: Path | str) -> list[tuple[int, dict]]:
+    """(line number, record) of every line of a JSONL file but blank ones; ValueError naming the file
+    and line of the first that is not a JSON object."""
     out = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -40,7 +40,18 @@ def jsonl_texts(path: Path | str, field: str) -> list[str]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
-        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object")
+        out.append((n, rec))
+    return out
+
+
+def jsonl_texts(path: Path | str, field: str) -> list[str]:
+    """The string `field` of every record of a JSONL file; ValueError naming the file and line of the
+    first record that is not a JSON object with that string."""
+    out = []
+    for n, rec in jsonl_records(path):
+        if not isinstance(rec.get(field), str):
             raise ValueError(f"{path}:{n}: a record without a \"{field}\" text")
         out.append(rec[field])
     return out

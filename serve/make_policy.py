@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from common.config_cli import check_command_line, parse_config
-from common.data import HH_PAIRS
+from common.data import HH_PAIRS, jsonl_records
 from common.durable import recover, replace_dir
 
 from .config import SIZES, PolicySpec
@@ -54,15 +54,11 @@ def corpus_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise SystemExit(f"tokenizer corpus {path} not found (the repository ships {HH_PAIRS.name} in data/)")
     if path.suffix == ".jsonl":
-        lines = []
-        for n, row in enumerate(path.read_text().splitlines(), 1):
-            if not row.strip():
-                continue
-            try:
-                rec = json.loads(row)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"tokenizer corpus {path}:{n}: not a JSON object ({e.msg})") from e
-            lines.extend(rec[k] for k in ("chosen", "rejected") if isinstance(rec, dict) and k in rec)
+        try:
+            records = jsonl_records(path)
+        except ValueError as e:
+            raise SystemExit(f"tokenizer corpus {e}") from e
+        lines = [rec[k] for _, rec in records for k in ("chosen", "rejected") if isinstance(rec.get(k), str)]
     else:
         lines = path.read_text().splitlines()
     if not any(x.strip() for x in lines):

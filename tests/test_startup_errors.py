@@ -35,6 +35,9 @@ def test_jsonl_texts_names_the_line_of_the_first_bad_record(tmp_path):
     with pytest.raises(ValueError, match=r"d.jsonl:2: not JSON"):
         jsonl_texts(f, "chosen")
     f.write_text('{"chosen": "a"}\n["chosen"]\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not a JSON object"):
+        jsonl_texts(f, "chosen")
+    f.write_text('{"chosen": "a"}\n{"chosen": 1}\n')
     with pytest.raises(ValueError, match=r'd.jsonl:2: a record without a "chosen" text'):
         jsonl_texts(f, "chosen")
     f.write_text('{"rejected": "a"}\n')
@@ -97,7 +100,7 @@ def test_make_policy_refuses_a_corpus_without_text(tmp_path):
     with pytest.raises(SystemExit, match="holds no text"):
         corpus_lines(tmp_path / "o.jsonl")
     (tmp_path / "b.jsonl").write_text('{"chosen": "x"}\n{oops\n')
-    with pytest.raises(SystemExit, match=r"b.jsonl:2: not a JSON object"):
+    with pytest.raises(SystemExit, match=r"b.jsonl:2: not JSON"):
         corpus_lines(tmp_path / "b.jsonl")
 
 
@@ -153,3 +156,16 @@ def test_sft_and_rm_commands_name_a_missing_model_folder(tmp_path):
     assert one_line_error(r["sft"]) == f"--model {tmp_path / 'missing'}: no such folder"
     assert one_line_error(r["rm_train"]) == f"--backbone {tmp_path}: not a Hugging Face checkpoint folder (no config.json)"
     assert "not a reward-model folder" in one_line_error(r["rm_eval"])
+
+
+def test_read_pairs_names_the_line_of_a_record_without_both_texts(tmp_path):
+    from train.pairs_data import read_pairs
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"chosen": "a", "rejected": "b"}\n\n{"chosen": "c"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:3: not a \{chosen, rejected\} record"):
+        read_pairs(f)
+    f.write_text('{"chosen": "a", "rejected": "b"}\n')
+    assert read_pairs(f) == [("a", "b")]
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="no pairs"):
+        read_pairs(f)

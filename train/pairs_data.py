@@ -4,21 +4,19 @@ Both texts hold the whole dialogue; they share it and differ in the last assista
 the tokenizer truncates from the left (reward_model.load_tokenizer) to keep that turn."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from common.data import jsonl_records
+
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(chosen, rejected) texts of every record; ValueError naming the line of a malformed one."""
     pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            pairs.append((str(rec["chosen"]), str(rec["rejected"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a {{chosen, rejected}} record ({e})") from e
+    for n, rec in jsonl_records(path):
+        if not all(isinstance(rec.get(k), str) for k in ("chosen", "rejected")):
+            raise ValueError(f"{path}:{n}: not a {{chosen, rejected}} record")
+        pairs.append((rec["chosen"], rec["rejected"]))
     if not pairs:
         raise ValueError(f"{path}: no pairs")
     return pairs
