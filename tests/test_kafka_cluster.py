@@ -9,6 +9,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -353,6 +354,13 @@ def test_a_pid_file_naming_another_process_is_not_taken_for_the_broker(tmp_path)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     lookalike = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "kafka.Kafka",
                                   "server.properties"], cwd=node.data_dir)
+    # Popen returns as the child's exec closes its error pipe, before the kernel has set up the new
+    # program's arguments: /proc/<pid>/cmdline reads empty for a moment (it did in 39 of 40 tries here,
+    # and the fresh clone's suite once failed on it). A broker's pid is only read long after its start.
+    cmdline = Path("/proc") / str(lookalike.pid) / "cmdline"
+    deadline = time.monotonic() + 10
+    while b"kafka.Kafka" not in cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         (node.data_dir / "broker.pid").write_text(str(other.pid))
         assert read_pid(cfg, 1) is None
